@@ -1,0 +1,128 @@
+"""The domain events: frozen, keyword-only msgspec Structs under one tagged union.
+
+Wire format: JSON, the tag in the ``type`` field. Schemas evolve by adding fields with
+defaults (an old reader ignores unknown fields); a change of meaning is a new event type.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+SCHEMA_VERSION: Final = 1
+
+# Identifiers travel in routing keys and URLs: no dots, wildcards or whitespace.
+Identifier = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-:@]{1,128}$")]
+ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+ErrorCode = Literal[
+    "triton_unavailable",
+    "triton_timeout",
+    "model_error",
+    "invalid_input",
+    "poison_message",
+    "delivery_limit_exceeded",
+    "internal_error",
+]
+RejectReason = Literal[
+    "quota_exceeded",
+    "unknown_model",
+    "invalid_request",
+    "prompt_too_large",
+    "max_tokens_too_large",
+]
+
+
+def new_event_id() -> str:
+    """A UUIDv7 (RFC 9562): unique and time-ordered, so ids sort by creation time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 68) & 0xFFF) << 64  # rand_a (12 bits)
+    value |= 0b10 << 62  # variant
+    value |= rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b (62 bits)
+    return str(uuid.UUID(int=value))
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """The envelope every event carries. ``request_id`` names the stream."""
+
+    event_id: str
+    request_id: Identifier
+    occurred_at: datetime
+    schema_version: int = SCHEMA_VERSION
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    # W3C traceparent of the span that emitted the event (joins the request's trace).
+    traceparent: str | None = None
+    user_id: Identifier
+    model: ModelName
+
+
+class InferenceRequested(Event, frozen=True, kw_only=True):
+    prompt: str
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)]
+    source: Literal["http", "bus"] = "http"
+    # Trace id of the submit, stored with the request so users can open it in Jaeger.
+    trace_id: str | None = None
+
+
+class InferenceStarted(Event, frozen=True, kw_only=True):
+    worker: str = ""
+    attempt: int = 1
+    reserved_tokens: NonNegative = 0
+
+
+class InferenceCompleted(Event, frozen=True, kw_only=True):
+    completion: str
+    prompt_tokens: NonNegative
+    completion_tokens: NonNegative
+    latency_ms: Annotated[float, msgspec.Meta(ge=0)]
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class InferenceFailed(Event, frozen=True, kw_only=True):
+    error_code: ErrorCode
+    error_message: str = ""
+
+
+class InferenceRejected(Event, frozen=True, kw_only=True):
+    reason: RejectReason
+    detail: str = ""
+
+
+AnyEvent = InferenceRequested | InferenceStarted | InferenceCompleted | InferenceFailed | InferenceRejected
+TERMINAL_EVENTS: Final = (InferenceCompleted, InferenceFailed, InferenceRejected)
+
+
+class EventDecodeError(ValueError):
+    """A message body that is not a valid event (undecodable, unknown type or invalid)."""
+
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(body: bytes | str) -> AnyEvent:
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise EventDecodeError(str(exc)) from exc

@@ -1,0 +1,102 @@
+"""The RabbitMQ topology as data: the one source of truth for exchange, queue and routing-key names.
+
+Publishers, consumers, the DLQ tooling, the AsyncAPI document and the KEDA manifests all
+derive their names from here (a test checks the Kubernetes manifests against it).
+
+Routing keys: ``inference.<kind>.<model>.<user_id>``, e.g. ``inference.completed.basic-model.alice``.
+A client can therefore bind its own queue to ``inference.completed.*.alice`` (one user's outcomes),
+``inference.*.basic-model.#`` (one model) or ``inference.#`` (everything).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from events.model import (
+    Event,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceRejected,
+    InferenceRequested,
+    InferenceStarted,
+)
+
+EVENTS_EXCHANGE: Final = "mlp.events"  # durable topic exchange carrying every domain event
+DEAD_LETTER_EXCHANGE: Final = "mlp.dead-letter"  # durable direct exchange; key = source queue name
+PROJECTIONS_QUEUE: Final = "mlp.projections"
+REQUESTS_QUEUE_PREFIX: Final = "mlp.requests."
+DLQ_SUFFIX: Final = ".dlq"
+# RabbitMQ 3.10 has no default delivery limit: without one a poison message loops forever.
+DELIVERY_LIMIT: Final = 5
+
+EVENT_KINDS: Final[dict[type[Event], str]] = {
+    InferenceRequested: "requested",
+    InferenceStarted: "started",
+    InferenceCompleted: "completed",
+    InferenceFailed: "failed",
+    InferenceRejected: "rejected",
+}
+OUTCOME_KINDS: Final = ("completed", "failed", "rejected")
+
+
+def routing_key(event: Event) -> str:
+    return f"inference.{EVENT_KINDS[type(event)]}.{event.model}.{event.user_id}"
+
+
+def requested_routing_key(model: str, user_id: str) -> str:
+    return f"inference.requested.{model}.{user_id}"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A durable quorum queue, its bindings on an exchange and its arguments."""
+
+    name: str
+    exchange: str
+    binding_keys: tuple[str, ...]
+    dead_letter_queue: str | None = None
+    arguments: dict[str, str | int] = field(default_factory=dict)
+
+
+def _work_queue(name: str, binding_keys: tuple[str, ...]) -> QueueSpec:
+    return QueueSpec(
+        name=name,
+        exchange=EVENTS_EXCHANGE,
+        binding_keys=binding_keys,
+        dead_letter_queue=name + DLQ_SUFFIX,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "x-dead-letter-routing-key": name,
+            # at-least-once dead-lettering: a dead letter is not lost if the DLQ is briefly unavailable.
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+
+
+def requests_queue(model: str) -> QueueSpec:
+    """The work queue of one served model, consumed by that model's ML workers."""
+    return _work_queue(REQUESTS_QUEUE_PREFIX + model, (f"inference.requested.{model}.#",))
+
+
+def projections_queue() -> QueueSpec:
+    """Every domain event, consumed by the results collector (projections)."""
+    return _work_queue(PROJECTIONS_QUEUE, ("inference.#",))
+
+
+def dead_letter_queue(source: QueueSpec) -> QueueSpec:
+    assert source.dead_letter_queue is not None
+    return QueueSpec(
+        name=source.dead_letter_queue,
+        exchange=DEAD_LETTER_EXCHANGE,
+        binding_keys=(source.name,),
+        arguments={"x-queue-type": "quorum"},
+    )
+
+
+def all_queues(models: tuple[str, ...]) -> list[QueueSpec]:
+    work = [projections_queue(), *(requests_queue(m) for m in models)]
+    return work + [dead_letter_queue(q) for q in work]

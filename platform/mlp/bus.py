@@ -1,0 +1,123 @@
+"""RabbitMQ adapter: broker factory, topology declaration and the confirmed event publisher.
+
+FastStream 0.7.8 defaults work against reliability (``persist=False``, returned messages
+ignored, unbounded prefetch), so every broker and publish here sets them explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
+from faststream.rabbit.schemas.queue import QueueType
+
+from events.model import Event, encode_event
+from events.topology import (
+    DEAD_LETTER_EXCHANGE,
+    EVENTS_EXCHANGE,
+    QueueSpec,
+    all_queues,
+    routing_key,
+)
+from mlp.settings import Settings
+
+
+class PublishError(RuntimeError):
+    """The broker did not confirm a publish (down, nacked, returned as unroutable, or timed out)."""
+
+
+EVENTS = RabbitExchange(EVENTS_EXCHANGE, type=ExchangeType.TOPIC, durable=True)
+DEAD_LETTERS = RabbitExchange(DEAD_LETTER_EXCHANGE, type=ExchangeType.DIRECT, durable=True)
+
+
+def rabbit_queue(spec: QueueSpec, binding_key: str | None = None) -> RabbitQueue:
+    """The FastStream queue object for a topology entry (same arguments everywhere, or RabbitMQ refuses)."""
+    # QuorumQueueArgs (a TypedDict) lacks x-dead-letter-strategy; RabbitMQ takes any x- argument.
+    arguments: Any = dict(spec.arguments)
+    return RabbitQueue(
+        spec.name,
+        queue_type=QueueType.QUORUM,
+        durable=True,
+        arguments=arguments,
+        routing_key=binding_key if binding_key is not None else spec.binding_keys[0],
+    )
+
+
+def consumer_channel(prefetch: int) -> Channel:
+    return Channel(prefetch_count=prefetch, publisher_confirms=True, on_return_raises=True)
+
+
+def make_broker(
+    settings: Settings,
+    *,
+    prefetch: int | None = None,
+    middlewares: Sequence[Any] = (),
+    app_id: str = "mlp",
+    fail_fast: bool = True,
+) -> RabbitBroker:
+    return RabbitBroker(
+        settings.rabbitmq_url,
+        default_channel=consumer_channel(prefetch or settings.prefetch),
+        graceful_timeout=settings.graceful_timeout_s,
+        reconnect_interval=1.0,
+        fail_fast=fail_fast,
+        app_id=app_id,
+        middlewares=tuple(middlewares),
+        timeout=5.0,
+        # Subscribers decode with msgspec themselves; no FastDepends validation on the hot path.
+        apply_types=False,
+        log_level=20,
+    )
+
+
+async def declare_topology(broker: RabbitBroker, models: Sequence[str]) -> None:
+    """Declare exchanges, work queues, DLQs and bindings (idempotent).
+
+    Publishers call this at start-up too: a publish to a routing key with no bound queue
+    would be returned, so the queues must exist before the first request is accepted.
+    """
+    events = await broker.declare_exchange(EVENTS)
+    dead_letters = await broker.declare_exchange(DEAD_LETTERS)
+    for spec in all_queues(tuple(models)):
+        queue = await broker.declare_queue(rabbit_queue(spec))
+        exchange = events if spec.exchange == EVENTS_EXCHANGE else dead_letters
+        for key in spec.binding_keys:
+            await queue.bind(exchange, routing_key=key)
+
+
+class EventPublisher:
+    """Publishes domain events persistent, mandatory and confirmed; anything less raises PublishError."""
+
+    def __init__(self, broker: RabbitBroker, timeout_s: float) -> None:
+        self._broker = broker
+        self._timeout_s = timeout_s
+
+    async def publish(self, event: Event, headers: dict[str, Any] | None = None) -> None:
+        try:
+            confirmation = await asyncio.wait_for(
+                self._broker.publish(
+                    encode_event(event),
+                    exchange=EVENTS,
+                    routing_key=routing_key(event),
+                    persist=True,
+                    mandatory=True,
+                    message_id=event.event_id,
+                    correlation_id=event.correlation_id or event.request_id,
+                    content_type="application/json",
+                    message_type=type(event).__name__,
+                    headers=headers,
+                    timeout=self._timeout_s,
+                ),
+                timeout=self._timeout_s,
+            )
+        except Exception as exc:  # DeliveryError, ChannelClosed, AMQPError, timeouts, not connected
+            what = f"{type(event).__name__} {event.request_id}"
+            raise PublishError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        if confirmation is not None and getattr(confirmation, "name", "Basic.Ack") != "Basic.Ack":
+            raise PublishError(f"{type(event).__name__} {event.request_id}: broker answered {confirmation!r}")
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """Publish concurrently; confirms are awaited together (pipelined, not one round trip each)."""
+        await asyncio.gather(*(self.publish(e) for e in events))

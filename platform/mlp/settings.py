@@ -1,0 +1,101 @@
+"""One settings object, read from the environment only (``MLP_*`` plus the standard ``OTEL_*``).
+
+Outside development, placeholder credentials are refused at start-up (fail fast).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_PLACEHOLDERS = ("changeme", "change-me", "placeholder", "<", "${")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MLP_", extra="ignore", frozen=True)
+
+    environment: Literal["development", "test", "production"] = "development"
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/mlp"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every Redis key, so several platforms (or test runs) can share one server.
+    redis_prefix: str = "mlp:"
+    triton_url: str = "127.0.0.1:8001"
+    triton_http_port: int = 8000
+    triton_metrics_port: int = 8002
+
+    # Served models: one request queue (and one worker Deployment in Kubernetes) per model.
+    models: Annotated[tuple[str, ...], NoDecode] = ("basic-model",)
+
+    # Input limits at the edge.
+    max_prompt_chars: int = Field(default=32_768, ge=1)
+    max_tokens_limit: int = Field(default=4_096, ge=1)
+    default_max_tokens: int = Field(default=128, ge=1)
+
+    # Ports and hosts of the HTTP services.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    read_api_host: str = "127.0.0.1"
+    read_api_port: int = 8081
+    public_base_url: str = "http://127.0.0.1:8081"
+
+    # Messaging.
+    prefetch: int = Field(default=200, ge=1, le=1000)
+    worker_concurrency: int = Field(default=64, ge=1)
+    collector_batch_size: int = Field(default=500, ge=1)
+    collector_batch_wait_ms: int = Field(default=20, ge=0)
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    graceful_timeout_s: float = Field(default=20.0, gt=0)
+
+    # Triton calls: tritonclient has no default timeout.
+    triton_timeout_s: float = Field(default=10.0, gt=0)
+    triton_retries: int = Field(default=3, ge=0)
+    triton_backoff_s: float = Field(default=0.2, gt=0)
+
+    # Quota defaults (plans in Postgres override them).
+    default_plan: str = "free"
+    reservation_ttl_s: int = Field(default=300, ge=1)
+
+    # Long-poll bound for GET /api/v1/inference/{id}?wait=.
+    max_wait_s: float = Field(default=30.0, gt=0)
+
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: str = "INFO"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        # MLP_MODELS=basic-model,other-model (comma-separated, as people write it)
+        if isinstance(value, str):
+            return tuple(m.strip() for m in value.split(",") if m.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_placeholders(self) -> Settings:
+        if self.environment == "development":
+            return self
+        for name in ("rabbitmq_url", "postgres_dsn", "redis_url"):
+            password = urlsplit(getattr(self, name)).password or ""
+            if any(p in password.lower() for p in _PLACEHOLDERS):
+                raise ValueError(f"MLP_{name.upper()} holds a placeholder password; set the real secret")
+        return self
+
+    @property
+    def postgres_database(self) -> str:
+        return urlsplit(self.postgres_dsn).path.lstrip("/") or "mlp"
+
+    def redacted(self, url: str) -> str:
+        """The URL without its password, for logs and error messages."""
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Projections: pure projectors (event -> writes), their Postgres/Redis adapters, migrations, replay."""

@@ -1,0 +1,35 @@
+"""Shared fixtures: an isolated namespace on the real services, and Settings pointing at it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from mlp.settings import Settings
+from tests.support.isolation import Namespace, isolated_namespace
+
+
+@pytest.fixture(scope="session")
+def namespace() -> Iterator[Namespace]:
+    with isolated_namespace("t") as ns:
+        yield ns
+
+
+@pytest.fixture(scope="session")
+def settings(namespace: Namespace) -> Settings:
+    return Settings(
+        environment="test",
+        rabbitmq_url=namespace.rabbitmq_url,
+        postgres_dsn=namespace.postgres_dsn,
+        redis_url=namespace.redis_url,
+        redis_prefix=namespace.redis_prefix,
+    )
+
+
+@pytest.fixture(scope="session")
+async def migrated(settings: Settings) -> Settings:
+    from projections.migrate import migrate
+
+    await migrate(settings.postgres_dsn)
+    return settings
