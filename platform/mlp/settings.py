@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     read_api_host: str = "127.0.0.1"
     read_api_port: int = 8081
     public_base_url: str = "http://127.0.0.1:8081"
+    # Health/metrics side ports of the services without an HTTP API of their own.
+    health_host: str = "127.0.0.1"
+    collector_health_port: int = 8082
+    worker_health_port: int = 8083
 
     # Messaging.
     prefetch: int = Field(default=200, ge=1, le=1000)

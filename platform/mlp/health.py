@@ -1,0 +1,65 @@
+"""A small HTTP side server for services without an HTTP API of their own (worker, collector).
+
+Serves ``/healthz`` (the process is alive), ``/readyz`` (every dependency check passes) and
+``/metrics`` (Prometheus text format of the given registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+import uvicorn
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+async def run_checks(checks: Mapping[str, ReadinessCheck], timeout_s: float = 2.0) -> dict[str, bool]:
+    async def one(check: ReadinessCheck) -> bool:
+        try:
+            return await asyncio.wait_for(check(), timeout_s)
+        except Exception:
+            return False
+
+    results = await asyncio.gather(*(one(c) for c in checks.values()))
+    return dict(zip(checks, results, strict=True))
+
+
+def add_health_routes(
+    app: FastAPI, checks: Mapping[str, ReadinessCheck], registry: CollectorRegistry = REGISTRY
+) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(response: Response) -> dict[str, object]:
+        results = await run_checks(checks)
+        ready = all(results.values())
+        response.status_code = 200 if ready else 503
+        return {"ready": ready, "checks": results}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@contextlib.asynccontextmanager
+async def health_server(
+    host: str, port: int, checks: Mapping[str, ReadinessCheck], registry: CollectorRegistry = REGISTRY
+) -> AsyncIterator[None]:
+    """Run the side server for the lifetime of the context (inside a service's lifespan)."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    add_health_routes(app, checks, registry)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    # The service owns the signals (uvicorn would otherwise capture SIGTERM for itself).
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(server.serve())
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=5)
