@@ -15,6 +15,8 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+# A mapping, or a function returning one (when the checks exist only after a lifespan started).
+Checks = Mapping[str, ReadinessCheck] | Callable[[], Mapping[str, ReadinessCheck]]
 
 
 async def run_checks(checks: Mapping[str, ReadinessCheck], timeout_s: float = 2.0) -> dict[str, bool]:
@@ -28,16 +30,28 @@ async def run_checks(checks: Mapping[str, ReadinessCheck], timeout_s: float = 2.
     return dict(zip(checks, results, strict=True))
 
 
-def add_health_routes(
-    app: FastAPI, checks: Mapping[str, ReadinessCheck], registry: CollectorRegistry = REGISTRY
-) -> None:
+def lifespan_checks(app: FastAPI) -> Callable[[], Mapping[str, ReadinessCheck]]:
+    """Checks the lifespan stores in ``app.state.readiness``; not ready until it has."""
+
+    def current() -> Mapping[str, ReadinessCheck]:
+        checks: Mapping[str, ReadinessCheck] | None = getattr(app.state, "readiness", None)
+        return checks or {"startup": _not_started}
+
+    return current
+
+
+async def _not_started() -> bool:
+    return False
+
+
+def add_health_routes(app: FastAPI, checks: Checks, registry: CollectorRegistry = REGISTRY) -> None:
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(response: Response) -> dict[str, object]:
-        results = await run_checks(checks)
+        results = await run_checks(checks() if callable(checks) else checks)
         ready = all(results.values())
         response.status_code = 200 if ready else 503
         return {"ready": ready, "checks": results}
@@ -49,7 +63,7 @@ def add_health_routes(
 
 @contextlib.asynccontextmanager
 async def health_server(
-    host: str, port: int, checks: Mapping[str, ReadinessCheck], registry: CollectorRegistry = REGISTRY
+    host: str, port: int, checks: Checks, registry: CollectorRegistry = REGISTRY
 ) -> AsyncIterator[None]:
     """Run the side server for the lifetime of the context (inside a service's lifespan)."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     # Served models: one request queue (and one worker Deployment in Kubernetes) per model.
     models: Annotated[tuple[str, ...], NoDecode] = ("basic-model",)
 
+    # API keys (a Secret): "key1=user1,key2=user2". Empty: the body's user_id is trusted (development).
+    api_keys: str = ""
+    # Largest accepted HTTP request body, in bytes.
+    max_body_bytes: int = Field(default=262_144, ge=1024)
+
     # Input limits at the edge.
     max_prompt_chars: int = Field(default=32_768, ge=1)
     max_tokens_limit: int = Field(default=4_096, ge=1)

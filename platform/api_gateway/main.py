@@ -1,0 +1,81 @@
+"""Composition root of the API gateway (``mlp gateway``): wires settings, broker, Redis, Postgres and quota."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api_gateway.auth import parse_api_keys
+from api_gateway.routes import router
+from api_gateway.submit import SubmitService
+from mlp import logs, telemetry
+from mlp.bus import EventPublisher, declare_topology, make_broker
+from mlp.cache import Keys, create_redis
+from mlp.db import create_pool, ping
+from mlp.health import add_health_routes, lifespan_checks
+from mlp.http import BodySizeLimit, serve
+from mlp.settings import Settings, get_settings
+from projections.status_cache import StatusCache
+from quota.service import QuotaService
+
+SERVICE = "api-gateway"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    tel = telemetry.setup_telemetry(SERVICE, settings)
+    broker = make_broker(settings, middlewares=telemetry.broker_middlewares(tel), app_id=SERVICE)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await broker.connect()
+        await declare_topology(broker, settings.models)
+        redis_client = create_redis(settings)
+        pool = await create_pool(settings, max_size=5)
+        quota = QuotaService(pool, redis_client, settings)
+        app.state.settings = settings
+        app.state.api_keys = parse_api_keys(settings.api_keys)
+        app.state.submit = SubmitService(
+            settings,
+            EventPublisher(broker, settings.publish_timeout_s),
+            quota,
+            StatusCache(redis_client, Keys(settings.redis_prefix)),
+            redis_client,
+        )
+        app.state.readiness = {
+            "rabbitmq": lambda: broker.ping(1.0),
+            "redis": redis_client.ping,
+            "postgres": lambda: ping(pool),
+        }
+        try:
+            yield
+        finally:
+            await broker.stop()
+            await redis_client.aclose()
+            await pool.close()
+            tel.shutdown()
+
+    app = FastAPI(title="inference-platform gateway", version="0.1.0", lifespan=lifespan)
+    app.include_router(router)
+    add_health_routes(app, lifespan_checks(app))
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    telemetry.instrument_fastapi(app, tel)
+    return app
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlp gateway", description="Run the API gateway.")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logs.setup_logging(SERVICE, settings)
+    app = create_app(settings)
+    return serve(
+        app,
+        args.host or settings.gateway_host,
+        args.port or settings.gateway_port,
+        settings.graceful_timeout_s,
+    )

@@ -1,0 +1,152 @@
+"""Accepting a request: admission, idempotency, the confirmed publish, the first status.
+
+A request is accepted only once the broker confirmed the InferenceRequested event; anything
+less is an error the client sees (503), and nothing is left half-accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+
+from events.model import InferenceRequested, new_event_id, utc_now
+from mlp.bus import EventPublisher, PublishError
+from mlp.cache import Keys
+from mlp.settings import Settings
+from projections.status_cache import StatusCache
+from quota.service import Admission, QuotaService
+
+IDEMPOTENCY_TTL_S = 86_400
+_PENDING = "pending"
+
+
+class SubmitError(Exception):
+    """Base of the gateway's refusals; the HTTP layer maps each to a status code."""
+
+
+class UnknownModel(SubmitError):
+    pass
+
+
+class InputTooLarge(SubmitError):
+    pass
+
+
+class QuotaExceeded(SubmitError):
+    def __init__(self, admission: Admission) -> None:
+        super().__init__(admission.detail)
+        self.admission = admission
+
+
+class BrokerUnavailable(SubmitError):
+    pass
+
+
+class IdempotencyConflict(SubmitError):
+    """The same Idempotency-Key is being submitted concurrently; the client should retry shortly."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    request_id: str
+    replayed: bool  # True when an Idempotency-Key returned an earlier request
+
+
+class SubmitService:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: EventPublisher,
+        quota: QuotaService,
+        status_cache: StatusCache,
+        redis_client: redis.Redis,
+    ) -> None:
+        self._settings = settings
+        self._publisher = publisher
+        self._quota = quota
+        self._status = status_cache
+        self._redis = redis_client
+        self._keys = Keys(settings.redis_prefix)
+
+    def validate(self, prompt: str, model: str, max_tokens: int | None) -> int:
+        """Checks the configured limits; returns the effective max_tokens."""
+        if model not in self._settings.models:
+            served = ", ".join(self._settings.models)
+            raise UnknownModel(f"unknown model {model!r}; this platform serves: {served}")
+        if len(prompt) > self._settings.max_prompt_chars:
+            raise InputTooLarge(f"prompt has {len(prompt)} characters; the limit is {self._settings.max_prompt_chars}")
+        tokens = max_tokens if max_tokens is not None else self._settings.default_max_tokens
+        if tokens > self._settings.max_tokens_limit:
+            raise InputTooLarge(f"max_tokens is {tokens}; the limit is {self._settings.max_tokens_limit}")
+        return tokens
+
+    async def submit(
+        self,
+        *,
+        user_id: str,
+        model: str,
+        prompt: str,
+        max_tokens: int | None,
+        idempotency_key: str | None,
+        trace_id: str | None,
+        traceparent: str | None,
+    ) -> Accepted:
+        tokens = self.validate(prompt, model, max_tokens)
+        request_id = new_event_id()
+        idem_key = self._keys.idempotency(user_id, idempotency_key) if idempotency_key else None
+        if idem_key is not None:
+            # Claim the key first: a retried submit returns the first request instead of running twice.
+            claimed = await self._redis.set(idem_key, _PENDING, nx=True, ex=IDEMPOTENCY_TTL_S)
+            if not claimed:
+                existing = await self._redis.get(idem_key)
+                if existing in (None, _PENDING):
+                    raise IdempotencyConflict("a submit with this Idempotency-Key is in progress")
+                return Accepted(request_id=str(existing), replayed=True)
+        try:
+            admission = await self._quota.admit(user_id, tokens)
+            if not admission.allowed:
+                raise QuotaExceeded(admission)
+            event = InferenceRequested(
+                event_id=new_event_id(),
+                request_id=request_id,
+                occurred_at=utc_now(),
+                correlation_id=request_id,
+                traceparent=traceparent,
+                trace_id=trace_id,
+                user_id=user_id,
+                model=model,
+                prompt=prompt,
+                max_tokens=tokens,
+                source="http",
+            )
+            # Status first: a GET right after the 202 must find the request. If the publish then
+            # fails, the entry is removed again before the client hears 503.
+            await self._status.advance(request_id, "queued", _queued_fields(event))
+            try:
+                await self._publisher.publish(event)
+            except PublishError as exc:
+                await self._forget(request_id)
+                raise BrokerUnavailable(str(exc)) from exc
+        except BaseException:
+            if idem_key is not None:
+                await self._redis.delete(idem_key)
+            raise
+        if idem_key is not None:
+            await self._redis.set(idem_key, request_id, ex=IDEMPOTENCY_TTL_S)
+        return Accepted(request_id=request_id, replayed=False)
+
+    async def _forget(self, request_id: str) -> None:
+        await self._redis.delete(self._keys.status(request_id))
+
+
+def _queued_fields(event: InferenceRequested) -> dict[str, str]:
+    fields = {
+        "user_id": event.user_id,
+        "model": event.model,
+        "created_at": event.occurred_at.isoformat(),
+        "updated_at": event.occurred_at.isoformat(),
+    }
+    if event.trace_id:
+        fields["trace_id"] = event.trace_id
+    return fields

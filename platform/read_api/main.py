@@ -1,0 +1,62 @@
+"""Composition root of the read API (``mlp api``): status, results, quota, usage and the token-rate metric."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from mlp import logs, telemetry
+from mlp.cache import Keys, create_redis
+from mlp.db import create_pool, ping
+from mlp.health import add_health_routes, lifespan_checks
+from mlp.http import serve
+from mlp.settings import Settings, get_settings
+from projections.status_cache import StatusCache
+from quota.service import QuotaService
+from read_api import metrics_routes, quota_routes, requests_routes
+
+SERVICE = "read-api"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    tel = telemetry.setup_telemetry(SERVICE, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis_client = create_redis(settings)
+        pool = await create_pool(settings, max_size=10)
+        app.state.settings = settings
+        app.state.pool = pool
+        app.state.redis = redis_client
+        app.state.status_cache = StatusCache(redis_client, Keys(settings.redis_prefix))
+        app.state.quota = QuotaService(pool, redis_client, settings)
+        app.state.readiness = {"redis": redis_client.ping, "postgres": lambda: ping(pool)}
+        try:
+            yield
+        finally:
+            await redis_client.aclose()
+            await pool.close()
+            tel.shutdown()
+
+    app = FastAPI(title="inference-platform read API", version="0.1.0", lifespan=lifespan)
+    app.include_router(requests_routes.router)
+    app.include_router(quota_routes.router)
+    app.include_router(metrics_routes.router)
+    add_health_routes(app, lifespan_checks(app))
+    telemetry.instrument_fastapi(app, tel)
+    return app
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlp api", description="Run the read API.")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logs.setup_logging(SERVICE, settings)
+    app = create_app(settings)
+    host, port = args.host or settings.read_api_host, args.port or settings.read_api_port
+    return serve(app, host, port, settings.graceful_timeout_s)
