@@ -1,0 +1,139 @@
+"""The API gateway in-process against the real RabbitMQ, Redis and Postgres of the test namespace."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator
+
+import aio_pika
+import httpx
+import pytest
+import redis.asyncio as redis
+
+from api_gateway.main import create_app
+from events import InferenceRequested, decode_event
+from events.topology import requests_queue
+from mlp.cache import Keys
+from mlp.settings import Settings
+from tests.support.apps import running
+from tests.support.isolation import isolated_namespace
+
+pytestmark = pytest.mark.integration
+
+SEED = {"prompt": "test prompt", "user_id": "test-user", "model": "basic-model"}
+
+
+async def _drain(settings: Settings) -> list[InferenceRequested]:
+    """Take every message from the basic-model request queue (so each test sees only its own)."""
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    found: list[InferenceRequested] = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(requests_queue("basic-model").name, ensure=False)
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            event = decode_event(message.body)
+            assert isinstance(event, InferenceRequested)
+            found.append(event)
+    return found
+
+
+@pytest.fixture
+async def gateway(migrated: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Settings]]:
+    async with running(create_app(migrated)) as client:
+        await _drain(migrated)
+        yield client, migrated
+
+
+async def test_the_seed_request_is_accepted_published_and_visible(gateway: tuple[httpx.AsyncClient, Settings]) -> None:
+    client, settings = gateway
+    response = await client.post("/api/v1/inference", json=SEED)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "queued"
+    assert body["status_url"].endswith(f"/api/v1/inference/{body['request_id']}")
+    published = await _drain(settings)
+    assert [e.request_id for e in published] == [body["request_id"]]
+    event = published[0]
+    assert (event.prompt, event.user_id, event.model, event.max_tokens) == (
+        "test prompt",
+        "test-user",
+        "basic-model",
+        settings.default_max_tokens,
+    )
+    cache = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    status = await cache.hgetall(Keys(settings.redis_prefix).status(body["request_id"]))  # type: ignore[misc]
+    await cache.aclose()
+    assert status["status"] == "queued"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "needle"),
+    [
+        (b"{not json", 422, "JSON"),
+        ({"prompt": "x", "model": "basic-model"}, 422, "user_id"),
+        ({**SEED, "model": "no-such-model"}, 422, "unknown model"),
+        ({**SEED, "max_tokens": -1}, 422, "max_tokens"),
+        ({**SEED, "max_tokens": 10**6}, 422, "max_tokens"),
+        ({**SEED, "prompt": ""}, 422, "prompt"),
+        ({**SEED, "prompt": "x" * 40_000}, 422, "limit"),
+        ({**SEED, "user_id": "a.b"}, 422, "user_id"),
+        ({**SEED, "extra": 1}, 422, "extra"),
+        ({**SEED, "prompt": "x" * 300_000}, 413, "payload_too_large"),
+    ],
+)
+async def test_bad_input_is_refused_with_a_clear_message_and_nothing_is_published(
+    gateway: tuple[httpx.AsyncClient, Settings], payload: object, status: int, needle: str
+) -> None:
+    client, settings = gateway
+    if isinstance(payload, bytes):
+        response = await client.post("/api/v1/inference", content=payload, headers={"content-type": "application/json"})
+    else:
+        response = await client.post("/api/v1/inference", json=payload)
+    assert response.status_code == status, response.text
+    assert needle in response.text
+    assert await _drain(settings) == []
+
+
+async def test_idempotency_key_returns_the_same_request_and_publishes_once(
+    gateway: tuple[httpx.AsyncClient, Settings],
+) -> None:
+    client, settings = gateway
+    headers = {"Idempotency-Key": "retry-42"}
+    first = await client.post("/api/v1/inference", json=SEED, headers=headers)
+    second = await client.post("/api/v1/inference", json=SEED, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["request_id"] == second.json()["request_id"]
+    assert len(await _drain(settings)) == 1
+
+
+async def test_api_key_decides_the_user_not_the_body(migrated: Settings) -> None:
+    keyed = migrated.model_copy(update={"api_keys": "k-alice=alice"})
+    async with running(create_app(keyed)) as client:
+        await _drain(keyed)
+        no_key = await client.post("/api/v1/inference", json={**SEED, "user_id": "alice"})
+        other_user = await client.post(
+            "/api/v1/inference", json={**SEED, "user_id": "bob"}, headers={"X-API-Key": "k-alice"}
+        )
+        ok = await client.post(
+            "/api/v1/inference", json={**SEED, "user_id": "alice"}, headers={"Authorization": "Bearer k-alice"}
+        )
+        assert (no_key.status_code, other_user.status_code, ok.status_code) == (401, 403, 202)
+        assert [e.user_id for e in await _drain(keyed)] == ["alice"]
+
+
+async def test_broker_gone_at_submit_answers_503_and_records_nothing(migrated: Settings) -> None:
+    with isolated_namespace("gw503") as ns:
+        settings = migrated.model_copy(
+            update={"rabbitmq_url": ns.rabbitmq_url, "redis_prefix": ns.redis_prefix, "publish_timeout_s": 2.0}
+        )
+        async with running(create_app(settings)) as client:
+            # Deleting the vhost closes the gateway's connection from the broker side: the publish cannot be confirmed.
+            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", ns.name], check=True, capture_output=True)
+            response = await client.post("/api/v1/inference", json=SEED)
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"]
+            cache = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+            leftovers = [k async for k in cache.scan_iter(match=Keys(settings.redis_prefix).pattern("status"))]
+            await cache.aclose()
+            assert leftovers == []
+            subprocess.run(["rabbitmqctl", "-q", "add_vhost", ns.name], check=True, capture_output=True)
