@@ -7,7 +7,11 @@ from collections.abc import Iterator
 import pytest
 
 from mlp.settings import Settings
+from ml_service.launcher import TritonProcess
 from tests.support.isolation import Namespace, isolated_namespace
+
+# One real Triton per test session (free ports), shared by every test that needs one.
+pytest_plugins = ["tests.support.triton"]
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +37,8 @@ async def migrated(settings: Settings) -> Settings:
 
     await migrate(settings.postgres_dsn)
     return settings
+
+
+@pytest.fixture(scope="session")
+def triton_grpc_url(triton_server: TritonProcess) -> str:
+    return triton_server.grpc_url

@@ -1,0 +1,347 @@
+"""Run the local Triton server (``mlp triton``) on the repository's ``triton_models/``.
+
+``TritonProcess`` is the reusable piece (``mlp up`` and the tests use it): it builds the backend
+directory, starts the bundled ``tritonserver`` in its own process group, waits until
+``/v2/health/ready`` answers 200 and stops it with SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Self
+
+import httpx
+
+from ml_service.bundle import (
+    LauncherError,
+    TritonBundle,
+    TritonNotSupported,
+    docker_hint,
+    find_bundle,
+    missing_libraries,
+    prepare_backend_dir,
+    server_env,
+)
+
+__all__ = [
+    "LauncherError",
+    "ServerOptions",
+    "TritonNotSupported",
+    "TritonPorts",
+    "TritonProcess",
+    "TritonStartError",
+    "default_model_repository",
+    "main",
+]
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class TritonStartError(LauncherError):
+    """tritonserver exited or did not become ready in time; the message carries its log tail."""
+
+
+def default_model_repository() -> Path:
+    """``ml_service/triton_models`` when installed as a wheel, else the repository's ``triton_models/``."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "triton_models"
+    return packaged if packaged.is_dir() else here.parents[1] / "triton_models"
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    model_repository: Path = field(default_factory=default_model_repository)
+    ports: TritonPorts = TritonPorts()
+    host: str = "127.0.0.1"
+    # Models to load; empty loads every model of the repository.
+    models: tuple[str, ...] = ()
+    # How long tritonserver itself waits for in-flight requests on SIGTERM.
+    exit_timeout_s: int = 10
+
+
+def check_options(options: ServerOptions) -> None:
+    repo = options.model_repository
+    if not repo.is_dir():
+        raise LauncherError(f"model repository {repo} does not exist")
+    for name in options.models:
+        if not MODEL_NAME.match(name) or not (repo / name / "config.pbtxt").is_file():
+            raise LauncherError(f"model {name!r} is not in {repo} (no {name}/config.pbtxt)")
+
+
+def server_command(binary: Path, backend_dir: Path, options: ServerOptions) -> list[str]:
+    ports = options.ports
+    command = [
+        str(binary),
+        f"--model-repository={options.model_repository}",
+        f"--backend-directory={backend_dir}",
+        f"--http-address={options.host}",
+        f"--http-port={ports.http}",
+        f"--grpc-address={options.host}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-address={options.host}",
+        f"--metrics-port={ports.metrics}",
+        "--allow-gpu-metrics=false",  # CPU machine: no NVML/DCGM
+        f"--exit-timeout-secs={options.exit_timeout_s}",
+    ]
+    if options.models:
+        command.append("--model-control-mode=explicit")
+        command += [f"--load-model={name}" for name in options.models]
+    return command
+
+
+def tail(path: Path | None, lines: int = 40) -> str:
+    if path is None or not path.exists():
+        return "(no log file: tritonserver wrote to this process's output)"
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - 64 * 1024))
+        text = handle.read().decode("utf-8", errors="replace")
+    # Drop the wide option tables, keep the messages.
+    kept = [line for line in text.splitlines() if line and not line.startswith(("+", "|"))]
+    return "\n".join(kept[-lines:])
+
+
+class TritonProcess:
+    """One local tritonserver. Use as a (sync or async) context manager, or call start()/stop()."""
+
+    def __init__(
+        self,
+        options: ServerOptions | None = None,
+        *,
+        log_path: Path | None = None,
+        cache_dir: Path | None = None,
+        ready_timeout_s: float = 120.0,
+        stop_grace_s: float = 20.0,
+        bundle: TritonBundle | None = None,
+    ) -> None:
+        self.options = options or ServerOptions()
+        self.log_path = log_path
+        self.cache_dir = cache_dir
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self._bundle = bundle
+        self._process: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+        # Seconds from launch to ready, once ready (reported by `mlp triton` and the benchmark).
+        self.startup_s: float | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.ports.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.ports.metrics}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return tail(self.log_path, lines)
+
+    def launch(self) -> None:
+        """Start tritonserver without waiting for readiness."""
+        if self.running():
+            raise LauncherError(f"tritonserver already runs (pid {self.pid})")
+        check_options(self.options)
+        bundle = self._bundle or find_bundle()
+        env = server_env(bundle)
+        missing = missing_libraries(bundle, env)
+        if missing:
+            raise TritonNotSupported("shared libraries not found: " + ", ".join(missing))
+        backend_dir = prepare_backend_dir(bundle, self.cache_dir)
+        command = server_command(bundle.binary, backend_dir, self.options)
+        output: IO[bytes] | None = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            output = self.log_path.open("ab")
+        try:
+            # Own session: a terminal's Ctrl-C reaches us only, and we stop Triton in order.
+            self._process = subprocess.Popen(
+                command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        except OSError as exc:  # not executable here (wrong architecture, broken install)
+            raise TritonNotSupported(f"cannot execute {bundle.binary}: {exc}") from exc
+        finally:
+            if output is not None:
+                output.close()
+        self._started_at = time.monotonic()
+
+    def probe(self, timeout_s: float = 2.0) -> bool:
+        """One readiness probe: the server and every loaded model are ready."""
+        try:
+            response = httpx.get(f"{self.http_url}/v2/health/ready", timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            if self._process is None:
+                raise LauncherError("tritonserver was not launched")
+            code = self._process.poll()
+            if code is not None:
+                raise TritonStartError(f"tritonserver exited with code {code} before it was ready:\n{self.log_tail()}")
+            if self.probe():
+                self.startup_s = time.monotonic() - self._started_at
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TritonStartError(
+                    f"tritonserver was not ready after {self.ready_timeout_s:.0f} s:\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def start(self) -> None:
+        self.launch()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests), then SIGKILL to its group after the grace."""
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            # Give Triton its own exit timeout for in-flight requests before forcing it.
+            grace = max(self.stop_grace_s, self.options.exit_timeout_s + 5.0)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                # The group holds the Python stubs too; it is ours (start_new_session).
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+        return process.returncode
+
+    def wait(self) -> int:
+        if self._process is None:
+            raise LauncherError("tritonserver was not launched")
+        return self._process.wait()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def astart(self) -> None:
+        await asyncio.to_thread(self.start)
+
+    async def astop(self) -> int | None:
+        return await asyncio.to_thread(self.stop)
+
+    async def __aenter__(self) -> Self:
+        await self.astart()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.astop()
+
+
+def _port_of(url: str, default: int) -> int:
+    _, _, port = url.rpartition(":")
+    return int(port) if port.isdigit() else default
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    from mlp.settings import get_settings
+
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="mlp triton", description="Run the local Triton server (CPU).")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=settings.triton_http_port)
+    parser.add_argument("--grpc-port", type=int, default=_port_of(settings.triton_url, 8001))
+    parser.add_argument("--metrics-port", type=int, default=settings.triton_metrics_port)
+    parser.add_argument("--model-repository", type=Path, default=default_model_repository())
+    parser.add_argument("--models", default="", help="comma-separated models to load (default: all)")
+    parser.add_argument("--log-file", type=Path, default=None, help="write Triton's log here, not to stdout")
+    parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds (default: %(default)s)")
+    return parser.parse_args(list(argv))
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    options = ServerOptions(
+        model_repository=args.model_repository.resolve(),
+        ports=TritonPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port),
+        host=args.host,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+    )
+    server = TritonProcess(options, log_path=args.log_file, ready_timeout_s=args.ready_timeout)
+    hint = docker_hint(options.model_repository, args.http_port, args.grpc_port, args.metrics_port)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a pod's stop: same path as Ctrl-C
+    try:
+        return _serve(server, options, hint)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(server: TritonProcess, options: ServerOptions, hint: str) -> int:
+    try:
+        server.start()
+        print(
+            f"Triton ready in {server.startup_s:.1f} s: gRPC {server.grpc_url} (MLP_TRITON_URL), "
+            f"HTTP {server.http_url}, metrics {server.metrics_url}; models from {options.model_repository}. "
+            "Ctrl-C stops it.",
+            flush=True,
+        )
+        code = server.wait()
+        print(f"mlp triton: tritonserver exited with code {code}", file=sys.stderr)
+        return 1
+    except TritonNotSupported as exc:
+        print(f"mlp triton: {exc}\n{hint}", file=sys.stderr)
+        return 3
+    except LauncherError as exc:
+        print(f"mlp triton: {exc}\n\nIf the bundled server cannot run here: {hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mlp triton: stopping Triton ...", file=sys.stderr, flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not orphan Triton
+            signal.signal(sig, signal.SIG_IGN)
+        server.stop()
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
