@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mlp.settings import Settings
 from ml_service.launcher import TritonProcess
+from mlp.settings import Settings
 from tests.support.isolation import Namespace, isolated_namespace
 
 # One real Triton per test session (free ports), shared by every test that needs one.
