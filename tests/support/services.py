@@ -89,16 +89,18 @@ class Platform:
     api_url: str
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
-    def service(self, name: str) -> ServiceProcess:
-        """A new process of ``name`` (gateway, worker, collector, api) configured like the others."""
+    def service(self, name: str, path: str = "/readyz") -> ServiceProcess:
+        """A new process of ``name`` (gateway, worker, collector, api) configured like the others.
+
+        ``path`` is what "started" means: /readyz (dependencies reachable) or /healthz (alive).
+        """
         ports = {
-            "gateway": ("MLP_GATEWAY_PORT", "/readyz"),
-            "api": ("MLP_READ_API_PORT", "/readyz"),
-            "collector": ("MLP_COLLECTOR_HEALTH_PORT", "/readyz"),
-            "worker": ("MLP_WORKER_HEALTH_PORT", "/readyz"),
+            "gateway": "MLP_GATEWAY_PORT",
+            "api": "MLP_READ_API_PORT",
+            "collector": "MLP_COLLECTOR_HEALTH_PORT",
+            "worker": "MLP_WORKER_HEALTH_PORT",
         }
-        variable, path = ports[name]
-        port = int(self.env[variable])
+        port = int(self.env[ports[name]])
         return ServiceProcess(
             name=name,
             argv=[sys.executable, "-m", "mlp.cli", name],
@@ -107,8 +109,8 @@ class Platform:
             log_path=self.workdir / f"{name}.log",
         )
 
-    def start(self, name: str, timeout_s: float = 60.0) -> ServiceProcess:
-        proc = self.service(name).start()
+    def start(self, name: str, timeout_s: float = 60.0, path: str = "/readyz") -> ServiceProcess:
+        proc = self.service(name, path).start()
         self.services[name] = proc
         proc.wait_ready(timeout_s)
         return proc
