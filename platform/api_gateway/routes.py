@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
@@ -21,7 +21,7 @@ from mlp import telemetry
 
 router = APIRouter()
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody},
     403: {"model": ErrorBody},
     409: {"model": ErrorBody},
@@ -61,6 +61,8 @@ async def submit_inference(
     except (UnknownModel, InputTooLarge) as exc:
         return _error(422, "invalid_request", str(exc))
     except QuotaExceeded as exc:
+        if exc.admission.limit == "max_tokens_per_request":  # waiting will not help: a client error
+            return _error(422, "invalid_request", exc.admission.detail)
         retry = str(max(1, exc.admission.retry_after_s))
         return _error(429, f"quota_exceeded:{exc.admission.limit}", exc.admission.detail, {"Retry-After": retry})
     except IdempotencyConflict as exc:

@@ -7,15 +7,20 @@ import redis.asyncio as redis
 from mlp.settings import Settings
 
 
-def create_redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
+def create_redis(settings: Settings, max_connections: int = 64) -> redis.Redis:
+    # A blocking pool: redis-py's default pool raises MaxConnectionsError under a burst
+    # instead of waiting for a free connection.
+    pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=max_connections,
+        timeout=5,
         decode_responses=True,
         socket_timeout=5,
         socket_connect_timeout=5,
         health_check_interval=15,
         retry_on_timeout=True,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 class Keys:

@@ -61,7 +61,7 @@ async def test_the_seed_request_is_accepted_published_and_visible(gateway: tuple
         settings.default_max_tokens,
     )
     cache = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    status = await cache.hgetall(Keys(settings.redis_prefix).status(body["request_id"]))  # type: ignore[misc]
+    status = await cache.hgetall(Keys(settings.redis_prefix).status(body["request_id"]))
     await cache.aclose()
     assert status["status"] == "queued"
 

@@ -65,6 +65,7 @@ def isolated_namespace(label: str = "t") -> Iterator[Namespace]:
 
 def _cleanup(name: str) -> None:
     import asyncio
+    import concurrent.futures
 
     import redis
 
@@ -75,7 +76,10 @@ def _cleanup(name: str) -> None:
     except Exception as exc:  # keep cleaning the others
         print(f"cleanup: delete_vhost {name}: {exc}")
     try:
-        asyncio.run(drop_database(_with_path(BASE_POSTGRES_DSN, "/" + name)))
+        # In a thread of its own: the caller may be inside a running event loop (async tests).
+        dsn = _with_path(BASE_POSTGRES_DSN, "/" + name)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, drop_database(dsn)).result(timeout=60)
     except Exception as exc:
         print(f"cleanup: drop database {name}: {exc}")
     try:

@@ -1,0 +1,160 @@
+"""Quota limits and windows: pure data and pure functions (the clock is always passed in).
+
+Limits are data (Postgres ``quota_plans`` + per-user ``user_quotas`` overrides); this module only
+combines them and computes the UTC windows they apply to.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Final, Literal, NamedTuple
+
+LimitName = Literal["tokens_per_day", "tokens_per_month", "requests_per_minute", "max_tokens_per_request"]
+LIMIT_NAMES: Final[tuple[LimitName, ...]] = (
+    "tokens_per_day",
+    "tokens_per_month",
+    "requests_per_minute",
+    "max_tokens_per_request",
+)
+WindowKind = Literal["day", "month"]
+
+PLAN_NAME: Final = re.compile(r"^[a-z0-9_\-]{1,32}$")
+# The same shape as events.model.Identifier: user ids travel in keys, routing keys and URLs.
+USER_ID: Final = re.compile(r"^[A-Za-z0-9_\-:@]{1,128}$")
+# The Redis scripts compute in Lua numbers (doubles): integers are exact up to 2**53.
+MAX_LIMIT: Final = 2**53 - 1
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class QuotaError(Exception):
+    """Base of the quota context's errors (translated to HTTP/CLI answers at the edge)."""
+
+
+class InvalidQuota(QuotaError, ValueError):
+    """A limit, plan name or user id that is not acceptable (bad input)."""
+
+
+class UnknownPlan(QuotaError, LookupError):
+    def __init__(self, plan: str, known: tuple[str, ...] = ()) -> None:
+        hint = f"; known plans: {', '.join(known)}" if known else ""
+        super().__init__(f"unknown plan {plan!r}{hint}")
+        self.plan = plan
+
+
+def check_limit(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidQuota(f"{name} must be an integer, got {value!r}")
+    if value < 0:
+        raise InvalidQuota(f"{name} must be >= 0, got {value}")
+    if value > MAX_LIMIT:
+        raise InvalidQuota(f"{name} is too large: {value}")
+    return value
+
+
+def check_plan_name(name: str) -> str:
+    if not PLAN_NAME.fullmatch(name):
+        raise InvalidQuota(f"plan name must match {PLAN_NAME.pattern}, got {name!r}")
+    return name
+
+
+def check_user_id(user_id: str) -> str:
+    if not USER_ID.fullmatch(user_id):
+        raise InvalidQuota(f"user_id must match {USER_ID.pattern}, got {user_id!r}")
+    return user_id
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits in force for one user: a plan's limits with the user's overrides applied."""
+
+    plan: str
+    tokens_per_day: int
+    tokens_per_month: int
+    requests_per_minute: int
+    max_tokens_per_request: int
+
+    def __post_init__(self) -> None:
+        check_plan_name(self.plan)
+        for name in LIMIT_NAMES:
+            check_limit(name, getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Per-user overrides; None keeps the plan's value."""
+
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    requests_per_minute: int | None = None
+    max_tokens_per_request: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                check_limit(f.name, value)
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {name: getattr(self, name) for name in LIMIT_NAMES}
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in self.as_dict().values())
+
+
+def effective_limits(plan: Limits, overrides: Overrides) -> Limits:
+    changes: dict[str, Any] = {name: value for name, value in overrides.as_dict().items() if value is not None}
+    return replace(plan, **changes)
+
+
+class Window(NamedTuple):
+    """One UTC quota window: ``id`` names it in keys and answers (``2025-01-31``, ``2025-01``)."""
+
+    id: str
+    starts_at: datetime
+    resets_at: datetime
+
+
+def _as_utc(now: datetime) -> datetime:
+    # A naive datetime is ambiguous: refuse it rather than guess the machine's zone.
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("quota windows need a timezone-aware datetime")
+    return now.astimezone(UTC)
+
+
+def day_window(now: datetime) -> Window:
+    now = _as_utc(now)
+    start = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    return Window(start.strftime("%Y-%m-%d"), start, start + timedelta(days=1))
+
+
+def month_window(now: datetime) -> Window:
+    now = _as_utc(now)
+    start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    following = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+    return Window(start.strftime("%Y-%m"), start, following)
+
+
+def window(kind: WindowKind, now: datetime) -> Window:
+    return day_window(now) if kind == "day" else month_window(now)
+
+
+def day_of(now: datetime) -> date:
+    return _as_utc(now).date()
+
+
+def seconds_until(now: datetime, then: datetime) -> int:
+    """Whole seconds from ``now`` until ``then``, rounded up and at least 1 (a Retry-After value)."""
+    return max(1, math.ceil((then - now).total_seconds()))
+
+
+def to_ms(moment: datetime) -> int:
+    """Epoch milliseconds (the scripts' clock unit)."""
+    # Integer arithmetic: float timestamps would turn 23:59:59.999 into ...998 ms.
+    return (_as_utc(moment) - _EPOCH) // timedelta(milliseconds=1)
+
+
+def remaining(limit: int, used: int, reserved: int) -> int:
+    return max(0, limit - used - reserved)

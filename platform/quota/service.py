@@ -1,0 +1,237 @@
+"""QuotaService: the facade the gateway, the worker and the read API use.
+
+- gateway: ``admit(user, max_tokens)`` -- a cheap check (could max_tokens still fit?) plus
+  requests-per-minute; answers 429 with ``retry_after_s`` when not allowed.
+- worker: ``reserve`` an upper bound of the request's tokens, then ``commit`` the actual tokens
+  or ``release`` on failure/rejection. All three are idempotent by request_id.
+- read API: ``view(user)`` for GET /api/v1/users/{user_id}/quota.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+import redis.asyncio as redis
+
+from events.model import utc_now
+from mlp.settings import Settings
+from quota import store
+from quota.ledger import QuotaUnavailable, RedisLedger
+from quota.plans import (
+    LimitName,
+    Limits,
+    Window,
+    WindowKind,
+    check_user_id,
+    day_window,
+    month_window,
+    remaining,
+    seconds_until,
+)
+
+LIMITS_CACHE_S = 5.0
+LIMITS_CACHE_SIZE = 10_000
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    allowed: bool
+    limit: LimitName | None = None
+    retry_after_s: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The worker's answer. ``granted`` means: go ahead and run the request.
+
+    ``already`` is True for a redelivery: the first reservation is still held, or the request was
+    already committed (``committed``; its tokens are charged and committing again changes nothing).
+    """
+
+    granted: bool
+    already: bool
+    limit: LimitName | None
+    reserved_tokens: int
+    committed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUsage:
+    window: WindowKind
+    id: str
+    limit: int
+    used: int
+    reserved: int
+    remaining: int
+    starts_at: datetime
+    resets_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaView:
+    user_id: str
+    plan: str
+    requests_per_minute: int
+    max_tokens_per_request: int
+    day: WindowUsage
+    month: WindowUsage
+
+
+def _window_usage(kind: WindowKind, window: Window, limit: int, used: int, reserved: int) -> WindowUsage:
+    return WindowUsage(
+        kind, window.id, limit, used, reserved, remaining(limit, used, reserved), window.starts_at, window.resets_at
+    )
+
+
+_LIMIT_WORDS: dict[str, str] = {
+    "tokens_per_day": "daily token quota",
+    "tokens_per_month": "monthly token quota",
+    "requests_per_minute": "requests-per-minute limit",
+    "max_tokens_per_request": "max_tokens per request",
+}
+
+
+class QuotaService:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: redis.Redis,
+        settings: Settings,
+        clock: Callable[[], datetime] = utc_now,
+        *,
+        limits_cache_s: float = LIMITS_CACHE_S,
+        rebuild_timeout_s: float = 30.0,
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._clock = clock
+        self._limits_cache_s = limits_cache_s
+        self._limits: OrderedDict[str, tuple[float, Limits]] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Limits]] = {}
+        self.ledger = RedisLedger(
+            redis,
+            settings.redis_prefix,
+            store.PostgresLedgerSource(pool),
+            reservation_ttl_s=settings.reservation_ttl_s,
+            rebuild_timeout_s=rebuild_timeout_s,
+        )
+
+    # --- limits ---------------------------------------------------------------------------------
+
+    async def limits_for(self, user_id: str) -> Limits:
+        """The user's limits, cached for a few seconds (``mlp quota set`` takes effect that fast)."""
+        check_user_id(user_id)
+        cached = self._limits.get(user_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        task = self._loading.get(user_id)
+        if task is None:  # one query per user, however many requests wait for it
+            task = asyncio.ensure_future(self._load_limits(user_id, cached[1] if cached else None))
+            self._loading[user_id] = task
+            task.add_done_callback(lambda done: self._loaded(user_id, done))
+        return await asyncio.shield(task)
+
+    async def _load_limits(self, user_id: str, stale: Limits | None) -> Limits:
+        try:
+            limits = await store.fetch_limits(self._pool, user_id, self._settings.default_plan)
+        except _DB_ERRORS as exc:
+            if stale is not None:  # Postgres is briefly away: the last known limits beat a 503
+                return stale
+            raise QuotaUnavailable(f"cannot read quota limits: {type(exc).__name__}: {exc}") from exc
+        self._remember(user_id, limits)
+        return limits
+
+    def _loaded(self, user_id: str, task: asyncio.Future[Limits]) -> None:
+        if self._loading.get(user_id) is task:
+            del self._loading[user_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have gone
+
+    def _remember(self, user_id: str, limits: Limits) -> None:
+        self._limits[user_id] = (time.monotonic() + self._limits_cache_s, limits)
+        self._limits.move_to_end(user_id)
+        while len(self._limits) > LIMITS_CACHE_SIZE:
+            self._limits.popitem(last=False)
+
+    def forget_limits(self, user_id: str | None = None) -> None:
+        if user_id is None:
+            self._limits.clear()
+        else:
+            self._limits.pop(user_id, None)
+
+    # --- gateway --------------------------------------------------------------------------------
+
+    async def admit(self, user_id: str, max_tokens: int) -> Admission:
+        limits = await self.limits_for(user_id)
+        if max_tokens > limits.max_tokens_per_request:
+            return Admission(
+                False,
+                "max_tokens_per_request",
+                0,
+                f"max_tokens {max_tokens} exceeds the {limits.plan} plan's limit of "
+                f"{limits.max_tokens_per_request} per request",
+            )
+        now = self._clock()
+        result = await self.ledger.admit(user_id, max_tokens, limits, now)
+        if result.allowed or result.limit is None:
+            return Admission(True)
+        if result.limit == "requests_per_minute":
+            retry = max(1, -(-result.retry_ms // 1000))
+            detail = f"{limits.requests_per_minute} requests per minute allowed on the {limits.plan} plan"
+            return Admission(False, result.limit, retry, detail)
+        reset_window, limit = (
+            (day_window(now), limits.tokens_per_day)
+            if result.limit == "tokens_per_day"
+            else (month_window(now), limits.tokens_per_month)
+        )
+        detail = (
+            f"{_LIMIT_WORDS[result.limit]} of {limit} tokens on the {limits.plan} plan cannot fit "
+            f"{max_tokens} more tokens (used {result.used}, reserved {result.reserved}); "
+            f"resets at {reset_window.resets_at.isoformat()}"
+        )
+        return Admission(False, result.limit, seconds_until(now, reset_window.resets_at), detail)
+
+    # --- worker ---------------------------------------------------------------------------------
+
+    async def reserve(self, request_id: str, user_id: str, tokens: int) -> Reservation:
+        limits = await self.limits_for(user_id)
+        result = await self.ledger.reserve(request_id, user_id, tokens, limits, self._clock())
+        match result.outcome:
+            case "granted":
+                return Reservation(True, False, None, result.tokens)
+            case "already":
+                return Reservation(True, True, None, result.tokens)
+            case "committed":
+                return Reservation(True, True, None, result.tokens, committed=True)
+        return Reservation(False, False, result.limit, 0)
+
+    async def commit(
+        self, request_id: str, actual_tokens: int, *, user_id: str | None = None, at: datetime | None = None
+    ) -> None:
+        """Charge ``actual_tokens`` once. ``at``: the completion's time (default: now), which picks the window."""
+        await self.ledger.commit(request_id, actual_tokens, at or self._clock(), user_id=user_id)
+
+    async def release(self, request_id: str) -> None:
+        await self.ledger.release(request_id, self._clock())
+
+    # --- read API -------------------------------------------------------------------------------
+
+    async def view(self, user_id: str) -> QuotaView:
+        limits = await self.limits_for(user_id)
+        snap = await self.ledger.snapshot(user_id, self._clock())
+        return QuotaView(
+            user_id=user_id,
+            plan=limits.plan,
+            requests_per_minute=limits.requests_per_minute,
+            max_tokens_per_request=limits.max_tokens_per_request,
+            day=_window_usage("day", snap.day, limits.tokens_per_day, snap.used_day, snap.reserved),
+            month=_window_usage("month", snap.month, limits.tokens_per_month, snap.used_month, snap.reserved),
+        )

@@ -1,0 +1,174 @@
+"""Quota and usage routes of the read API.
+
+``GET /api/v1/users/{user_id}/quota``: per window (day, month) limit, used, reserved, remaining,
+resets_at, from the Redis ledger (rebuilt from Postgres first if Redis lost it).
+``GET /api/v1/users/{user_id}/usage?from=YYYY-MM-DD&to=YYYY-MM-DD``: per-day, per-model token
+totals from Postgres ``token_usage_daily``.
+
+Dependencies come from ``request.app.state.quota`` (QuotaService) and ``request.app.state.pool``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, timedelta
+from typing import Annotated, Final
+
+import asyncpg
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from pydantic import BaseModel, Field
+
+from events.model import utc_now
+from quota import store
+from quota.ledger import QuotaUnavailable
+from quota.plans import USER_ID, day_of
+from quota.service import QuotaService, QuotaView, WindowUsage
+
+router = APIRouter(tags=["quota"])
+
+MAX_USAGE_RANGE_DAYS: Final = 366
+DEFAULT_USAGE_RANGE_DAYS: Final = 30
+_ISO_DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+UserId = Annotated[str, Path(pattern=USER_ID.pattern, description="the user's id")]
+
+
+class WindowOut(BaseModel):
+    window: str
+    id: str
+    limit: int
+    used: int
+    reserved: int
+    remaining: int
+    starts_at: datetime
+    resets_at: datetime
+
+    @classmethod
+    def of(cls, usage: WindowUsage) -> WindowOut:
+        return cls(
+            window=usage.window,
+            id=usage.id,
+            limit=usage.limit,
+            used=usage.used,
+            reserved=usage.reserved,
+            remaining=usage.remaining,
+            starts_at=usage.starts_at,
+            resets_at=usage.resets_at,
+        )
+
+
+class QuotaOut(BaseModel):
+    user_id: str
+    plan: str
+    requests_per_minute: int
+    max_tokens_per_request: int
+    windows: list[WindowOut]
+
+    @classmethod
+    def of(cls, view: QuotaView) -> QuotaOut:
+        return cls(
+            user_id=view.user_id,
+            plan=view.plan,
+            requests_per_minute=view.requests_per_minute,
+            max_tokens_per_request=view.max_tokens_per_request,
+            windows=[WindowOut.of(view.day), WindowOut.of(view.month)],
+        )
+
+
+class DayUsageOut(BaseModel):
+    day: date
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    requests: int
+
+
+class UsageTotalsOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    requests: int
+
+
+class UsageOut(BaseModel):
+    user_id: str
+    # "from" is a Python keyword: the attribute is from_, the JSON key is "from".
+    from_: date = Field(serialization_alias="from")
+    to: date
+    days: list[DayUsageOut]
+    totals: UsageTotalsOut
+
+
+class DateRangeError(ValueError):
+    pass
+
+
+def parse_date(name: str, value: str) -> date:
+    if not _ISO_DATE.fullmatch(value):
+        raise DateRangeError(f"'{name}' must be a date as YYYY-MM-DD, got {value!r}")
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise DateRangeError(f"'{name}' is not a real date: {value!r}") from None
+
+
+def date_range(first: str | None, last: str | None, today: date) -> tuple[date, date]:
+    """The validated [from, to] range (inclusive); defaults to the last 30 days up to today (UTC)."""
+    to = parse_date("to", last) if last is not None else today
+    start = parse_date("from", first) if first is not None else to - timedelta(days=DEFAULT_USAGE_RANGE_DAYS - 1)
+    if start > to:
+        raise DateRangeError(f"'from' ({start}) must not be after 'to' ({to})")
+    if (to - start).days + 1 > MAX_USAGE_RANGE_DAYS:
+        raise DateRangeError(f"the range covers {(to - start).days + 1} days; at most {MAX_USAGE_RANGE_DAYS}")
+    return start, to
+
+
+def _unavailable(exc: Exception) -> HTTPException:
+    return HTTPException(status_code=503, detail=f"quota state unavailable: {exc}", headers={"Retry-After": "1"})
+
+
+@router.get("/api/v1/users/{user_id}/quota", response_model=QuotaOut)
+async def get_quota(request: Request, user_id: UserId) -> QuotaOut:
+    quota: QuotaService = request.app.state.quota
+    try:
+        view = await quota.view(user_id)
+    except QuotaUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return QuotaOut.of(view)
+
+
+@router.get("/api/v1/users/{user_id}/usage", response_model=UsageOut)
+async def get_usage(
+    request: Request,
+    user_id: UserId,
+    first: Annotated[str | None, Query(alias="from", max_length=10, description="first day, YYYY-MM-DD")] = None,
+    last: Annotated[str | None, Query(alias="to", max_length=10, description="last day, YYYY-MM-DD")] = None,
+) -> UsageOut:
+    try:
+        start, end = date_range(first, last, day_of(utc_now()))
+    except DateRangeError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from exc
+    pool: asyncpg.Pool = request.app.state.pool
+    try:
+        rows = await store.daily_usage(pool, user_id, start, end)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise _unavailable(exc) from exc
+    days = [
+        DayUsageOut(
+            day=r.day,
+            model=r.model,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+            total_tokens=r.total_tokens,
+            requests=r.requests,
+        )
+        for r in rows
+    ]
+    totals = UsageTotalsOut(
+        prompt_tokens=sum(r.prompt_tokens for r in rows),
+        completion_tokens=sum(r.completion_tokens for r in rows),
+        total_tokens=sum(r.total_tokens for r in rows),
+        requests=sum(r.requests for r in rows),
+    )
+    return UsageOut(user_id=user_id, from_=start, to=end, days=days, totals=totals)
