@@ -1,0 +1,182 @@
+"""The worker's decisions as pure functions: which events to emit, and what to do with the quota.
+
+Nothing here does I/O. The handler (``ml_worker.handler``) asks these functions what to do
+and applies the answer: a quota action first, then the confirmed publish, then the ack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from events.model import (
+    ErrorCode,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceRejected,
+    InferenceRequested,
+    InferenceStarted,
+    RejectReason,
+    new_event_id,
+    utc_now,
+)
+from events.topology import DELIVERY_LIMIT
+
+# Error messages travel in events and HTTP answers: keep them short.
+MAX_DETAIL_CHARS: Final = 500
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the gateway enforces at the HTTP edge; the worker enforces the same on the bus."""
+
+    models: Collection[str]
+    max_prompt_chars: int
+    max_tokens_limit: int
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class TritonFailed:
+    error_code: ErrorCode
+    message: str
+
+
+TritonOutcome = Succeeded | TritonFailed
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Charge the actual tokens (idempotent by request_id)."""
+
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Release:
+    """Give the reservation back (idempotent by request_id)."""
+
+
+QuotaAction = Commit | Release | None
+Terminal = InferenceCompleted | InferenceFailed | InferenceRejected
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The end of a request: the quota action to apply, THEN the terminal event to publish."""
+
+    quota: QuotaAction
+    event: Terminal
+
+
+def truncate(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def envelope(request: InferenceRequested) -> dict[str, Any]:
+    """The fields every event caused by ``request`` carries: same stream, causation and trace."""
+    return {
+        "event_id": new_event_id(),
+        "occurred_at": utc_now(),
+        "request_id": request.request_id,
+        "user_id": request.user_id,
+        "model": request.model,
+        "causation_id": request.event_id,
+        "correlation_id": request.correlation_id or request.request_id,
+        "traceparent": request.traceparent,
+    }
+
+
+def rejected(request: InferenceRequested, reason: RejectReason, detail: str = "") -> InferenceRejected:
+    return InferenceRejected(**envelope(request), reason=reason, detail=truncate(detail))
+
+
+def failed(request: InferenceRequested, error_code: ErrorCode, message: str = "") -> InferenceFailed:
+    return InferenceFailed(**envelope(request), error_code=error_code, error_message=truncate(message))
+
+
+def validate(request: InferenceRequested, limits: Limits) -> InferenceRejected | None:
+    """The gateway's checks, repeated: bus publishers are untrusted and nothing invalid reaches Triton."""
+    if request.model not in limits.models:
+        served = ", ".join(sorted(limits.models))
+        return rejected(request, "unknown_model", f"model {request.model!r} is not served here; served: {served}")
+    if not request.prompt:
+        return rejected(request, "invalid_request", "prompt is empty")
+    if len(request.prompt) > limits.max_prompt_chars:
+        detail = f"prompt has {len(request.prompt)} characters; the limit is {limits.max_prompt_chars}"
+        return rejected(request, "prompt_too_large", detail)
+    if not 1 <= request.max_tokens <= limits.max_tokens_limit:
+        detail = f"max_tokens is {request.max_tokens}; allowed 1..{limits.max_tokens_limit}"
+        return rejected(request, "max_tokens_too_large", detail)
+    return None
+
+
+def reservation_estimate(request: InferenceRequested) -> int:
+    """An UPPER bound of the tokens this request can use, reserved before Triton is called.
+
+    Every WordPiece/BPE token covers at least one character of the prompt, so the prompt
+    has at most ``len(prompt)`` tokens; the completion has at most ``max_tokens``. Reserving
+    the upper bound means concurrent requests can never push a user past the limit; the
+    commit then charges the actual count and returns the rest.
+    """
+    return len(request.prompt) + request.max_tokens
+
+
+def started(request: InferenceRequested, *, reserved_tokens: int, worker: str, attempt: int) -> InferenceStarted:
+    return InferenceStarted(
+        **envelope(request), reserved_tokens=max(reserved_tokens, 0), worker=worker, attempt=attempt
+    )
+
+
+def quota_refused(request: InferenceRequested, limit: str | None, estimate: int) -> Outcome:
+    detail = f"the user's {limit or 'quota'} limit cannot cover this request's {estimate} tokens (upper bound)"
+    # Nothing was reserved: no quota action.
+    return Outcome(quota=None, event=rejected(request, "quota_exceeded", detail))
+
+
+def decide_outcome(request: InferenceRequested, result: TritonOutcome) -> Outcome:
+    """Triton answered (or gave up): commit the actual tokens, or release the reservation."""
+    match result:
+        case Succeeded():
+            event = InferenceCompleted(
+                **envelope(request),
+                completion=result.text,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                latency_ms=max(result.latency_ms, 0.0),
+            )
+            return Outcome(quota=Commit(event.total_tokens), event=event)
+        case TritonFailed():
+            return Outcome(quota=Release(), event=failed(request, result.error_code, result.message))
+
+
+def delivery_limit_outcome(request: InferenceRequested, error: str) -> Outcome:
+    """The last allowed delivery failed unexpectedly: the request ends failed, the message goes to the DLQ."""
+    message = f"gave up after {DELIVERY_LIMIT + 1} deliveries: {error}"
+    return Outcome(quota=Release(), event=failed(request, "delivery_limit_exceeded", message))
+
+
+def delivery_count(headers: Mapping[str, Any]) -> int:
+    """How often the message was delivered before (quorum queues set ``x-delivery-count``)."""
+    value = headers.get("x-delivery-count", 0)
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def is_last_delivery(count: int, limit: int = DELIVERY_LIMIT) -> bool:
+    """True when returning the message to the queue would dead-letter it.
+
+    Measured on RabbitMQ 3.10: deliveries carry x-delivery-count 0..limit; the return of the
+    one carrying ``limit`` dead-letters the message (reason ``delivery_limit``).
+    """
+    return count >= limit

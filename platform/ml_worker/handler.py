@@ -1,0 +1,263 @@
+"""The requests-queue handler: decode, ask the pure decisions, apply them, then ack.
+
+Ack discipline (manual): a message is acked only after its outcome event was confirmed by
+the broker; an unconfirmed publish or a dependency outage retries in process, a bug requeues
+the message until its last allowed delivery, which publishes ``InferenceFailed`` and
+dead-letters it. A shutdown only ever requeues (``ml_worker.drain``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import asyncpg
+import redis.exceptions
+from faststream.rabbit import RabbitMessage
+
+from events.model import Event, InferenceCompleted, InferenceFailed, InferenceRejected, InferenceRequested
+from events.status import TERMINAL_STATUSES
+from ml_worker import decide
+from ml_worker.decide import Commit, Limits, Outcome, Release, TritonOutcome
+from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
+from ml_worker.metrics import REDELIVERIES
+from mlp import metrics
+from mlp.bus import PublishError
+from quota.ledger import QuotaUnavailable
+
+log = logging.getLogger(__name__)
+
+# A dependency outage (Redis, Postgres, an unconfirmed publish) is waited out in process
+# instead of requeueing at once: every requeue spends one of the message's few deliveries.
+TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    PublishError,
+    QuotaUnavailable,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+    TimeoutError,
+)
+TRANSIENT_BACKOFF_S: Final = (0.5, 1.0, 2.0, 4.0, 5.0)
+# About two and a half minutes of waiting before the message is requeued after all.
+TRANSIENT_MAX_TRIES: Final = 32
+
+
+class Reservation(Protocol):
+    @property
+    def granted(self) -> bool: ...
+    @property
+    def limit(self) -> str | None: ...  # the name of the limit that refused, e.g. tokens_per_day
+    @property
+    def reserved_tokens(self) -> int: ...
+
+
+class Quota(Protocol):
+    async def reserve(self, request_id: str, user_id: str, tokens: int) -> Reservation: ...
+    async def commit(
+        self, request_id: str, actual_tokens: int, *, user_id: str | None = None, at: datetime | None = None
+    ) -> Any: ...
+    async def release(self, request_id: str) -> Any: ...
+
+
+class StatusReader(Protocol):
+    async def get(self, request_id: str) -> dict[str, Any] | None: ...
+
+
+class Publisher(Protocol):
+    async def publish(self, event: Event, headers: dict[str, Any] | None = None) -> None: ...
+
+
+class Inferer(Protocol):
+    async def infer(self, request: InferenceRequested) -> TritonOutcome: ...
+
+
+class Draining(Exception):
+    """The worker is shutting down: hand the message back to the queue."""
+
+
+@dataclass(frozen=True)
+class WorkerDeps:
+    publisher: Publisher
+    quota: Quota
+    status: StatusReader
+    triton: Inferer
+
+
+class RequestHandler:
+    def __init__(self, deps: WorkerDeps, limits: Limits, worker_id: str) -> None:
+        self._deps = deps
+        self._limits = limits
+        self._worker_id = worker_id
+        self._max_body = max_body_bytes(limits.max_prompt_chars)
+        self.draining = asyncio.Event()
+        # In-flight deliveries, so a shutdown can requeue what it could not finish.
+        self.in_flight: dict[asyncio.Task[Any], RabbitMessage] = {}
+
+    async def handle(self, message: RabbitMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.in_flight[task] = message
+        try:
+            await self._handle(message)
+        finally:
+            self.in_flight.pop(task, None)
+
+    async def _handle(self, message: RabbitMessage) -> None:
+        delivery = _delivery(message)
+        count = decide.delivery_count(delivery.headers)
+        parsed = parse(delivery, self._max_body)
+        if isinstance(parsed, Invalid):
+            await self._dead_letter_invalid(message, parsed, count)
+            return
+        for tries in range(1, TRANSIENT_MAX_TRIES + 1):
+            try:
+                await self._process(message, parsed, attempt=count + 1)
+                return
+            except Draining:
+                await _requeue(message, self._model_label(parsed.model))
+                return
+            except TRANSIENT_ERRORS as exc:
+                if self.draining.is_set() or tries == TRANSIENT_MAX_TRIES or _channel_closed(message):
+                    log.warning("request %s: %s; requeueing", parsed.request_id, _describe(exc))
+                    await _requeue(message, self._model_label(parsed.model))
+                    return
+                delay = TRANSIENT_BACKOFF_S[min(tries, len(TRANSIENT_BACKOFF_S)) - 1]
+                log.warning("request %s: %s; retrying in %.1fs", parsed.request_id, _describe(exc), delay)
+                await asyncio.sleep(delay)
+            except Exception as exc:
+                await self._on_unexpected(message, parsed, count, exc)
+                return
+
+    async def _process(self, message: RabbitMessage, request: InferenceRequested, *, attempt: int) -> None:
+        if self.draining.is_set():
+            raise Draining
+        rejection = decide.validate(request, self._limits)
+        if rejection is not None:
+            await self._finish(message, request, Outcome(quota=None, event=rejection))
+            return
+        if await self._already_finished(request.request_id):
+            log.info("request %s already has its outcome; dropping the redelivery", request.request_id)
+            await message.ack()
+            return
+        estimate = decide.reservation_estimate(request)
+        reservation = await self._deps.quota.reserve(request.request_id, request.user_id, estimate)
+        if not reservation.granted:
+            metrics.QUOTA_REJECTIONS.labels(model=self._model_label(request.model), stage="worker").inc()
+            await self._finish(message, request, decide.quota_refused(request, reservation.limit, estimate))
+            return
+        reserved = reservation.reserved_tokens or estimate
+        start = decide.started(request, reserved_tokens=reserved, worker=self._worker_id, attempt=attempt)
+        await self._deps.publisher.publish(start)
+        if self.draining.is_set():
+            raise Draining  # the reservation stays; the redelivery reuses it (reserve is idempotent)
+        result = await self._deps.triton.infer(request)
+        await self._finish(message, request, decide.decide_outcome(request, result))
+
+    async def _already_finished(self, request_id: str) -> bool:
+        status = await self._deps.status.get(request_id)
+        return status is not None and status.get("status") in TERMINAL_STATUSES
+
+    async def _finish(self, message: RabbitMessage, request: InferenceRequested, outcome: Outcome) -> None:
+        """Quota first (idempotent, so a crash before the publish charges once on redelivery), then publish, ack."""
+        match outcome.quota:
+            case Commit(tokens=tokens):
+                # user_id: charges the right user even if the reservation expired meanwhile;
+                # at: the completion's time picks the window, the same day the ledger records.
+                at = outcome.event.occurred_at
+                await self._deps.quota.commit(request.request_id, tokens, user_id=request.user_id, at=at)
+            case Release():
+                await self._deps.quota.release(request.request_id)
+        await self._deps.publisher.publish(outcome.event)
+        await message.ack()
+        _count_outcome(self._model_label(request.model), outcome.event)
+
+    async def _dead_letter_invalid(self, message: RabbitMessage, invalid: Invalid, count: int) -> None:
+        """Tell the publisher why (when it can be addressed), then reject: the message goes to the DLQ."""
+        label = self._model_label(invalid.rejection.model if invalid.rejection else None)
+        log.warning("invalid message %s: %s", message.message_id, invalid.detail)
+        if invalid.rejection is not None:
+            try:
+                await self._deps.publisher.publish(invalid.rejection)
+            except PublishError as exc:
+                if not decide.is_last_delivery(count):
+                    log.warning("rejection of an invalid message not confirmed (%s); requeueing", exc)
+                    await _requeue(message, label)
+                    return
+            metrics.record_outcome("rejected", "invalid_request")
+        await message.reject(requeue=False)
+        REDELIVERIES.labels(label, "dead_letter").inc()
+
+    async def _on_unexpected(
+        self, message: RabbitMessage, request: InferenceRequested, count: int, exc: Exception
+    ) -> None:
+        log.exception("request %s: unexpected %s (delivery %d)", request.request_id, type(exc).__name__, count + 1)
+        if not decide.is_last_delivery(count):
+            await _requeue(message, self._model_label(request.model))
+            return
+        outcome = decide.delivery_limit_outcome(request, _describe(exc))
+        try:
+            await self._deps.quota.release(request.request_id)
+            await self._deps.publisher.publish(outcome.event)
+        except Exception:
+            # Not even the failure could be recorded: the broker dead-letters the message on
+            # this return; `mlp dlq replay` re-drives it once the cause is fixed.
+            log.exception("request %s: could not publish its failure", request.request_id)
+            await _requeue(message, self._model_label(request.model))
+            return
+        _count_outcome(self._model_label(request.model), outcome.event)
+        await message.reject(requeue=False)
+        REDELIVERIES.labels(self._model_label(request.model), "dead_letter").inc()
+
+    def _model_label(self, model: str | None) -> str:
+        # Label values come from the bus: only served models, never arbitrary strings.
+        return model if model is not None and model in self._limits.models else "other"
+
+
+def limits_of(models: Collection[str], max_prompt_chars: int, max_tokens_limit: int) -> Limits:
+    return Limits(models=frozenset(models), max_prompt_chars=max_prompt_chars, max_tokens_limit=max_tokens_limit)
+
+
+def _delivery(message: RabbitMessage) -> Delivery:
+    raw = message.raw_message
+    return Delivery(
+        body=message.body,
+        routing_key=raw.routing_key or "",
+        correlation_id=raw.correlation_id,
+        message_id=raw.message_id,
+        headers=dict(raw.headers or {}),
+    )
+
+
+async def _requeue(message: RabbitMessage, model: str) -> None:
+    try:
+        await message.nack(requeue=True)
+    except Exception as exc:  # channel gone: the broker requeues unacked messages itself
+        log.warning("nack of %s failed (%s); the broker requeues it", message.message_id, _describe(exc))
+    REDELIVERIES.labels(model, "requeue").inc()
+
+
+def _channel_closed(message: RabbitMessage) -> bool:
+    channel = getattr(message.raw_message, "channel", None)
+    return bool(getattr(channel, "is_closed", False))
+
+
+def _describe(exc: BaseException) -> str:
+    return decide.truncate(f"{type(exc).__name__}: {exc}")
+
+
+def _count_outcome(model: str, event: decide.Terminal) -> None:
+    match event:
+        case InferenceCompleted():
+            metrics.record_outcome("completed")
+            metrics.record_tokens(model, event.prompt_tokens, event.completion_tokens)
+            metrics.INFERENCE_LATENCY.labels(model=model).observe(event.latency_ms / 1000)
+        case InferenceFailed():
+            metrics.record_outcome("failed", event.error_code)
+        case InferenceRejected():
+            metrics.record_outcome("rejected", event.reason)

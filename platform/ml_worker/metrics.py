@@ -1,0 +1,13 @@
+"""Worker-only metrics; the shared ones (latency, tokens, outcomes, quota rejections) are in ``mlp.metrics``."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter
+
+REDELIVERIES: Final = Counter(
+    "mlp_worker_redeliveries",
+    "Messages the worker handed back to the queue (requeue) or dead-lettered (dead_letter).",
+    ["model", "action"],
+)
