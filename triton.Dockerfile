@@ -1,0 +1,23 @@
+# syntax=docker/dockerfile:1.7
+# Triton Inference Server with the platform's model repository baked in.
+# FROM the pinned official image (CPU and GPU alike: the kind overlay runs it without a GPU).
+#   docker build -f triton.Dockerfile -t mlp/triton:0.1.0-24.10 .
+
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+# The Python backend's models run in the image's Python (3.10): give it what basic-model imports,
+# at the versions the tests run with (tokenizers ships abi3 wheels for cp310+).
+# numpy<2: the Python backend of this Triton release is built against numpy 1.x.
+RUN python3 -m pip install --no-cache-dir --disable-pip-version-check "numpy==1.26.4" "tokenizers==0.23.3"
+
+# Owned by root and read-only for the server: a compromised model cannot rewrite the repository.
+COPY --chown=0:0 --chmod=0755 triton_models/ /models/
+
+# `triton-server` (uid 1000): the unprivileged user of the official image.
+USER 1000:1000
+ENV HOME=/tmp
+EXPOSE 8000 8001 8002
+ENTRYPOINT ["tritonserver"]
+# Serves the served models only (slow-model exists for the fault tests); Kubernetes passes its own args.
+CMD ["--model-repository=/models", "--model-control-mode=explicit", "--load-model=basic-model", \
+     "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"]
