@@ -1,8 +1,13 @@
-"""``GET /api/v1/metrics/token-rate``: tokens per minute, the KEDA metrics-api scaler's input."""
+"""``GET /api/v1/metrics/token-rate``: tokens per minute, the KEDA metrics-api scaler's input.
+
+``?model=`` narrows it to one model, so each model's worker Deployment scales on its own load.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 
 router = APIRouter()
 
@@ -10,11 +15,14 @@ router = APIRouter()
 _TOKENS_LAST_MINUTE = """
 SELECT coalesce(sum(total_tokens), 0)::bigint
 FROM token_usage
-WHERE occurred_at > now() - interval '60 seconds'
+WHERE occurred_at > now() - interval '60 seconds' AND ($1::text IS NULL OR model = $1)
 """
 
 
 @router.get("/api/v1/metrics/token-rate")
-async def token_rate(request: Request) -> dict[str, int]:
-    tokens = await request.app.state.pool.fetchval(_TOKENS_LAST_MINUTE)
+async def token_rate(
+    request: Request,
+    model: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] = None,
+) -> dict[str, int]:
+    tokens = await request.app.state.pool.fetchval(_TOKENS_LAST_MINUTE, model)
     return {"tokens_per_minute": int(tokens)}
