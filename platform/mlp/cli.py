@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quota": ("quota.cli", "main", "show or set a user's quota plan and limits"),
     "dlq": ("mlp.dlq", "main", "list or re-drive dead-lettered messages"),
     "bench": ("mlp.bench", "main", "benchmark the platform end to end"),
+    "docs": ("mlp.docs", "main", "generate, check or serve the event bus contract (AsyncAPI)"),
 }
 
 
