@@ -74,6 +74,14 @@ def parse(delivery: Delivery, max_body: int) -> InferenceRequested | Invalid:
         return invalid(delivery, f"not a valid InferenceRequested: {exc}")
     if not isinstance(event, InferenceRequested):
         return invalid(delivery, f"expected InferenceRequested on the requests queue, got {type(event).__name__}")
+    key_model, key_user = _routing_key_parts(delivery.routing_key)
+    if (key_model, key_user) != (event.model, event.user_id):
+        # The routing key is what RabbitMQ's topic permissions check: the body must not claim another user or model.
+        return invalid(
+            delivery,
+            f"routing key {delivery.routing_key!r} does not match the body's model/user_id "
+            f"(expected inference.requested.{event.model}.{event.user_id})",
+        )
     return event
 
 

@@ -143,7 +143,8 @@ INVALID: dict[str, tuple[str, str]] = {
     "bad_schema": ("invalid_request", "max_tokens"),
     "not_json": ("invalid_request", "not a valid InferenceRequested"),
     "missing_event_id": ("invalid_request", "event_id"),
-    "unknown_model_in_body": ("unknown_model", "no-such-model"),
+    # The body must match the routing key (which RabbitMQ's topic permissions check).
+    "unknown_model_in_body": ("invalid_request", "routing key"),
     "oversize_prompt": ("prompt_too_large", str(LIMITS.max_prompt_chars)),
     "oversize_body": ("invalid_request", "bytes"),
     "max_tokens_too_large": ("max_tokens_too_large", str(LIMITS.max_tokens_limit)),

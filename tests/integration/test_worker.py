@@ -155,7 +155,7 @@ async def test_invalid_messages_are_rejected_visibly_dead_lettered_and_the_worke
         await publish_raw(wsettings, bad_schema_body, key)
         for event in (too_long, too_many_tokens):
             await publish_raw(wsettings, encode_event(event), key)
-        # A valid event naming a model nobody serves, routed to basic-model's queue by its key.
+        # A valid event naming a model nobody serves, routed to basic-model's queue by its key: a mismatch.
         await publish_raw(wsettings, encode_event(unknown_model), key)
         reasons = {}
         for request_id in (not_json_id, bad_schema.request_id, too_long.request_id, too_many_tokens.request_id,
@@ -175,9 +175,11 @@ async def test_invalid_messages_are_rejected_visibly_dead_lettered_and_the_worke
     assert "max_tokens" in reasons[bad_schema.request_id][1]
     assert reasons[too_long.request_id][0] == "prompt_too_large"
     assert reasons[too_many_tokens.request_id][0] == "max_tokens_too_large"
-    assert reasons[unknown_model.request_id][0] == "unknown_model"
-    # The undecodable ones are dead-lettered (inspectable, replayable); the decodable-but-invalid are done.
-    await wait_queue_depth(wsettings, BASIC_DLQ, dlq_before + 2)
+    # A body that disagrees with its routing key is refused (topic permissions check the key, not the body).
+    assert reasons[unknown_model.request_id][0] == "invalid_request"
+    assert "routing key" in reasons[unknown_model.request_id][1]
+    # The undecodable and mismatched ones are dead-lettered (inspectable, replayable); the rest are done.
+    await wait_queue_depth(wsettings, BASIC_DLQ, dlq_before + 3)
 
 
 async def test_triton_down_fails_the_request_after_bounded_retries(wsettings: Settings, quota: QuotaService) -> None:

@@ -108,3 +108,16 @@ def test_an_oversized_body_is_refused_before_decoding() -> None:
 @pytest.mark.parametrize("body", [b"[]", b"null", b"1", b'"str"', b"{"])
 def test_odd_json_never_raises(body: bytes) -> None:
     assert isinstance(parse(delivery(body), MAX_BODY), Invalid)
+
+
+@pytest.mark.parametrize(
+    "routing_key",
+    ["inference.requested.basic-model.mallory", "inference.requested.other-model.alice", "inference.requested"],
+)
+def test_a_body_that_disagrees_with_its_routing_key_is_refused(routing_key: str) -> None:
+    # Topic permissions check the routing key: a body claiming another user (or model) must not pass.
+    outcome = parse(delivery(encode_event(valid()), routing_key), MAX_BODY)
+    assert isinstance(outcome, Invalid)
+    assert "routing key" in outcome.detail
+    assert outcome.rejection is not None
+    assert outcome.rejection.reason == "invalid_request"
