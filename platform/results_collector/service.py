@@ -1,0 +1,128 @@
+"""The collector's message handling: decode, batch, store-and-project, then acknowledge.
+
+The bus adapter decides ack/nack/reject here and nowhere else:
+- a body that is not a valid event, or an event the store would refuse -> ``reject`` (no requeue):
+  the queue's dead-letter exchange moves it to ``mlp.projections.dlq``; the reason is logged;
+- written (newly stored, or a duplicate already stored) -> ``ack``, only after the commit;
+- Postgres down -> the handler keeps waiting while its batch is retried (the message stays unacked;
+  no requeue, which a quorum queue would count towards its delivery limit);
+- shutting down before it was written -> ``nack(requeue=True)``, never a reject.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+from faststream.rabbit import RabbitMessage
+
+from events.model import AnyEvent, EventDecodeError, decode_event
+from projections.postgres import is_permanent, store_and_project
+from projections.projector import invalid_reason
+from results_collector import metrics
+from results_collector.batcher import Backoff, Batcher, ItemFailed, ShuttingDown
+from results_collector.cache_sync import CacheSync
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    event: AnyEvent
+    body: bytes  # stored verbatim: fields of a newer schema survive in the event store
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the database (or the way to it) failed, not the data."""
+    if is_permanent(exc):
+        return False
+    return isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError)
+
+
+class Collector:
+    """Stores and projects events in batches; owns the batcher and the status cache sync."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        cache_sync: CacheSync,
+        *,
+        batch_size: int,
+        batch_wait_s: float,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        self._pool = pool
+        self._cache_sync = cache_sync
+        self._batcher: Batcher[Incoming, bool] = Batcher(
+            self._write,
+            max_size=batch_size,
+            max_wait_s=batch_wait_s,
+            is_transient=is_transient,
+            backoff=backoff,
+            name="projection-batcher",
+        )
+
+    @property
+    def batcher(self) -> Batcher[Incoming, bool]:
+        return self._batcher
+
+    def start(self) -> None:
+        self._batcher.start()
+        self._cache_sync.start()
+
+    async def close(self, drain_timeout_s: float) -> None:
+        await self._batcher.close(drain_timeout_s)
+        await self._cache_sync.close(timeout_s=min(5.0, drain_timeout_s))
+
+    async def handle(self, message: RabbitMessage) -> None:
+        body: bytes = message.body
+        try:
+            event = decode_event(body)
+        except EventDecodeError as exc:
+            await self._reject(message, "undecodable", str(exc))
+            return
+        if (reason := invalid_reason(event)) is not None:
+            await self._reject(message, type(event).__name__, reason)
+            return
+        try:
+            newly_stored = await self._batcher.submit(Incoming(event, body))
+        except ItemFailed as exc:
+            await self._reject(message, type(event).__name__, str(exc))
+            return
+        except ShuttingDown:
+            metrics.EVENTS.labels(type(event).__name__, "requeued").inc()
+            await message.nack(requeue=True)
+            return
+        metrics.EVENTS.labels(type(event).__name__, "stored" if newly_stored else "duplicate").inc()
+        await message.ack()
+
+    async def _reject(self, message: RabbitMessage, kind: str, reason: str) -> None:
+        metrics.EVENTS.labels(kind, "rejected").inc()
+        log.warning(
+            "rejecting message %s to the dead-letter queue: %s",
+            message.message_id,
+            reason[:500],
+            extra={"message_id": message.message_id, "reason": reason[:500]},
+        )
+        await message.reject(requeue=False)
+
+    async def _write(self, items: list[Incoming]) -> Sequence[bool]:
+        started = time.perf_counter()
+        try:
+            new = await store_and_project(self._pool, [i.event for i in items], [i.body for i in items])
+        except Exception:
+            metrics.WRITE_ERRORS.inc()
+            raise
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(items))
+        now = datetime.now(UTC)
+        for event in new:
+            metrics.PROJECTION_LAG.observe(max(0.0, (now - event.occurred_at).total_seconds()))
+        self._cache_sync.push(new)
+        new_ids = {str(uuid.UUID(e.event_id)) for e in new}
+        return [str(uuid.UUID(i.event.event_id)) in new_ids for i in items]

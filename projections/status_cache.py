@@ -1,0 +1,217 @@
+"""The Redis projection: the request status cache (one hash per request, under the settings' key prefix).
+
+Written by the gateway ("queued", right after the broker confirmed the publish), by the results
+collector (every newly stored event) and by replay; read by the read API first, with Postgres as
+the fallback and the truth. Every write goes through ONE Lua script that applies the same
+convergence rules as the Postgres projection, so redelivery, reordering and replay are harmless:
+
+- ``status`` only advances by rank (``events.status.STATUS_RANK``); a terminal status is final;
+- the outcome fields are written only by the write that makes the status terminal;
+- ``created_at``/``started_at`` keep the earliest value, ``updated_at`` the latest;
+- any other field is filled once (a late ``InferenceRequested`` still fills in ``created_at``).
+
+Hash fields (strings; timestamps ISO-8601 UTC, microsecond precision): user_id, model, status,
+created_at, started_at, finished_at, updated_at, completion, prompt_tokens, completion_tokens,
+total_tokens, latency_ms, error_code, error_message, reason, trace_id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Final, cast
+
+import redis.asyncio as redis
+
+from events.model import (
+    Event,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceRejected,
+    InferenceRequested,
+    InferenceStarted,
+)
+from events.status import STATUS_RANK, TERMINAL_STATUSES, status_of
+from mlp.cache import Keys
+
+TIMESTAMP_FIELDS: Final = ("created_at", "started_at", "finished_at", "updated_at")
+EARLIEST_FIELDS: Final = ("created_at", "started_at")
+LATEST_FIELDS: Final = ("updated_at",)
+OUTCOME_FIELDS: Final = (
+    "finished_at",
+    "completion",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "latency_ms",
+    "error_code",
+    "error_message",
+    "reason",
+)
+
+
+def format_ts(value: datetime) -> str:
+    """ISO-8601 in UTC with a fixed width, so that string order is time order (the script compares strings)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def parse_ts(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def cache_update(event: Event) -> tuple[str, str, dict[str, str]]:
+    """(request_id, status, fields) an event writes to the status cache. Pure."""
+    fields = {"user_id": event.user_id, "model": event.model, "updated_at": format_ts(event.occurred_at)}
+    match event:
+        case InferenceRequested():
+            fields["created_at"] = format_ts(event.occurred_at)
+            if event.trace_id:
+                fields["trace_id"] = event.trace_id
+        case InferenceStarted():
+            fields["started_at"] = format_ts(event.occurred_at)
+        case InferenceCompleted():
+            fields["finished_at"] = format_ts(event.occurred_at)
+            fields["completion"] = event.completion
+            fields["prompt_tokens"] = str(event.prompt_tokens)
+            fields["completion_tokens"] = str(event.completion_tokens)
+            fields["total_tokens"] = str(event.total_tokens)
+            fields["latency_ms"] = repr(event.latency_ms)
+        case InferenceFailed():
+            fields["finished_at"] = format_ts(event.occurred_at)
+            fields["error_code"] = event.error_code
+            fields["error_message"] = event.error_message
+        case InferenceRejected():
+            fields["finished_at"] = format_ts(event.occurred_at)
+            fields["reason"] = event.reason
+            fields["error_message"] = event.detail
+    return event.request_id, status_of(event), fields
+
+
+def _lua_set(names: Sequence[str]) -> str:
+    return "{" + ", ".join(f"[{n!r}] = true" for n in names) + "}"
+
+
+def _lua_ranks() -> str:
+    return "{" + ", ".join(f"[{s!r}] = {r}" for s, r in STATUS_RANK.items()) + "}"
+
+
+# The rule tables are generated from the Python constants: one source of truth for the ranks.
+_PRELUDE = f"""
+local rank = {_lua_ranks()}
+local terminal = {_lua_set(sorted(TERMINAL_STATUSES))}
+"""
+
+# KEYS[1] = the hash; ARGV = status, ttl_s, then field/value pairs. Returns 1 when anything changed.
+_ADVANCE = (
+    _PRELUDE
+    + f"""
+local earliest = {_lua_set(EARLIEST_FIELDS)}
+local latest = {_lua_set(LATEST_FIELDS)}
+local outcome = {_lua_set(OUTCOME_FIELDS)}
+local key, status = KEYS[1], ARGV[1]
+if rank[status] == nil then return redis.error_reply('unknown status ' .. status) end
+local current = redis.call('HGET', key, 'status')
+local moves = (not current) or (not terminal[current] and rank[status] > rank[current])
+local changed = 0
+if moves then
+  redis.call('HSET', key, 'status', status)
+  changed = 1
+end
+for i = 3, #ARGV, 2 do
+  local field, value = ARGV[i], ARGV[i + 1]
+  if outcome[field] then
+    if moves then redis.call('HSET', key, field, value); changed = 1 end
+  elseif earliest[field] or latest[field] then
+    local old = redis.call('HGET', key, field)
+    if (not old) or (earliest[field] and value < old) or (latest[field] and value > old) then
+      redis.call('HSET', key, field, value)
+      changed = 1
+    end
+  else
+    changed = math.max(changed, redis.call('HSETNX', key, field, value))
+  end
+end
+if changed == 1 then redis.call('EXPIRE', key, tonumber(ARGV[2])) end
+return changed
+"""
+)
+
+# Replay's write: replace the whole hash with the rebuilt state, unless a live writer has meanwhile
+# moved the request to a higher rank. KEYS[1] = the hash; ARGV = status, ttl_s, field/value pairs.
+_RESTORE = (
+    _PRELUDE
+    + """
+local key, status = KEYS[1], ARGV[1]
+local current = redis.call('HGET', key, 'status')
+if current and rank[current] > rank[status] then return 0 end
+redis.call('DEL', key)
+redis.call('HSET', key, 'status', status)
+for i = 3, #ARGV, 2 do redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', key, tonumber(ARGV[2]))
+return 1
+"""
+)
+
+
+def _normalised(fields: Mapping[str, str]) -> list[str]:
+    flat: list[str] = []
+    for name, value in fields.items():
+        if name == "status":
+            continue  # the status is an argument of its own, ruled by rank
+        if name in TIMESTAMP_FIELDS:
+            value = format_ts(parse_ts(value))
+        flat += [name, value]
+    return flat
+
+
+class StatusCache:
+    """The request status cache. Every method is idempotent; ``advance`` never moves a status backwards."""
+
+    def __init__(self, redis: redis.Redis, keys: Keys, ttl_s: int = 86_400) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl_s = ttl_s
+        self._advance = redis.register_script(_ADVANCE)
+        self._restore = redis.register_script(_RESTORE)
+
+    async def advance(self, request_id: str, status: str, fields: Mapping[str, str]) -> bool:
+        """Write status and fields if the status advances (fields fill in otherwise). True if anything changed."""
+        changed = await self._advance(
+            keys=[self._keys.status(request_id)], args=[status, self._ttl_s, *_normalised(fields)]
+        )
+        return bool(changed)
+
+    async def get(self, request_id: str) -> dict[str, str] | None:
+        # The client decodes responses (mlp.cache.create_redis): keys and values are str.
+        found = cast(dict[str, str], await self._redis.hgetall(self._keys.status(request_id)))
+        return found or None
+
+    async def advance_many(self, items: Sequence[tuple[str, str, Mapping[str, str]]]) -> None:
+        """``advance`` for many requests in one pipelined round trip."""
+        if not items:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, status, fields in items:
+                await self._advance(
+                    keys=[self._keys.status(request_id)],
+                    args=[status, self._ttl_s, *_normalised(fields)],
+                    client=pipe,
+                )
+            await pipe.execute()
+
+    async def restore_many(self, items: Sequence[tuple[str, Mapping[str, str]]]) -> int:
+        """Replace entries with rebuilt state (replay; ``fields`` hold ``status``). Returns how many were written."""
+        if not items:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, fields in items:
+                await self._restore(
+                    keys=[self._keys.status(request_id)],
+                    args=[fields["status"], self._ttl_s, *_normalised(fields)],
+                    client=pipe,
+                )
+            written = await pipe.execute()
+        return sum(int(w) for w in written)

@@ -1,0 +1,197 @@
+"""The results collector's FastStream app, in-process, against the test vhost, Postgres and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aio_pika
+import asyncpg
+import httpx
+import msgspec
+import pytest
+from faststream.rabbit import RabbitBroker
+
+from events.model import AnyEvent, encode_event
+from events.topology import DLQ_SUFFIX, PROJECTIONS_QUEUE
+from mlp.bus import EVENTS, EventPublisher, declare_topology, make_broker
+from mlp.cache import Keys, create_redis
+from mlp.settings import Settings
+from projections.projector import UpsertRequest, plan_events
+from projections.queries import RequestView, get_request
+from projections.sample_events import Outcome, request_stream
+from projections.status_cache import StatusCache
+from results_collector.main import build_app
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_S = 60.0  # an upper bound on waiting (the test fails instead of hanging), not a timing goal
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"not within {DEADLINE_S}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Running:
+    settings: Settings
+    pool: asyncpg.Pool
+    broker: RabbitBroker
+    publisher: EventPublisher
+    cache: StatusCache
+
+
+@pytest.fixture(scope="module")
+async def collector(migrated: Settings) -> AsyncIterator[Running]:
+    settings = migrated.model_copy(
+        update={"collector_health_port": _free_port(), "collector_batch_size": 50, "collector_batch_wait_ms": 10}
+    )
+    app = build_app(settings)
+    task = asyncio.create_task(app.run())
+    ready_url = f"http://{settings.health_host}:{settings.collector_health_port}/readyz"
+
+    async def ready() -> bool:
+        if task.done():
+            task.result()  # surfaces a start-up failure
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(ready_url, timeout=2)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
+    assert pool is not None
+    broker = make_broker(settings, app_id="test-publisher")
+    redis_client = create_redis(settings)
+    try:
+        await _eventually(ready, "collector ready")
+        await broker.connect()
+        await declare_topology(broker, settings.models)
+        yield Running(
+            settings,
+            pool,
+            broker,
+            EventPublisher(broker, timeout_s=5),
+            StatusCache(redis_client, Keys(settings.redis_prefix)),
+        )
+    finally:
+        app.exit()
+        await task
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # app.run() installed them on the session loop
+            loop.remove_signal_handler(sig)
+        await broker.stop()
+        await redis_client.aclose()
+        await pool.close()
+
+
+async def _stored_count(pool: asyncpg.Pool, request_ids: list[str]) -> int:
+    count: int = await pool.fetchval("SELECT count(*) FROM event_store WHERE request_id = ANY($1::text[])", request_ids)
+    return count
+
+
+async def test_a_reordered_stream_with_duplicates_is_projected_once_and_right(collector: Running) -> None:
+    rng = random.Random(42)
+    outcomes: list[Outcome] = ["completed", "completed", "failed", "rejected", "running", "queued"]
+    streams = {f"col-{n}-{uuid.uuid4().hex[:8]}": outcomes[n % len(outcomes)] for n in range(120)}
+    events_by_request = {
+        rid: request_stream(rid, user_id=f"u{n % 7}", outcome=o, attempts=1 + n % 2)
+        for n, (rid, o) in enumerate(streams.items())
+    }
+    unique: list[AnyEvent] = [e for s in events_by_request.values() for e in s]
+    wire = unique + rng.sample(unique, len(unique) // 4)  # redeliveries
+    rng.shuffle(wire)  # Completed before Requested, etc.
+    for i in range(0, len(wire), 100):
+        await collector.publisher.publish_many(wire[i : i + 100])
+
+    rids = list(events_by_request)
+    await _eventually(lambda: _eq(_stored_count(collector.pool, rids), len(unique)), "every event stored")
+
+    stored = await collector.pool.fetch(
+        "SELECT event_id::text AS id, count(*) AS n FROM event_store WHERE request_id = ANY($1::text[]) GROUP BY 1",
+        rids,
+    )
+    assert {r["id"] for r in stored} == {e.event_id for e in unique}
+    assert {r["n"] for r in stored} == {1}  # each event stored once
+    for rid, stream in events_by_request.items():
+        (expected,) = plan_events(stream).requests
+        row = await collector.pool.fetchrow("SELECT * FROM inference_requests WHERE request_id = $1", rid)
+        assert row is not None
+        assert {f: row[f] for f in UpsertRequest.__struct_fields__} == msgspec.structs.asdict(expected)
+    charged = await collector.pool.fetch(
+        "SELECT request_id, total_tokens FROM token_usage WHERE request_id = ANY($1::text[])", rids
+    )
+    assert {r["request_id"]: r["total_tokens"] for r in charged} == {
+        rid: 19 for rid, o in streams.items() if o == "completed"
+    }
+
+    # The status cache follows Postgres (asynchronously): both answer the same view.
+    async def cache_matches() -> bool:
+        for rid in rids:
+            cached = await collector.cache.get(rid)
+            if cached is None or RequestView.from_cache(rid, cached) != await get_request(collector.pool, rid):
+                return False
+        return True
+
+    await _eventually(cache_matches, "status cache equals Postgres")
+    await _eventually(lambda: _eq(_ready_messages(collector, PROJECTIONS_QUEUE), 0), "queue drained (all acked)")
+
+
+async def _eq(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
+async def _ready_messages(collector: Running, queue: str) -> int:
+    connection = await aio_pika.connect(collector.settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        return count
+
+
+async def test_poison_messages_land_in_the_dlq_and_the_consumer_keeps_going(collector: Running) -> None:
+    dlq = PROJECTIONS_QUEUE + DLQ_SUFFIX
+    before = await _ready_messages(collector, dlq)
+    valid = request_stream(f"after-poison-{uuid.uuid4().hex[:8]}")[0]
+    invalid = msgspec.json.decode(encode_event(valid))
+    invalid["user_id"] = "has.a.dot"  # valid JSON, a known type, fails validation
+    not_a_uuid = {**msgspec.json.decode(encode_event(valid)), "event_id": "not-a-uuid"}
+    bodies = [b"\x00\xffgarbage", msgspec.json.encode(invalid), msgspec.json.encode(not_a_uuid)]
+    for body in bodies:
+        await collector.broker.publish(
+            body, exchange=EVENTS, routing_key="inference.requested.basic-model.poison", persist=True, mandatory=True
+        )
+    await collector.publisher.publish(valid)
+
+    await _eventually(lambda: _eq(_stored_count(collector.pool, [valid.request_id]), 1), "the valid event after poison")
+    await _eventually(lambda: _eq(_ready_messages(collector, dlq), before + len(bodies)), "poison in the DLQ")
+    connection = await aio_pika.connect(collector.settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(dlq, passive=True)
+        seen = []
+        for _ in range(before + len(bodies)):
+            message = await queue.get(no_ack=False, fail=True, timeout=5)
+            assert message is not None
+            seen.append(message.body)  # unacked: back in the DLQ when the connection closes
+    assert set(bodies) <= set(seen)
+    assert await _stored_count(collector.pool, ["has.a.dot"]) == 0
