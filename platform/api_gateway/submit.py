@@ -14,7 +14,7 @@ from events.model import InferenceRequested, new_event_id, utc_now
 from mlp.bus import EventPublisher, PublishError
 from mlp.cache import Keys
 from mlp.settings import Settings
-from projections.status_cache import StatusCache
+from projections.status_cache import StatusCache, format_ts
 from quota.service import Admission, QuotaService
 
 IDEMPOTENCY_TTL_S = 86_400
@@ -144,8 +144,8 @@ def _queued_fields(event: InferenceRequested) -> dict[str, str]:
     fields = {
         "user_id": event.user_id,
         "model": event.model,
-        "created_at": event.occurred_at.isoformat(),
-        "updated_at": event.occurred_at.isoformat(),
+        "created_at": format_ts(event.occurred_at),
+        "updated_at": format_ts(event.occurred_at),
     }
     if event.trace_id:
         fields["trace_id"] = event.trace_id

@@ -23,13 +23,15 @@ from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker, RabbitMessage
 
 from events.topology import projections_queue
-from mlp.bus import EVENTS, declare_topology, make_broker, rabbit_queue
+from mlp.bus import EVENTS, EventPublisher, declare_topology, make_broker, rabbit_queue
 from mlp.cache import Keys, create_redis
 from mlp.db import create_pool
 from mlp.health import ReadinessCheck, health_server
 from mlp.settings import Settings, get_settings
 from projections.status_cache import StatusCache
+from quota.service import QuotaService
 from results_collector.cache_sync import CacheSync
+from results_collector.follow_up import FollowUp
 from results_collector.service import Collector
 
 log = logging.getLogger("results_collector")
@@ -84,9 +86,15 @@ def build_app(settings: Settings) -> FastStream:
         redis_client = create_redis(settings)
         try:
             cache = StatusCache(redis_client, Keys(settings.redis_prefix))
+            follow_up = FollowUp(
+                EventPublisher(broker, settings.publish_timeout_s),
+                QuotaService(pool, redis_client, settings),
+                settings.models,
+            )
             collector = Collector(
                 pool,
                 CacheSync(cache),
+                follow_up=follow_up,
                 # A batch never outgrows the prefetch window: with all deliveries in hand, write at once.
                 batch_size=min(settings.collector_batch_size, settings.prefetch),
                 batch_wait_s=settings.collector_batch_wait_ms / 1000,

@@ -27,6 +27,8 @@ from projections.projector import invalid_reason
 from results_collector import metrics
 from results_collector.batcher import Backoff, Batcher, ItemFailed, ShuttingDown
 from results_collector.cache_sync import CacheSync
+from results_collector.follow_up import FollowUp
+from results_collector.guards import routing_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,11 @@ class Collector:
         batch_size: int,
         batch_wait_s: float,
         backoff: Backoff = Backoff(),
+        follow_up: FollowUp | None = None,
     ) -> None:
         self._pool = pool
         self._cache_sync = cache_sync
+        self._follow_up = follow_up
         self._batcher: Batcher[Incoming, bool] = Batcher(
             self._write,
             max_size=batch_size,
@@ -74,10 +78,14 @@ class Collector:
     def start(self) -> None:
         self._batcher.start()
         self._cache_sync.start()
+        if self._follow_up is not None:
+            self._follow_up.start()
 
     async def close(self, drain_timeout_s: float) -> None:
         await self._batcher.close(drain_timeout_s)
         await self._cache_sync.close(timeout_s=min(5.0, drain_timeout_s))
+        if self._follow_up is not None:
+            await self._follow_up.close(timeout_s=min(5.0, drain_timeout_s))
 
     async def handle(self, message: RabbitMessage) -> None:
         body: bytes = message.body
@@ -86,7 +94,9 @@ class Collector:
         except EventDecodeError as exc:
             await self._reject(message, "undecodable", str(exc))
             return
-        if (reason := invalid_reason(event)) is not None:
+        if (
+            reason := invalid_reason(event) or routing_mismatch(event, message.raw_message.routing_key or "")
+        ) is not None:
             await self._reject(message, type(event).__name__, reason)
             return
         try:
@@ -124,5 +134,7 @@ class Collector:
         for event in new:
             metrics.PROJECTION_LAG.observe(max(0.0, (now - event.occurred_at).total_seconds()))
         self._cache_sync.push(new)
+        if self._follow_up is not None:
+            self._follow_up.push(new)
         new_ids = {str(uuid.UUID(e.event_id)) for e in new}
         return [str(uuid.UUID(i.event.event_id)) in new_ids for i in items]

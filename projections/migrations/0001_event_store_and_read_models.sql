@@ -86,6 +86,8 @@ CREATE TABLE token_usage (
     occurred_at       timestamptz NOT NULL
 );
 CREATE INDEX token_usage_user_time ON token_usage (user_id, occurred_at);
+-- The quota rebuild and the token-rate metric filter on time alone.
+CREATE INDEX token_usage_time ON token_usage (occurred_at);
 
 -- Per user, UTC day and model; maintained from the rows newly inserted into token_usage.
 CREATE TABLE token_usage_daily (

@@ -220,12 +220,6 @@ async def test_a_message_without_any_request_id_lands_in_the_dead_letter_queue(p
         assert (await client.outcome(request_id))["type"] == "InferenceCompleted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="no consumer for inference.requested.<unserved model>.*: only mlp.projections receives it "
-    "(the request stays queued); see docs/bus.md 'Unknown models'",
-)
 async def test_a_request_for_a_model_nobody_serves_is_rejected(platform: Platform) -> None:
     connection, client = await _client(platform, "bus-unserved")
     async with connection:
@@ -235,11 +229,6 @@ async def test_a_request_for_a_model_nobody_serves_is_rejected(platform: Platfor
     assert outcome["reason"] == "unknown_model"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the collector projects an InferenceCompleted body published with a requests routing key "
-    "(fix: it must dead-letter an event whose routing key is not events.topology.routing_key(event))",
-)
 async def test_an_outcome_forged_on_the_requests_key_is_rejected_not_projected(platform: Platform) -> None:
     user = "bus-forger"
     connection, client = await _client(platform, user)
