@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -33,6 +34,8 @@ _START_HINTS = {
         "   (or: docker compose up -d redis)"
     ),
 }
+# Triton's start-up log is a page of tables: it goes to a file, named in the summary.
+TRITON_LOG = Path.home() / ".cache" / "mlp" / "triton.log"
 _COLORS = ["\033[36m", "\033[35m", "\033[33m", "\033[32m", "\033[34m"]
 _RESET = "\033[0m"
 
@@ -179,7 +182,7 @@ def _summary(settings: Settings, children: list[Child], tracing: dict[str, str])
         f"  worker     http://{settings.health_host}:{settings.worker_health_port}/metrics   models: "
         + ", ".join(settings.models),
         f"  triton     grpc {settings.triton_url}"
-        + ("" if any(c.name == "triton" for c in children) else "   (already running; not started by mlp up)"),
+        + (f"   (log {TRITON_LOG})" if any(c.name == "triton" for c in children) else "   (already running)"),
         f"  tracing    {tracing.get('OTEL_EXPORTER_OTLP_ENDPOINT', 'off (no OTLP endpoint on 127.0.0.1:4318)')}",
         "",
         "try:",
@@ -204,6 +207,7 @@ async def run(settings: Settings, *, start_triton: bool | None, ready_timeout_s:
     if start_triton is None:
         start_triton = not _reachable(*_endpoint(settings.triton_url, 8001))
     tracing = _tracing_env()
+    TRITON_LOG.parent.mkdir(parents=True, exist_ok=True)
     children = plan(settings, start_triton)
     for child in children:
         child.env.update(tracing)

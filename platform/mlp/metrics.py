@@ -1,0 +1,75 @@
+"""The platform's Prometheus metrics, in one place, in the default registry (served on ``/metrics``).
+
+Labels are bounded sets only (model, reason, status, error code, token type): never a user id or a
+request id, which would create one time series per user or request.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Inference on CPU Triton takes milliseconds to seconds; LLM backends up to a minute.
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+TokenType = Literal["prompt", "completion"]
+
+# --- gateway -------------------------------------------------------------------------------------
+REQUESTS_ACCEPTED: Final = Counter(
+    "mlp_requests_accepted", "Inference requests accepted by the gateway (202).", ["model"]
+)
+REQUESTS_REJECTED: Final = Counter(
+    "mlp_requests_rejected",
+    "Inference requests refused by the gateway, by reason (quota_exceeded, invalid_request, "
+    "unknown_model, prompt_too_large, max_tokens_too_large, publish_failed).",
+    ["reason"],
+)
+
+# --- worker --------------------------------------------------------------------------------------
+INFERENCE_LATENCY: Final = Histogram(
+    "mlp_inference_latency_seconds",
+    "Duration of the Triton inference call, retries included.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE: Final = Histogram(
+    "mlp_batch_size", "Requests sent to Triton in one call.", ["model"], buckets=BATCH_BUCKETS
+)
+TOKENS_PROCESSED: Final = Counter(
+    "mlp_tokens_processed", "Tokens processed, by model and type (prompt/completion).", ["model", "type"]
+)
+QUOTA_REJECTIONS: Final = Counter(
+    "mlp_quota_rejections", "Requests refused because the user's quota was spent.", ["model", "stage"]
+)
+OUTCOMES: Final = Counter(
+    "mlp_outcomes",
+    "Terminal outcomes of requests, by status (completed/failed/rejected) and error code ('' if none).",
+    ["status", "error_code"],
+)
+
+# --- collector -----------------------------------------------------------------------------------
+EVENTS_PROJECTED: Final = Counter("mlp_events_projected", "Events applied to the read models, by event type.", ["type"])
+PROJECTION_LAG: Final = Gauge("mlp_projection_lag_seconds", "now - occurred_at of the last projected event (seconds).")
+
+
+def lag_seconds(occurred_at: datetime, now: datetime | None = None) -> float:
+    """Seconds between an event's occurrence and now; never negative (clocks of two hosts may differ)."""
+    now = now or datetime.now(UTC)
+    return max(0.0, (now - occurred_at).total_seconds())
+
+
+def record_projected(event_type: str, occurred_at: datetime, now: datetime | None = None) -> None:
+    EVENTS_PROJECTED.labels(type=event_type).inc()
+    PROJECTION_LAG.set(lag_seconds(occurred_at, now))
+
+
+def record_tokens(model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    TOKENS_PROCESSED.labels(model=model, type="prompt").inc(prompt_tokens)
+    TOKENS_PROCESSED.labels(model=model, type="completion").inc(completion_tokens)
+
+
+def record_outcome(status: str, error_code: str | None = None) -> None:
+    OUTCOMES.labels(status=status, error_code=error_code or "").inc()
