@@ -23,6 +23,7 @@ from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker, RabbitMessage
 
 from events.topology import projections_queue
+from mlp import logs, telemetry
 from mlp.bus import EVENTS, EventPublisher, declare_topology, make_broker, rabbit_queue
 from mlp.cache import Keys, create_redis
 from mlp.db import create_pool
@@ -35,6 +36,8 @@ from results_collector.follow_up import FollowUp
 from results_collector.service import Collector
 
 log = logging.getLogger("results_collector")
+
+SERVICE = "results-collector"
 
 
 async def _message_itself(message: StreamMessage[object]) -> StreamMessage[object]:
@@ -64,7 +67,9 @@ def _readiness(broker: RabbitBroker, pool: asyncpg.Pool, redis_client: redis.Red
 
 
 def build_app(settings: Settings) -> FastStream:
-    broker = make_broker(settings, app_id="mlp-collector")
+    tel = telemetry.setup_telemetry(SERVICE, settings)
+    telemetry.instrument_clients(tel)  # before the Redis client exists
+    broker = make_broker(settings, app_id="mlp-collector", middlewares=telemetry.broker_middlewares(tel))
     running = _Running()
     drain_timeout_s = settings.graceful_timeout_s * 0.75
 
@@ -112,6 +117,7 @@ def build_app(settings: Settings) -> FastStream:
         finally:
             await redis_client.aclose()
             await pool.close()
+            tel.shutdown()  # flushes the last spans (bounded)
 
     async def drain() -> None:
         # Stop consuming and, at the same time, write or requeue what the handlers hold: the
@@ -126,7 +132,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mlp collector", description="Run the results collector (projections).")
     parser.parse_args(argv)
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup_logging(SERVICE, settings)
     log.info(
         "collector: rabbitmq %s, postgres %s, health :%d",
         settings.redacted(settings.rabbitmq_url),

@@ -15,8 +15,9 @@ BATCH_SIZE = Histogram(
     buckets=(1, 5, 10, 25, 50, 100, 200, 300, 500, 1000),
 )
 BATCH_SECONDS = Histogram("mlp_collector_batch_seconds", "Time to store and project one batch")
-PROJECTION_LAG = Histogram(
-    "mlp_projection_lag_seconds",
+# The distribution; mlp.metrics.PROJECTION_LAG (a gauge) holds the lag of the last projected event.
+PROJECTION_DELAY = Histogram(
+    "mlp_collector_projection_delay_seconds",
     "From an event's occurred_at to its commit in the read models",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )

@@ -20,8 +20,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 from faststream.rabbit import RabbitMessage
+from opentelemetry.trace import SpanContext
 
 from events.model import AnyEvent, EventDecodeError, decode_event
+from mlp import metrics as platform_metrics
 from projections.postgres import is_permanent, store_and_project
 from projections.projector import invalid_reason
 from results_collector import metrics
@@ -29,6 +31,7 @@ from results_collector.batcher import Backoff, Batcher, ItemFailed, ShuttingDown
 from results_collector.cache_sync import CacheSync
 from results_collector.follow_up import FollowUp
 from results_collector.guards import routing_mismatch
+from results_collector.tracing import batch_span, consumer_parent, record_stored
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 class Incoming:
     event: AnyEvent
     body: bytes  # stored verbatim: fields of a newer schema survive in the event store
+    # The span its projection span goes under (the consumer's process span); None when tracing is off.
+    trace_parent: SpanContext | None = None
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -100,7 +105,7 @@ class Collector:
             await self._reject(message, type(event).__name__, reason)
             return
         try:
-            newly_stored = await self._batcher.submit(Incoming(event, body))
+            newly_stored = await self._batcher.submit(Incoming(event, body, consumer_parent(event)))
         except ItemFailed as exc:
             await self._reject(message, type(event).__name__, str(exc))
             return
@@ -122,6 +127,12 @@ class Collector:
         await message.reject(requeue=False)
 
     async def _write(self, items: list[Incoming]) -> Sequence[bool]:
+        with batch_span([i.trace_parent for i in items]) as batch:
+            stored = await self._store(items)
+            record_stored(batch, [(i.event, i.trace_parent) for i, new in zip(items, stored, strict=True) if new])
+        return stored
+
+    async def _store(self, items: list[Incoming]) -> Sequence[bool]:
         started = time.perf_counter()
         try:
             new = await store_and_project(self._pool, [i.event for i in items], [i.body for i in items])
@@ -132,7 +143,8 @@ class Collector:
         metrics.BATCH_SIZE.observe(len(items))
         now = datetime.now(UTC)
         for event in new:
-            metrics.PROJECTION_LAG.observe(max(0.0, (now - event.occurred_at).total_seconds()))
+            metrics.PROJECTION_DELAY.observe(max(0.0, (now - event.occurred_at).total_seconds()))
+            platform_metrics.record_projected(type(event).__name__, event.occurred_at, now)
         self._cache_sync.push(new)
         if self._follow_up is not None:
             self._follow_up.push(new)
