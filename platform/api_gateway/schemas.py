@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 # Same alphabets as the events (events.model.Identifier / ModelName): ids travel in routing keys and URLs.
 UserId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-:@]{1,128}$")]
@@ -22,6 +22,14 @@ class InferenceSubmit(BaseModel):
     user_id: UserId
     model: ModelName
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _no_nul(cls, prompt: str) -> str:
+        # Postgres text/jsonb cannot hold U+0000: the event could never be stored (fault test 6).
+        if "\x00" in prompt:
+            raise ValueError("prompt must not contain NUL characters (U+0000)")
+        return prompt
 
 
 class InferenceAccepted(BaseModel):

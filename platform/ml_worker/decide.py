@@ -110,6 +110,8 @@ def validate(request: InferenceRequested, limits: Limits) -> InferenceRejected |
         return rejected(request, "unknown_model", f"model {request.model!r} is not served here; served: {served}")
     if not request.prompt:
         return rejected(request, "invalid_request", "prompt is empty")
+    if "\x00" in request.prompt:  # Postgres cannot store U+0000: reject instead of running it
+        return rejected(request, "invalid_request", "prompt contains a NUL character (U+0000)")
     if len(request.prompt) > limits.max_prompt_chars:
         detail = f"prompt has {len(request.prompt)} characters; the limit is {limits.max_prompt_chars}"
         return rejected(request, "prompt_too_large", detail)
