@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 
 from api_gateway.auth import parse_api_keys
-from api_gateway.routes import router
+from api_gateway.routes import count_invalid_body, router
 from api_gateway.submit import SubmitService
 from mlp import logs, telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
@@ -26,6 +27,7 @@ SERVICE = "api-gateway"
 
 def create_app(settings: Settings) -> FastAPI:
     tel = telemetry.setup_telemetry(SERVICE, settings)
+    telemetry.instrument_clients(tel)  # before the Redis client exists
     broker = make_broker(settings, middlewares=telemetry.broker_middlewares(tel), app_id=SERVICE)
 
     @asynccontextmanager
@@ -59,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="inference-platform gateway", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+    app.add_exception_handler(RequestValidationError, count_invalid_body)
     add_health_routes(app, lifespan_checks(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     telemetry.instrument_fastapi(app, tel)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 
 from api_gateway.auth import AuthError, resolve_user
 from api_gateway.schemas import ErrorBody, InferenceAccepted, InferenceSubmit
@@ -17,7 +19,7 @@ from api_gateway.submit import (
     SubmitService,
     UnknownModel,
 )
-from mlp import telemetry
+from mlp import metrics, telemetry
 
 router = APIRouter()
 
@@ -31,11 +33,28 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+SUBMIT_PATH = "/api/v1/inference"
+
+
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-@router.post("/api/v1/inference", status_code=202, response_model=InferenceAccepted, responses=_ERRORS)
+def _refused(reason: str, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A refused submit: counted by reason (a bounded set: the exception types below), then answered."""
+    metrics.REQUESTS_REJECTED.labels(reason=reason).inc()
+    return _error(status, error, detail, headers)
+
+
+async def count_invalid_body(request: Request, exc: Exception) -> Response:
+    """FastAPI's own 422 for a body that fails validation, counted as a refused submit."""
+    assert isinstance(exc, RequestValidationError)
+    if request.url.path == SUBMIT_PATH and request.method == "POST":
+        metrics.REQUESTS_REJECTED.labels(reason="invalid_request").inc()
+    return await request_validation_exception_handler(request, exc)
+
+
+@router.post(SUBMIT_PATH, status_code=202, response_model=InferenceAccepted, responses=_ERRORS)
 async def submit_inference(
     body: InferenceSubmit,
     request: Request,
@@ -57,23 +76,26 @@ async def submit_inference(
             traceparent=telemetry.current_traceparent(),
         )
     except AuthError as exc:
-        return _error(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.detail)
-    except (UnknownModel, InputTooLarge) as exc:
-        return _error(422, "invalid_request", str(exc))
+        error = "unauthorized" if exc.status == 401 else "forbidden"
+        return _refused(error, exc.status, error, exc.detail)
+    except UnknownModel as exc:
+        return _refused("unknown_model", 422, "invalid_request", str(exc))
+    except InputTooLarge as exc:
+        return _refused(exc.reason, 422, "invalid_request", str(exc))
     except QuotaExceeded as exc:
         if exc.admission.limit == "max_tokens_per_request":  # waiting will not help: a client error
-            return _error(422, "invalid_request", exc.admission.detail)
+            return _refused("max_tokens_too_large", 422, "invalid_request", exc.admission.detail)
+        metrics.QUOTA_REJECTIONS.labels(model=body.model, stage="gateway").inc()  # served: checked before
         retry = str(max(1, exc.admission.retry_after_s))
-        return _error(429, f"quota_exceeded:{exc.admission.limit}", exc.admission.detail, {"Retry-After": retry})
+        error = f"quota_exceeded:{exc.admission.limit}"
+        return _refused("quota_exceeded", 429, error, exc.admission.detail, {"Retry-After": retry})
     except IdempotencyConflict as exc:
-        return _error(409, "idempotency_conflict", str(exc), {"Retry-After": "1"})
+        return _refused("idempotency_conflict", 409, "idempotency_conflict", str(exc), {"Retry-After": "1"})
     except BrokerUnavailable:
-        return _error(
-            503,
-            "broker_unavailable",
-            "the request could not be queued; it was not accepted",
-            {"Retry-After": "5"},
-        )
+        detail = "the request could not be queued; it was not accepted"
+        return _refused("publish_failed", 503, "broker_unavailable", detail, {"Retry-After": "5"})
+    if not accepted.replayed:  # an Idempotency-Key replay is the same request, counted once
+        metrics.REQUESTS_ACCEPTED.labels(model=body.model).inc()
     base = request.app.state.settings.public_base_url.rstrip("/")
     return InferenceAccepted(
         request_id=accepted.request_id, status_url=f"{base}/api/v1/inference/{accepted.request_id}"

@@ -30,7 +30,9 @@ class UnknownModel(SubmitError):
 
 
 class InputTooLarge(SubmitError):
-    pass
+    def __init__(self, detail: str, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason  # prompt_too_large | max_tokens_too_large (a metrics label)
 
 
 class QuotaExceeded(SubmitError):
@@ -75,10 +77,12 @@ class SubmitService:
             served = ", ".join(self._settings.models)
             raise UnknownModel(f"unknown model {model!r}; this platform serves: {served}")
         if len(prompt) > self._settings.max_prompt_chars:
-            raise InputTooLarge(f"prompt has {len(prompt)} characters; the limit is {self._settings.max_prompt_chars}")
+            limit = self._settings.max_prompt_chars
+            raise InputTooLarge(f"prompt has {len(prompt)} characters; the limit is {limit}", "prompt_too_large")
         tokens = max_tokens if max_tokens is not None else self._settings.default_max_tokens
         if tokens > self._settings.max_tokens_limit:
-            raise InputTooLarge(f"max_tokens is {tokens}; the limit is {self._settings.max_tokens_limit}")
+            detail = f"max_tokens is {tokens}; the limit is {self._settings.max_tokens_limit}"
+            raise InputTooLarge(detail, "max_tokens_too_large")
         return tokens
 
     async def submit(

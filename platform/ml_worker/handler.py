@@ -25,8 +25,10 @@ from ml_worker import decide
 from ml_worker.decide import Commit, Limits, Outcome, Release, TritonOutcome
 from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
 from ml_worker.metrics import REDELIVERIES
+from ml_worker.tracing import record_outcome, request_span, with_worker_traceparent
 from mlp import metrics
 from mlp.bus import PublishError
+from mlp.logs import bind_request_id
 from quota.ledger import QuotaUnavailable
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,10 @@ class RequestHandler:
         if isinstance(parsed, Invalid):
             await self._dead_letter_invalid(message, parsed, count)
             return
+        with bind_request_id(parsed.request_id), request_span(parsed, attempt=count + 1):
+            await self._handle_request(message, parsed, count)
+
+    async def _handle_request(self, message: RabbitMessage, parsed: InferenceRequested, count: int) -> None:
         for tries in range(1, TRANSIENT_MAX_TRIES + 1):
             try:
                 await self._process(message, parsed, attempt=count + 1)
@@ -153,7 +159,7 @@ class RequestHandler:
             return
         reserved = reservation.reserved_tokens or estimate
         start = decide.started(request, reserved_tokens=reserved, worker=self._worker_id, attempt=attempt)
-        await self._deps.publisher.publish(start)
+        await self._deps.publisher.publish(with_worker_traceparent(start))
         if self.draining.is_set():
             raise Draining  # the reservation stays; the redelivery reuses it (reserve is idempotent)
         result = await self._deps.triton.infer(request)
@@ -173,7 +179,8 @@ class RequestHandler:
                 await self._deps.quota.commit(request.request_id, tokens, user_id=request.user_id, at=at)
             case Release():
                 await self._deps.quota.release(request.request_id)
-        await self._deps.publisher.publish(outcome.event)
+        await self._deps.publisher.publish(with_worker_traceparent(outcome.event))
+        record_outcome(outcome.event)
         await message.ack()
         _count_outcome(self._model_label(request.model), outcome.event)
 
@@ -203,7 +210,8 @@ class RequestHandler:
         outcome = decide.delivery_limit_outcome(request, _describe(exc))
         try:
             await self._deps.quota.release(request.request_id)
-            await self._deps.publisher.publish(outcome.event)
+            await self._deps.publisher.publish(with_worker_traceparent(outcome.event))
+            record_outcome(outcome.event)
         except Exception:
             # Not even the failure could be recorded: the broker dead-letters the message on
             # this return; `mlp dlq replay` re-drives it once the cause is fixed.

@@ -17,6 +17,8 @@ from events.model import InferenceRequested
 from ml_service.client import ModelInputError, TritonClient, TritonError, TritonTimeout, TritonUnavailable
 from ml_service.retry import backoff_delays
 from ml_worker.decide import Succeeded, TritonFailed, TritonOutcome
+from ml_worker.tracing import record_triton_outcome, triton_span
+from mlp import metrics, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,12 @@ class TritonCaller:
         self._rng = rng or random.Random()
 
     async def infer(self, request: InferenceRequested) -> TritonOutcome:
+        with triton_span(request, self._client.url) as span:
+            outcome = await self._infer(request)
+            record_triton_outcome(span, outcome)
+        return outcome
+
+    async def _infer(self, request: InferenceRequested) -> TritonOutcome:
         started = time.perf_counter()
         delays = list(backoff_delays(self._retries, self._backoff_s, BACKOFF_CAP_S, self._rng))
         last: TritonError | None = None
@@ -54,6 +62,7 @@ class TritonCaller:
                 await self._sleep(delays[attempt - 1])
             try:
                 async with self._slots:
+                    metrics.BATCH_SIZE.labels(model=request.model).observe(1)  # one request per call
                     output = await self._client.infer(
                         request.model,
                         request.prompt,
@@ -89,4 +98,6 @@ def _describe(exc: BaseException | None) -> str:
 
 
 def _trace_headers(request: InferenceRequested) -> dict[str, str] | None:
-    return {"traceparent": request.traceparent} if request.traceparent else None
+    # The Triton span's context when tracing is on (Triton's own tracing joins below it), else the request's.
+    traceparent = telemetry.current_traceparent() or request.traceparent
+    return {"traceparent": traceparent} if traceparent else None

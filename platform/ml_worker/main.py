@@ -31,6 +31,7 @@ from events.topology import requests_queue
 from ml_service.client import TritonClient
 from ml_worker.handler import RequestHandler, WorkerDeps, limits_of
 from ml_worker.inference import TritonCaller
+from mlp import logs, telemetry
 from mlp.bus import EVENTS, EventPublisher, consumer_channel, declare_topology, make_broker, rabbit_queue
 from mlp.cache import Keys, create_redis
 from mlp.db import create_pool
@@ -40,6 +41,8 @@ from projections.status_cache import StatusCache
 from quota.service import QuotaService
 
 log = logging.getLogger("ml_worker")
+
+SERVICE = "ml-worker"
 
 
 def worker_id() -> str:
@@ -100,7 +103,9 @@ async def _message_itself(message: RabbitMessage) -> RabbitMessage:
 
 def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Worker:
     served = tuple(models or settings.models)
-    broker = make_broker(settings, app_id="mlp-worker")
+    tel = telemetry.setup_telemetry(SERVICE, settings)
+    telemetry.instrument_clients(tel)  # before the Redis client and the gRPC channel exist
+    broker = make_broker(settings, app_id="mlp-worker", middlewares=telemetry.broker_middlewares(tel))
     worker = Worker(settings=settings, models=served, broker=broker)
 
     async def handle_request(message: RabbitMessage) -> None:
@@ -165,6 +170,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
             await triton.close()
             await redis.aclose()
             await pool.close()
+            tel.shutdown()  # flushes the last spans (bounded)
 
     async def declare() -> None:
         await broker.connect()
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not models:
         print("mlp worker: --models names no model")
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup_logging(SERVICE, settings)
     worker = build_worker(settings, models)
 
     async def run() -> None:

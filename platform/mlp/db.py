@@ -7,10 +7,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from mlp.settings import Settings
+from mlp.telemetry import asyncpg_init_for
 
 
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=min_size, max_size=max_size, timeout=10)
+    # Query spans on every connection when tracing is on (init is None, and costs nothing, when off).
+    pool = await asyncpg.create_pool(
+        settings.postgres_dsn, min_size=min_size, max_size=max_size, timeout=10, init=asyncpg_init_for()
+    )
     assert pool is not None
     return pool
 

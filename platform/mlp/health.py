@@ -68,7 +68,11 @@ async def health_server(
     """Run the side server for the lifetime of the context (inside a service's lifespan)."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     add_health_routes(app, checks, registry)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off", access_log=False, log_config=None
+        )
+    )
     # The service owns the signals (uvicorn would otherwise capture SIGTERM for itself).
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve())

@@ -81,11 +81,21 @@ def preflight(settings: Settings) -> list[str]:
 
 def _tracing_env() -> dict[str, str]:
     """Tracing on by default when an OTLP/HTTP endpoint (e.g. Jaeger all-in-one) listens locally."""
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_SDK_DISABLED"):
+    # The operator's choice wins: an endpoint of their own, or tracing disabled ("false" is not disabled).
+    configured = any(os.environ.get(n) for n in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    if configured or os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return {}
     if _reachable("127.0.0.1", 4318, 0.3):
         return {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
     return {}
+
+
+def _tracing_summary(tracing: dict[str, str]) -> str:
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return "off (OTEL_SDK_DISABLED=true)"
+    env = {**os.environ, **tracing}
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return f"OTLP to {endpoint}" if endpoint else "off (no OTLP endpoint on 127.0.0.1:4318)"
 
 
 async def _pump(child: Child, color: str) -> None:
@@ -183,7 +193,7 @@ def _summary(settings: Settings, children: list[Child], tracing: dict[str, str])
         + ", ".join(settings.models),
         f"  triton     grpc {settings.triton_url}"
         + (f"   (log {TRITON_LOG})" if any(c.name == "triton" for c in children) else "   (already running)"),
-        f"  tracing    {tracing.get('OTEL_EXPORTER_OTLP_ENDPOINT', 'off (no OTLP endpoint on 127.0.0.1:4318)')}",
+        f"  tracing    {_tracing_summary(tracing)}",
         "",
         "try:",
         f"  curl -s -X POST {gw}/api/v1/inference -H 'Content-Type: application/json' \\",

@@ -23,6 +23,7 @@ SERVICE = "read-api"
 
 def create_app(settings: Settings) -> FastAPI:
     tel = telemetry.setup_telemetry(SERVICE, settings)
+    telemetry.instrument_clients(tel)  # before the Redis client exists
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ links (its Postgres query spans are its children). Nothing is created when traci
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from opentelemetry.trace import Link, Span, SpanContext
 from events.model import Event
 from mlp import telemetry
 from mlp.trace_context import parent_for
+
+log = logging.getLogger(__name__)
 
 BATCH_SPAN = "project batch"
 EVENT_SPAN_PREFIX = "project "
@@ -50,7 +53,9 @@ def batch_span(parents: Sequence[SpanContext | None]) -> Iterator[BatchTrace | N
         yield None
         return
     started_ns = time.time_ns()
-    links = [Link(p) for p in dict.fromkeys(p for p in parents if p is not None)]
+    # One link per distinct span (SpanContext holds a TraceState, which is unhashable: key by ids).
+    distinct = {(p.trace_id, p.span_id): p for p in parents if p is not None}
+    links = [Link(p) for p in distinct.values()]
     with tel.tracer.start_as_current_span(
         BATCH_SPAN,
         context=otel_context.Context(),
@@ -67,6 +72,13 @@ def record_stored(batch: BatchTrace | None, stored: Sequence[tuple[Event, SpanCo
     """One span per newly stored event, in the event's trace, from the batch's start to its commit."""
     if batch is None:
         return
+    try:
+        _record_stored(batch, stored)
+    except Exception:  # telemetry must never fail a projection that has already committed
+        log.warning("could not record projection spans", exc_info=True)
+
+
+def _record_stored(batch: BatchTrace, stored: Sequence[tuple[Event, SpanContext | None]]) -> None:
     tracer = telemetry.installed().tracer
     batch_link = [Link(batch.span.get_span_context())]
     end_ns = time.time_ns()
