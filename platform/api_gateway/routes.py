@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from redis.exceptions import RedisError
 
 from api_gateway.auth import AuthError, resolve_user
 from api_gateway.schemas import ErrorBody, InferenceAccepted, InferenceSubmit
@@ -20,8 +22,10 @@ from api_gateway.submit import (
     UnknownModel,
 )
 from mlp import metrics, telemetry
+from quota.ledger import QuotaUnavailable
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody},
@@ -94,6 +98,10 @@ async def submit_inference(
     except BrokerUnavailable:
         detail = "the request could not be queued; it was not accepted"
         return _refused("publish_failed", 503, "broker_unavailable", detail, {"Retry-After": "5"})
+    except (QuotaUnavailable, RedisError) as exc:  # quota cannot be checked (Redis down or rebuilding)
+        log.warning("submit refused, quota unavailable: %r", exc)
+        detail = "the quota could not be checked now; the request was not accepted"
+        return _refused("quota_unavailable", 503, "dependency_unavailable", detail, {"Retry-After": "5"})
     if not accepted.replayed:  # an Idempotency-Key replay is the same request, counted once
         metrics.REQUESTS_ACCEPTED.labels(model=body.model).inc()
     base = request.app.state.settings.public_base_url.rstrip("/")

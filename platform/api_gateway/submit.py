@@ -15,6 +15,7 @@ from mlp.bus import EventPublisher, PublishError
 from mlp.cache import Keys
 from mlp.settings import Settings
 from projections.status_cache import StatusCache, format_ts
+from quota.plans import reservation_estimate
 from quota.service import Admission, QuotaService
 
 IDEMPOTENCY_TTL_S = 86_400
@@ -108,7 +109,7 @@ class SubmitService:
                     raise IdempotencyConflict("a submit with this Idempotency-Key is in progress")
                 return Accepted(request_id=str(existing), replayed=True)
         try:
-            admission = await self._quota.admit(user_id, tokens)
+            admission = await self._quota.admit(user_id, tokens, reservation_estimate(prompt, tokens))
             if not admission.allowed:
                 raise QuotaExceeded(admission)
             event = InferenceRequested(

@@ -22,6 +22,7 @@ from events.model import (
     utc_now,
 )
 from events.topology import DELIVERY_LIMIT
+from quota import plans
 
 # Error messages travel in events and HTTP answers: keep them short.
 MAX_DETAIL_CHARS: Final = 500
@@ -122,14 +123,8 @@ def validate(request: InferenceRequested, limits: Limits) -> InferenceRejected |
 
 
 def reservation_estimate(request: InferenceRequested) -> int:
-    """An UPPER bound of the tokens this request can use, reserved before Triton is called.
-
-    Every WordPiece/BPE token covers at least one character of the prompt, so the prompt
-    has at most ``len(prompt)`` tokens; the completion has at most ``max_tokens``. Reserving
-    the upper bound means concurrent requests can never push a user past the limit; the
-    commit then charges the actual count and returns the rest.
-    """
-    return len(request.prompt) + request.max_tokens
+    """The tokens reserved before Triton is called: an upper bound (see quota.plans.reservation_estimate)."""
+    return plans.reservation_estimate(request.prompt, request.max_tokens)
 
 
 def started(request: InferenceRequested, *, reserved_tokens: int, worker: str, attempt: int) -> InferenceStarted:

@@ -185,7 +185,11 @@ def instrument_fastapi(app: FastAPI, telemetry: Telemetry | None = None) -> None
     # An operator's OTEL_PYTHON_*_EXCLUDED_URLS wins (None lets the instrumentation read it).
     configured = any(os.environ.get(name) for name in _EXCLUDED_URLS_VARS)
     FastAPIInstrumentor.instrument_app(
-        app, tracer_provider=telemetry.provider, excluded_urls=None if configured else EXCLUDED_URLS
+        app,
+        tracer_provider=telemetry.provider,
+        excluded_urls=None if configured else EXCLUDED_URLS,
+        # ASGI "http send/receive" spans: ~5 per request and no insight; the server span has the timing.
+        exclude_spans=["receive", "send"],
     )
 
 

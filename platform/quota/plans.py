@@ -156,5 +156,17 @@ def to_ms(moment: datetime) -> int:
     return (_as_utc(moment) - _EPOCH) // timedelta(milliseconds=1)
 
 
+def reservation_estimate(prompt: str, max_tokens: int) -> int:
+    """An UPPER bound of the tokens a request can use: what is reserved before Triton is called.
+
+    Every WordPiece/BPE token covers at least one character of the prompt, so the prompt has at
+    most ``len(prompt)`` tokens; the completion has at most ``max_tokens``. Reserving the upper
+    bound means concurrent requests never push a user past the limit; the commit then charges
+    the actual count and returns the rest. The gateway's admission uses the same bound, so a
+    request it admits is one the worker's reservation can cover.
+    """
+    return len(prompt) + max_tokens
+
+
 def remaining(limit: int, used: int, reserved: int) -> int:
     return max(0, limit - used - reserved)

@@ -169,7 +169,9 @@ class QuotaService:
 
     # --- gateway --------------------------------------------------------------------------------
 
-    async def admit(self, user_id: str, max_tokens: int) -> Admission:
+    async def admit(self, user_id: str, max_tokens: int, estimate_tokens: int | None = None) -> Admission:
+        """Gateway check: ``max_tokens`` against the per-request limit, ``estimate_tokens`` (default:
+        max_tokens) against the remaining budget, and the requests-per-minute window."""
         limits = await self.limits_for(user_id)
         if max_tokens > limits.max_tokens_per_request:
             return Admission(
@@ -180,7 +182,8 @@ class QuotaService:
                 f"{limits.max_tokens_per_request} per request",
             )
         now = self._clock()
-        result = await self.ledger.admit(user_id, max_tokens, limits, now)
+        needed = max_tokens if estimate_tokens is None else estimate_tokens
+        result = await self.ledger.admit(user_id, needed, limits, now)
         if result.allowed or result.limit is None:
             return Admission(True)
         if result.limit == "requests_per_minute":
@@ -194,7 +197,7 @@ class QuotaService:
         )
         detail = (
             f"{_LIMIT_WORDS[result.limit]} of {limit} tokens on the {limits.plan} plan cannot fit "
-            f"{max_tokens} more tokens (used {result.used}, reserved {result.reserved}); "
+            f"{needed} more tokens (used {result.used}, reserved {result.reserved}); "
             f"resets at {reset_window.resets_at.isoformat()}"
         )
         return Admission(False, result.limit, seconds_until(now, reset_window.resets_at), detail)

@@ -137,3 +137,47 @@ async def test_broker_gone_at_submit_answers_503_and_records_nothing(migrated: S
             await cache.aclose()
             assert leftovers == []
             subprocess.run(["rabbitmqctl", "-q", "add_vhost", ns.name], check=True, capture_output=True)
+
+
+async def test_redis_unreachable_at_submit_answers_503_not_500(migrated: Settings) -> None:
+    from tests.support.services import free_port
+
+    no_redis = migrated.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    async with running(create_app(no_redis)) as client:
+        await _drain(no_redis)
+        response = await client.post("/api/v1/inference", json=SEED)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "dependency_unavailable"
+        assert response.headers["Retry-After"]
+        assert await _drain(no_redis) == []
+
+
+async def test_quota_admission_uses_the_same_upper_bound_as_the_worker(migrated: Settings) -> None:
+    """A prompt whose upper-bound estimate does not fit the remaining budget is refused at the edge (429)."""
+    import asyncpg
+
+    from quota.plans import Overrides
+    from quota.store import set_user_quota
+
+    conn = await asyncpg.connect(migrated.postgres_dsn)
+    try:
+        await set_user_quota(
+            conn,
+            "tight-user",
+            plan=None,
+            overrides=Overrides(tokens_per_day=200),
+            clear_overrides=True,
+            default_plan=migrated.default_plan,
+        )
+    finally:
+        await conn.close()
+    async with running(create_app(migrated)) as client:
+        await _drain(migrated)
+        fits = await client.post("/api/v1/inference", json={**SEED, "user_id": "tight-user", "max_tokens": 50})
+        too_long = {**SEED, "user_id": "tight-user", "prompt": "x" * 190, "max_tokens": 50}
+        refused = await client.post("/api/v1/inference", json=too_long)
+        assert fits.status_code == 202, fits.text
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"] == "quota_exceeded:tokens_per_day"
+        assert int(refused.headers["Retry-After"]) > 0
+        assert len(await _drain(migrated)) == 1
