@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -22,13 +22,29 @@ def namespace() -> Iterator[Namespace]:
 
 @pytest.fixture(scope="session")
 def settings(namespace: Namespace) -> Settings:
+    return _settings_for(namespace)
+
+
+def _settings_for(ns: Namespace) -> Settings:
     return Settings(
         environment="test",
-        rabbitmq_url=namespace.rabbitmq_url,
-        postgres_dsn=namespace.postgres_dsn,
-        redis_url=namespace.redis_url,
-        redis_prefix=namespace.redis_prefix,
+        rabbitmq_url=ns.rabbitmq_url,
+        postgres_dsn=ns.postgres_dsn,
+        redis_url=ns.redis_url,
+        redis_prefix=ns.redis_prefix,
     )
+
+
+@pytest.fixture(scope="module")
+async def module_settings() -> AsyncIterator[Settings]:
+    """A namespace (vhost, database, Redis prefix) of the test module's own, migrated: for modules that
+    assert on what a shared queue holds, which other modules' leftovers would disturb."""
+    from projections.migrate import migrate
+
+    with isolated_namespace("m") as ns:
+        settings = _settings_for(ns)
+        await migrate(settings.postgres_dsn)
+        yield settings
 
 
 @pytest.fixture(scope="session")

@@ -26,34 +26,34 @@ def _requested(model: str) -> InferenceRequested:
     )
 
 
-async def test_topology_is_declared_idempotently_and_a_confirmed_publish_lands(settings: Settings) -> None:
-    broker: RabbitBroker = make_broker(settings)
+async def test_topology_is_declared_idempotently_and_a_confirmed_publish_lands(module_settings: Settings) -> None:
+    broker: RabbitBroker = make_broker(module_settings)
     await broker.connect()
     try:
-        await declare_topology(broker, settings.models)
-        await declare_topology(broker, settings.models)  # same arguments: RabbitMQ accepts it again
+        await declare_topology(broker, module_settings.models)
+        await declare_topology(broker, module_settings.models)  # same arguments: RabbitMQ accepts it again
         publisher = EventPublisher(broker, timeout_s=5)
-        event = _requested(settings.models[0])
+        event = _requested(module_settings.models[0])
         await publisher.publish(event)
-        queue = await broker.declare_queue(_passive(requests_queue(settings.models[0]).name))
+        queue = await broker.declare_queue(_passive(requests_queue(module_settings.models[0]).name))
         message = await queue.get(no_ack=False, fail=True, timeout=5)
         assert message is not None
         assert message.message_id == event.event_id
         assert message.delivery_mode == 2  # persistent
         await message.ack()
-        names = {q.name for q in all_queues(settings.models)}
+        names = {q.name for q in all_queues(module_settings.models)}
         assert "mlp.requests.basic-model.dlq" in names
     finally:
         await broker.stop()
 
 
-async def test_publish_with_no_bound_queue_raises_instead_of_vanishing(settings: Settings) -> None:
-    broker = make_broker(settings)
+async def test_publish_with_no_bound_queue_raises_instead_of_vanishing(module_settings: Settings) -> None:
+    broker = make_broker(module_settings)
     await broker.connect()
     try:
-        await declare_topology(broker, settings.models)
+        await declare_topology(broker, module_settings.models)
         # Every event also routes to the projections queue; without it, an unknown model routes nowhere.
-        connection = await aio_pika.connect(settings.rabbitmq_url)
+        connection = await aio_pika.connect(module_settings.rabbitmq_url)
         async with connection:
             await (await connection.channel()).queue_delete(projections_queue().name)
         try:
@@ -61,9 +61,9 @@ async def test_publish_with_no_bound_queue_raises_instead_of_vanishing(settings:
                 await EventPublisher(broker, timeout_s=5).publish(_requested("model-nobody-serves"))
         finally:
             # A fresh broker: FastStream caches declarations, so this one would not re-declare.
-            fresh = make_broker(settings)
+            fresh = make_broker(module_settings)
             await fresh.connect()
-            await declare_topology(fresh, settings.models)
+            await declare_topology(fresh, module_settings.models)
             await fresh.stop()
     finally:
         await broker.stop()

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.integration
 SEED = {"prompt": "test prompt", "user_id": "test-user", "model": "basic-model"}
 
 
-async def _drain(settings: Settings) -> list[InferenceRequested]:
+async def _drain(module_settings: Settings) -> list[InferenceRequested]:
     """Take every message from the basic-model request queue (so each test sees only its own)."""
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await aio_pika.connect(module_settings.rabbitmq_url)
     found: list[InferenceRequested] = []
     async with connection:
         channel = await connection.channel()
@@ -38,10 +38,10 @@ async def _drain(settings: Settings) -> list[InferenceRequested]:
 
 
 @pytest.fixture
-async def gateway(migrated: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Settings]]:
-    async with running(create_app(migrated)) as client:
-        await _drain(migrated)
-        yield client, migrated
+async def gateway(module_settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Settings]]:
+    async with running(create_app(module_settings)) as client:
+        await _drain(module_settings)
+        yield client, module_settings
 
 
 async def test_the_seed_request_is_accepted_published_and_visible(gateway: tuple[httpx.AsyncClient, Settings]) -> None:
@@ -106,8 +106,8 @@ async def test_idempotency_key_returns_the_same_request_and_publishes_once(
     assert len(await _drain(settings)) == 1
 
 
-async def test_api_key_decides_the_user_not_the_body(migrated: Settings) -> None:
-    keyed = migrated.model_copy(update={"api_keys": "k-alice=alice"})
+async def test_api_key_decides_the_user_not_the_body(module_settings: Settings) -> None:
+    keyed = module_settings.model_copy(update={"api_keys": "k-alice=alice"})
     async with running(create_app(keyed)) as client:
         await _drain(keyed)
         no_key = await client.post("/api/v1/inference", json={**SEED, "user_id": "alice"})
@@ -121,9 +121,9 @@ async def test_api_key_decides_the_user_not_the_body(migrated: Settings) -> None
         assert [e.user_id for e in await _drain(keyed)] == ["alice"]
 
 
-async def test_broker_gone_at_submit_answers_503_and_records_nothing(migrated: Settings) -> None:
+async def test_broker_gone_at_submit_answers_503_and_records_nothing(module_settings: Settings) -> None:
     with isolated_namespace("gw503") as ns:
-        settings = migrated.model_copy(
+        settings = module_settings.model_copy(
             update={"rabbitmq_url": ns.rabbitmq_url, "redis_prefix": ns.redis_prefix, "publish_timeout_s": 2.0}
         )
         async with running(create_app(settings)) as client:
@@ -139,10 +139,10 @@ async def test_broker_gone_at_submit_answers_503_and_records_nothing(migrated: S
             subprocess.run(["rabbitmqctl", "-q", "add_vhost", ns.name], check=True, capture_output=True)
 
 
-async def test_redis_unreachable_at_submit_answers_503_not_500(migrated: Settings) -> None:
+async def test_redis_unreachable_at_submit_answers_503_not_500(module_settings: Settings) -> None:
     from tests.support.services import free_port
 
-    no_redis = migrated.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    no_redis = module_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     async with running(create_app(no_redis)) as client:
         await _drain(no_redis)
         response = await client.post("/api/v1/inference", json=SEED)
@@ -152,14 +152,14 @@ async def test_redis_unreachable_at_submit_answers_503_not_500(migrated: Setting
         assert await _drain(no_redis) == []
 
 
-async def test_quota_admission_uses_the_same_upper_bound_as_the_worker(migrated: Settings) -> None:
+async def test_quota_admission_uses_the_same_upper_bound_as_the_worker(module_settings: Settings) -> None:
     """A prompt whose upper-bound estimate does not fit the remaining budget is refused at the edge (429)."""
     import asyncpg
 
     from quota.plans import Overrides
     from quota.store import set_user_quota
 
-    conn = await asyncpg.connect(migrated.postgres_dsn)
+    conn = await asyncpg.connect(module_settings.postgres_dsn)
     try:
         await set_user_quota(
             conn,
@@ -167,12 +167,12 @@ async def test_quota_admission_uses_the_same_upper_bound_as_the_worker(migrated:
             plan=None,
             overrides=Overrides(tokens_per_day=200),
             clear_overrides=True,
-            default_plan=migrated.default_plan,
+            default_plan=module_settings.default_plan,
         )
     finally:
         await conn.close()
-    async with running(create_app(migrated)) as client:
-        await _drain(migrated)
+    async with running(create_app(module_settings)) as client:
+        await _drain(module_settings)
         fits = await client.post("/api/v1/inference", json={**SEED, "user_id": "tight-user", "max_tokens": 50})
         too_long = {**SEED, "user_id": "tight-user", "prompt": "x" * 190, "max_tokens": 50}
         refused = await client.post("/api/v1/inference", json=too_long)
@@ -180,4 +180,4 @@ async def test_quota_admission_uses_the_same_upper_bound_as_the_worker(migrated:
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"] == "quota_exceeded:tokens_per_day"
         assert int(refused.headers["Retry-After"]) > 0
-        assert len(await _drain(migrated)) == 1
+        assert len(await _drain(module_settings)) == 1
