@@ -1,0 +1,180 @@
+"""``mlp bench --spawn``: run the platform (``mlp up``) for the benchmark, then stop it.
+
+The services get free HTTP/health ports, so a spawned platform never collides with one already
+listening on the default ports; the data services (RabbitMQ, Postgres, Redis) and Triton are the
+ones the environment's ``MLP_*`` settings name (``mlp up`` starts a local Triton when none answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from mlp.settings import Settings
+
+# environment variable -> Settings field, for every port the spawned services listen on
+_PORTS = {
+    "MLP_GATEWAY_PORT": "gateway_port",
+    "MLP_READ_API_PORT": "read_api_port",
+    "MLP_COLLECTOR_HEALTH_PORT": "collector_health_port",
+    "MLP_WORKER_HEALTH_PORT": "worker_health_port",
+}
+
+
+class SpawnError(RuntimeError):
+    """The spawned platform exited or was not ready in time; the message carries its log tail."""
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct ports the kernel just handed out (held together while choosing)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def spawn_env(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the spawned ``mlp up``: ``base`` with free service ports."""
+    env = dict(base)
+    env.update({name: str(port) for name, port in zip(_PORTS, free_ports(len(_PORTS)), strict=True)})
+    env["MLP_PUBLIC_BASE_URL"] = f"http://127.0.0.1:{env['MLP_READ_API_PORT']}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@dataclass(frozen=True)
+class SpawnedPlatform:
+    settings: Settings  # as the spawned services see it
+    log_path: Path
+    pid: int  # the ``mlp up`` process; the services are its children
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) used so far by each service, its child processes included."""
+        return service_cpu_seconds(self.pid)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
+
+    def ready_urls(self) -> list[str]:
+        s = self.settings
+        return [
+            f"http://{s.health_host}:{s.collector_health_port}/readyz",
+            f"http://{s.health_host}:{s.worker_health_port}/readyz",
+            f"http://{s.read_api_host}:{s.read_api_port}/readyz",
+            f"{self.gateway_url}/readyz",
+        ]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # gone, or not Linux
+        return []
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (fields 14 and 15 of /proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    return _cpu_seconds(pid) + sum(_tree_cpu_seconds(child) for child in _children(pid))
+
+
+def service_cpu_seconds(up_pid: int) -> dict[str, float]:
+    """Per service started by ``mlp up`` (``python -m mlp.cli <service>``): CPU seconds so far."""
+    used: dict[str, float] = {}
+    for child in _children(up_pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "mlp.cli" in argv and argv.index("mlp.cli") + 1 < len(argv):
+            used[argv[argv.index("mlp.cli") + 1]] = _tree_cpu_seconds(child)
+    return used
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+async def _wait_ready(process: asyncio.subprocess.Process, platform: SpawnedPlatform, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = platform.ready_urls()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while pending:
+            if process.returncode is not None:
+                raise SpawnError(f"mlp up exited with {process.returncode}:\n{_tail(platform.log_path)}")
+            if time.monotonic() > deadline:
+                raise SpawnError(f"not ready within {timeout_s:.0f}s: {pending}\n{_tail(platform.log_path)}")
+            url = pending[0]
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        pending.pop(0)
+                        continue
+            await asyncio.sleep(0.5)
+
+
+async def _stop(process: asyncio.subprocess.Process, grace_s: float) -> None:
+    if process.returncode is not None:
+        return
+    # SIGINT is mlp up's Ctrl-C: it stops its children in order (gateway first, Triton last).
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGINT)
+    try:
+        await asyncio.wait_for(process.wait(), grace_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+@asynccontextmanager
+async def spawned_platform(
+    base: Settings, base_env: Mapping[str, str], ready_timeout_s: float = 300.0
+) -> AsyncIterator[SpawnedPlatform]:
+    """``mlp up`` with ``base_env`` (whose ``MLP_*`` variables ``base`` was read from) on free ports."""
+    env = spawn_env(base_env)
+    settings = base.model_copy(update={field: int(env[name]) for name, field in _PORTS.items()})
+    with tempfile.TemporaryDirectory(prefix="mlp-bench-") as tmp:
+        log_path = Path(tmp) / "mlp-up.log"
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "mlp.cli",
+                "up",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # our Ctrl-C does not reach it twice; we stop it in order
+            )
+        platform = SpawnedPlatform(settings, log_path, process.pid)
+        try:
+            await _wait_ready(process, platform, ready_timeout_s)
+            yield platform
+        finally:
+            await _stop(process, settings.graceful_timeout_s * 4 + 30)
