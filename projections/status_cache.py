@@ -104,7 +104,8 @@ local rank = {_lua_ranks()}
 local terminal = {_lua_set(sorted(TERMINAL_STATUSES))}
 """
 
-# KEYS[1] = the hash; ARGV = status, ttl_s, then field/value pairs. Returns 1 when anything changed.
+# KEYS[1] = the hash, KEYS[2] = the channel announcing terminal states (long-polls wait on it);
+# ARGV = status, ttl_s, then field/value pairs. Returns 1 when anything changed.
 _ADVANCE = (
     _PRELUDE
     + f"""
@@ -135,6 +136,7 @@ for i = 3, #ARGV, 2 do
   end
 end
 if changed == 1 then redis.call('EXPIRE', key, tonumber(ARGV[2])) end
+if moves and terminal[status] then redis.call('PUBLISH', KEYS[2], key) end
 return changed
 """
 )
@@ -180,9 +182,18 @@ class StatusCache:
     async def advance(self, request_id: str, status: str, fields: Mapping[str, str]) -> bool:
         """Write status and fields if the status advances (fields fill in otherwise). True if anything changed."""
         changed = await self._advance(
-            keys=[self._keys.status(request_id)], args=[status, self._ttl_s, *_normalised(fields)]
+            keys=[self._keys.status(request_id), self.terminal_channel],
+            args=[status, self._ttl_s, *_normalised(fields)],
         )
         return bool(changed)
+
+    @property
+    def terminal_channel(self) -> str:
+        """Pub/sub channel: the status key of each request the moment it becomes terminal."""
+        return self._keys.prefix + "status-terminal"
+
+    def request_id_of(self, status_key: str) -> str:
+        return status_key.removeprefix(self._keys.status(""))
 
     async def get(self, request_id: str) -> dict[str, str] | None:
         # The client decodes responses (mlp.cache.create_redis): keys and values are str.
@@ -196,7 +207,7 @@ class StatusCache:
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id, status, fields in items:
                 await self._advance(
-                    keys=[self._keys.status(request_id)],
+                    keys=[self._keys.status(request_id), self.terminal_channel],
                     args=[status, self._ttl_s, *_normalised(fields)],
                     client=pipe,
                 )

@@ -17,6 +17,7 @@ from mlp.settings import Settings, get_settings
 from projections.status_cache import StatusCache
 from quota.service import QuotaService
 from read_api import metrics_routes, quota_routes, requests_routes
+from read_api.terminal_waits import TerminalWaits
 
 SERVICE = "read-api"
 
@@ -33,11 +34,14 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.pool = pool
         app.state.redis = redis_client
         app.state.status_cache = StatusCache(redis_client, Keys(settings.redis_prefix))
+        app.state.terminal_waits = TerminalWaits(redis_client, app.state.status_cache)
+        app.state.terminal_waits.start()
         app.state.quota = QuotaService(pool, redis_client, settings)
         app.state.readiness = {"redis": redis_client.ping, "postgres": lambda: ping(pool)}
         try:
             yield
         finally:
+            await app.state.terminal_waits.close()
             await redis_client.aclose()
             await pool.close()
             tel.shutdown()

@@ -8,6 +8,7 @@ GET right after a submit never answers 404); Postgres, the truth, answers when R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Annotated
 
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 from events.status import TERMINAL_STATUSES
 from projections.queries import RequestView, get_request
 from projections.status_cache import StatusCache
+from read_api.terminal_waits import TerminalWaits
 
 router = APIRouter()
 _encoder = msgspec_json.Encoder()
@@ -36,6 +38,10 @@ async def load_view(cache: StatusCache, pool: asyncpg.Pool, request_id: str) -> 
     return await get_request(pool, request_id)
 
 
+# While waiting, re-read at least this often: pub/sub wake-ups are best effort.
+_RECHECK_S = 0.5
+
+
 @router.get("/api/v1/inference/{request_id}")
 async def get_inference(
     request: Request,
@@ -44,13 +50,16 @@ async def get_inference(
 ) -> Response:
     state = request.app.state
     deadline = time.monotonic() + min(wait, state.settings.max_wait_s)
-    delay = 0.02
-    while True:
-        view = await load_view(state.status_cache, state.pool, request_id)
-        if view is not None and (view.status in TERMINAL_STATUSES or time.monotonic() >= deadline):
-            break
-        if view is None and time.monotonic() >= deadline:
-            return JSONResponse({"error": "not_found", "detail": f"no request {request_id}"}, status_code=404)
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 0.25)
+    waits: TerminalWaits = state.terminal_waits
+    with waits.watching(request_id) as turned_terminal:
+        while True:
+            view = await load_view(state.status_cache, state.pool, request_id)
+            left = deadline - time.monotonic()
+            if view is not None and (view.status in TERMINAL_STATUSES or left <= 0):
+                break
+            if view is None and left <= 0:
+                return JSONResponse({"error": "not_found", "detail": f"no request {request_id}"}, status_code=404)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(turned_terminal.wait(), min(left, _RECHECK_S))
+            turned_terminal.clear()
     return Response(_encoder.encode(view), media_type="application/json")
