@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 import aio_pika
@@ -27,26 +26,10 @@ from projections.queries import RequestView, get_request
 from projections.sample_events import Outcome, request_stream
 from projections.status_cache import StatusCache
 from results_collector.main import build_app
+from tests.support.services import free_port
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
-
-DEADLINE_S = 60.0  # an upper bound on waiting (the test fails instead of hanging), not a timing goal
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"not within {DEADLINE_S}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -61,7 +44,7 @@ class Running:
 @pytest.fixture(scope="module")
 async def collector(migrated: Settings) -> AsyncIterator[Running]:
     settings = migrated.model_copy(
-        update={"collector_health_port": _free_port(), "collector_batch_size": 50, "collector_batch_wait_ms": 10}
+        update={"collector_health_port": free_port(), "collector_batch_size": 50, "collector_batch_wait_ms": 10}
     )
     app = build_app(settings)
     task = asyncio.create_task(app.run())
@@ -81,7 +64,7 @@ async def collector(migrated: Settings) -> AsyncIterator[Running]:
     broker = make_broker(settings, app_id="test-publisher")
     redis_client = create_redis(settings)
     try:
-        await _eventually(ready, "collector ready")
+        await eventually(ready, "collector ready")
         await broker.connect()
         await declare_topology(broker, settings.models)
         yield Running(
@@ -122,7 +105,7 @@ async def test_a_reordered_stream_with_duplicates_is_projected_once_and_right(co
         await collector.publisher.publish_many(wire[i : i + 100])
 
     rids = list(events_by_request)
-    await _eventually(lambda: _eq(_stored_count(collector.pool, rids), len(unique)), "every event stored")
+    await eventually(lambda: _eq(_stored_count(collector.pool, rids), len(unique)), "every event stored")
 
     stored = await collector.pool.fetch(
         "SELECT event_id::text AS id, count(*) AS n FROM event_store WHERE request_id = ANY($1::text[]) GROUP BY 1",
@@ -150,8 +133,8 @@ async def test_a_reordered_stream_with_duplicates_is_projected_once_and_right(co
                 return False
         return True
 
-    await _eventually(cache_matches, "status cache equals Postgres")
-    await _eventually(lambda: _eq(_ready_messages(collector, PROJECTIONS_QUEUE), 0), "queue drained (all acked)")
+    await eventually(cache_matches, "status cache equals Postgres")
+    await eventually(lambda: _eq(_ready_messages(collector, PROJECTIONS_QUEUE), 0), "queue drained (all acked)")
 
 
 async def _eq(value: Awaitable[int], expected: int) -> bool:
@@ -182,8 +165,8 @@ async def test_poison_messages_land_in_the_dlq_and_the_consumer_keeps_going(coll
         )
     await collector.publisher.publish(valid)
 
-    await _eventually(lambda: _eq(_stored_count(collector.pool, [valid.request_id]), 1), "the valid event after poison")
-    await _eventually(lambda: _eq(_ready_messages(collector, dlq), before + len(bodies)), "poison in the DLQ")
+    await eventually(lambda: _eq(_stored_count(collector.pool, [valid.request_id]), 1), "the valid event after poison")
+    await eventually(lambda: _eq(_ready_messages(collector, dlq), before + len(bodies)), "poison in the DLQ")
     connection = await aio_pika.connect(collector.settings.rabbitmq_url)
     async with connection:
         channel = await connection.channel()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import uuid
-from collections.abc import Awaitable, Callable
 
 import aio_pika
 import asyncpg
@@ -19,26 +17,10 @@ from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.settings import Settings
 from projections.sample_events import synthetic_stream
 from results_collector.main import build_app
+from tests.support.services import free_port
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
-
-DEADLINE_S = 60.0  # an upper bound on waiting (fail instead of hanging), not a timing goal
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"not within {DEADLINE_S}s: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def _ready_count(url: str, queue: str) -> int:
@@ -88,7 +70,7 @@ async def _run_collector(settings: Settings) -> asyncio.Task[None]:
         except httpx.HTTPError:
             return False
 
-    await _eventually(ready, "collector ready")
+    await eventually(ready, "collector ready")
     return task
 
 
@@ -100,7 +82,7 @@ def _forget_signal_handlers() -> None:
 
 async def test_sigterm_mid_stream_requeues_what_was_not_written_and_a_restart_finishes(migrated: Settings) -> None:
     settings = migrated.model_copy(
-        update={"collector_health_port": _free_port(), "collector_batch_size": 25, "collector_batch_wait_ms": 5}
+        update={"collector_health_port": free_port(), "collector_batch_size": 25, "collector_batch_wait_ms": 5}
     )
     events = synthetic_stream(300, seed=uuid.uuid4().int % 1000)
     all_ids = {e.event_id for e in events}
@@ -122,7 +104,7 @@ async def test_sigterm_mid_stream_requeues_what_was_not_written_and_a_restart_fi
         async def some_stored() -> bool:
             return len(await _stored_ids(settings.postgres_dsn, request_ids)) > 0
 
-        await _eventually(some_stored, "the first batch stored")
+        await eventually(some_stored, "the first batch stored")
         os.kill(os.getpid(), signal.SIGTERM)  # FastStream's handler: app.exit() -> graceful shutdown
         await task
     finally:
@@ -139,7 +121,7 @@ async def test_sigterm_mid_stream_requeues_what_was_not_written_and_a_restart_fi
         async def all_stored() -> bool:
             return await _stored_ids(settings.postgres_dsn, request_ids) == all_ids
 
-        await _eventually(all_stored, "every event stored after the restart")
+        await eventually(all_stored, "every event stored after the restart")
     finally:
         os.kill(os.getpid(), signal.SIGTERM)  # stopped as in a pod
         await task

@@ -29,14 +29,6 @@ OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "rejected", "running", "
 
 
 @pytest.fixture(scope="module")
-async def pool(migrated: Settings) -> AsyncIterator[asyncpg.Pool]:
-    created = await asyncpg.create_pool(migrated.postgres_dsn, min_size=1, max_size=4)
-    assert created is not None
-    yield created
-    await created.close()
-
-
-@pytest.fixture(scope="module")
 async def redis_client(settings: Settings) -> AsyncIterator[redis.Redis]:
     client = create_redis(settings)
     yield client

@@ -23,26 +23,6 @@ pytestmark = pytest.mark.integration
 NOW = datetime(2030, 5, 20, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module")
-async def pool(migrated: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(migrated.postgres_dsn, min_size=1, max_size=4)
-    assert pool is not None
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture(scope="module")
-async def client(migrated: Settings) -> AsyncIterator[redis.Redis]:
-    # A blocking pool: redis-py's default async pool raises MaxConnectionsError past 100
-    # concurrent commands instead of waiting for a free connection.
-    pool = redis.BlockingConnectionPool.from_url(
-        migrated.redis_url, max_connections=32, timeout=10, decode_responses=True
-    )
-    client = redis.Redis(connection_pool=pool)
-    yield client
-    await client.aclose()
-
-
 @pytest.fixture
 def quota(pool: asyncpg.Pool, client: redis.Redis, migrated: Settings) -> QuotaService:
     return QuotaService(pool, client, migrated, lambda: NOW)

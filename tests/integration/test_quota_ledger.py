@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -39,26 +38,6 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
-
-
-@pytest.fixture(scope="module")
-async def pool(migrated: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(migrated.postgres_dsn, min_size=1, max_size=4)
-    assert pool is not None
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture(scope="module")
-async def client(migrated: Settings) -> AsyncIterator[redis.Redis]:
-    # A blocking pool: redis-py's default async pool raises MaxConnectionsError past 100
-    # concurrent commands instead of waiting for a free connection.
-    pool = redis.BlockingConnectionPool.from_url(
-        migrated.redis_url, max_connections=32, timeout=10, decode_responses=True
-    )
-    client = redis.Redis(connection_pool=pool)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
