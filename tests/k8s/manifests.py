@@ -1,8 +1,8 @@
 """Rendering the kustomize tree offline and walking the rendered objects (helpers of the k8s tests).
 
-The tree is rendered from a temporary copy: a developer's real, git-ignored ``secrets/*.env`` files are
-left out of the copy and recreated there from the committed ``*.env.example`` templates, so the
-tests see exactly what a fresh checkout renders and never print a real credential.
+The tree is rendered from a temporary copy: a developer's real, git-ignored secret files (``secrets/*.env``,
+the kind RabbitMQ definitions) are left out of the copy and recreated there from the committed ``*.example``
+templates, so the tests see exactly what a fresh checkout renders and never print a real credential.
 """
 
 from __future__ import annotations
@@ -34,11 +34,18 @@ PLACEHOLDER_MARKERS = ("changeme", "change-me", "placeholder", "<", "${")
 Manifest = dict[str, Any]
 
 
+def _secret_files_and_caches(directory: str, names: list[str]) -> set[str]:
+    """copytree's ignore: every file made from a committed ``<name>.example`` template (a real secret
+    of the developer's: env files, RabbitMQ definitions), and caches."""
+    listed = set(names)
+    return {name for name in names if f"{name}.example" in listed or name == "__pycache__" or name.endswith(".env")}
+
+
 def prepare_tree(destination: Path) -> Path:
-    """Copy k8s/ without any real secret file, then create each env file from its template."""
+    """Copy k8s/ without any real secret file, then create each secret file from its template."""
     tree = destination / "k8s"
-    shutil.copytree(K8S_DIR, tree, ignore=shutil.ignore_patterns("*.env", "__pycache__"))
-    for example in tree.rglob("*.env.example"):
+    shutil.copytree(K8S_DIR, tree, ignore=_secret_files_and_caches)
+    for example in tree.rglob("*.example"):
         example.with_suffix("").write_text(example.read_text(encoding="utf-8"), encoding="utf-8")
     return tree
 

@@ -148,6 +148,7 @@ def test_build_context_excludes_secrets_and_tooling() -> None:
     ]
     for path in (
         "k8s/overlays/kind/secrets/platform.env",
+        "k8s/overlays/kind/data/secrets/rabbitmq-definitions.json",
         ".env",
         ".venv/bin/python",
         "tests/conftest.py",

@@ -5,6 +5,7 @@ The kind overlay's generate.sh turns the templates into real, consistent env fil
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -45,6 +46,21 @@ def _generated_env_files() -> list[Path]:
     return files
 
 
+def _generated_whole_files() -> list[Path]:
+    """Every file a secretGenerator takes whole (``files: [key=path]``): the kind RabbitMQ definitions."""
+    files: list[Path] = []
+    for kustomization in K8S_DIR.rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text(encoding="utf-8"))
+        for generator in spec.get("secretGenerator", []):
+            files += [kustomization.parent / entry.rpartition("=")[2] for entry in generator.get("files", [])]
+    return files
+
+
+def _has_template(path: Path) -> bool:
+    """A file made from a committed ``.example`` template: a developer's real, git-ignored secret."""
+    return path.with_name(path.name + ".example").is_file()
+
+
 def test_committed_yaml_holds_no_secret_objects() -> None:
     for path in K8S_DIR.rglob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
@@ -52,7 +68,7 @@ def test_committed_yaml_holds_no_secret_objects() -> None:
 
 
 def test_committed_files_hold_no_credentials() -> None:
-    scanned = [p for p in K8S_DIR.rglob("*") if p.is_file() and p.suffix != ".env"]
+    scanned = [p for p in K8S_DIR.rglob("*") if p.is_file() and p.suffix != ".env" and not _has_template(p)]
     scanned += [REPO / name for name in ("compose.yaml", "Dockerfile", "triton.Dockerfile", "docs/kubernetes.md")]
     for path in scanned:
         for password in URL_CREDENTIALS.findall(path.read_text(encoding="utf-8")):
@@ -60,7 +76,7 @@ def test_committed_files_hold_no_credentials() -> None:
 
 
 def test_secret_env_files_are_git_ignored_and_have_templates() -> None:
-    env_files = _generated_env_files()
+    env_files = [*_generated_env_files(), *_generated_whole_files()]
     assert env_files
     for env in env_files:
         assert env.with_name(env.name + ".example").is_file(), f"{env}: no .example template"
@@ -85,6 +101,17 @@ def test_templates_hold_only_placeholders() -> None:
                 assert is_placeholder(password), f"{env.name}.example {key}"
             if SECRET_KEY_NAMES.search(key):
                 assert is_placeholder(value), f"{env.name}.example {key}"
+
+
+def test_json_templates_hold_only_placeholder_passwords() -> None:
+    """The RabbitMQ definitions template: every user's password a placeholder, no password hash."""
+    templates = [f.with_name(f.name + ".example") for f in _generated_whole_files()]
+    assert templates
+    for template in templates:
+        definitions = json.loads(template.read_text(encoding="utf-8"))
+        for user in definitions["users"]:
+            assert is_placeholder(user["password"]), f"{template.name} {user['name']}"
+            assert not user.get("password_hash"), f"{template.name} {user['name']}: a password hash"
 
 
 @pytest.mark.parametrize("overlay_name", ["kind", "production"])
@@ -117,27 +144,32 @@ def test_rendered_secrets_and_config_maps_hold_no_real_values(rendered_all: dict
 def test_kind_generate_script_writes_consistent_random_secrets(tmp_path: Path) -> None:
     tree = prepare_tree(tmp_path)
     secrets = tree / "overlays" / "kind" / "secrets"
-    for generated in (*secrets.glob("*.env"), *(tree / "overlays/kind/data/secrets").glob("*.env")):
-        generated.unlink()  # prepare_tree wrote placeholder copies; start as a fresh checkout does
+    for template in (tree / "overlays" / "kind").rglob("*.example"):
+        template.with_suffix("").unlink()  # prepare_tree wrote placeholder copies; start as a fresh checkout does
 
     subprocess.run(["sh", str(secrets / "generate.sh")], check=True, capture_output=True, timeout=60)
     platform = _env_file(secrets / "platform.env")
     keda = _env_file(secrets / "keda-rabbitmq.env")
     data = _env_file(tree / "overlays" / "kind" / "data" / "secrets" / "data-services.env")
+    definitions = json.loads((tree / "overlays/kind/data/secrets/rabbitmq-definitions.json").read_text())
+    rabbitmq = {user["name"]: user["password"] for user in definitions["users"]}
 
-    for value in (*platform.values(), *keda.values(), *data.values()):
+    for value in (*platform.values(), *keda.values(), *data.values(), *rabbitmq.values()):
         assert not is_placeholder(value)
-    # The platform's URLs carry the data services' own credentials.
-    assert urlsplit(platform["MLP_RABBITMQ_URL"]).password == data["RABBITMQ_DEFAULT_PASS"]
-    assert urlsplit(keda["host"]).password == data["RABBITMQ_DEFAULT_PASS"]
+    # The platform's URLs carry the data services' own credentials, each RabbitMQ user its own.
+    platform_rabbitmq, keda_rabbitmq = urlsplit(platform["MLP_RABBITMQ_URL"]), urlsplit(keda["host"])
+    assert platform_rabbitmq.password == rabbitmq[str(platform_rabbitmq.username)]
+    assert keda_rabbitmq.password == rabbitmq[str(keda_rabbitmq.username)]
     assert urlsplit(platform["MLP_POSTGRES_DSN"]).password == data["POSTGRES_PASSWORD"]
     assert urlsplit(platform["MLP_REDIS_URL"]).password == data["REDIS_PASSWORD"]
-    assert len({data["RABBITMQ_DEFAULT_PASS"], data["POSTGRES_PASSWORD"], data["REDIS_PASSWORD"]}) == 3
-    assert len(data["REDIS_PASSWORD"]) >= 32
+    passwords = [*rabbitmq.values(), data["POSTGRES_PASSWORD"], data["REDIS_PASSWORD"]]
+    assert len(set(passwords)) == len(passwords) == 6
+    assert all(len(password) >= 32 for password in passwords)
     Settings.model_validate(
         {"environment": "production", **{k.removeprefix("MLP_").lower(): v for k, v in platform.items()}}
     )
-    assert (secrets / "platform.env").stat().st_mode & 0o077 == 0  # readable by the owner only
+    for written in (secrets / "platform.env", tree / "overlays/kind/data/secrets/rabbitmq-definitions.json"):
+        assert written.stat().st_mode & 0o077 == 0  # readable by the owner only
 
     # A second run never overwrites (rotating would lock the platform out of existing data).
     again = subprocess.run(["sh", str(secrets / "generate.sh")], capture_output=True, check=False, timeout=60)
