@@ -34,6 +34,8 @@ from events.model import (
 from events.status import STATUS_RANK, TERMINAL_STATUSES, status_of
 from mlp.cache import Keys
 
+# How long a request's entry lives (Postgres answers after that).
+STATUS_TTL_S: Final = 86_400
 TIMESTAMP_FIELDS: Final = ("created_at", "started_at", "finished_at", "updated_at")
 EARLIEST_FIELDS: Final = ("created_at", "started_at")
 LATEST_FIELDS: Final = ("updated_at",)
@@ -172,7 +174,7 @@ def _normalised(fields: Mapping[str, str]) -> list[str]:
 class StatusCache:
     """The request status cache. Every method is idempotent; ``advance`` never moves a status backwards."""
 
-    def __init__(self, redis: redis.Redis, keys: Keys, ttl_s: int = 86_400) -> None:
+    def __init__(self, redis: redis.Redis, keys: Keys, ttl_s: int = STATUS_TTL_S) -> None:
         self._redis = redis
         self._keys = keys
         self._ttl_s = ttl_s

@@ -14,7 +14,8 @@ from events.model import InferenceRequested, new_event_id, utc_now
 from mlp.bus import EventPublisher, PublishError
 from mlp.cache import Keys
 from mlp.settings import Settings
-from projections.status_cache import StatusCache, format_ts
+from projections.status_cache import STATUS_TTL_S, format_ts
+from quota.ledger import QueuedStatus
 from quota.plans import reservation_estimate
 from quota.service import Admission, QuotaService
 
@@ -62,13 +63,11 @@ class SubmitService:
         settings: Settings,
         publisher: EventPublisher,
         quota: QuotaService,
-        status_cache: StatusCache,
         redis_client: redis.Redis,
     ) -> None:
         self._settings = settings
         self._publisher = publisher
         self._quota = quota
-        self._status = status_cache
         self._redis = redis_client
         self._keys = Keys(settings.redis_prefix)
 
@@ -109,9 +108,6 @@ class SubmitService:
                     raise IdempotencyConflict("a submit with this Idempotency-Key is in progress")
                 return Accepted(request_id=str(existing), replayed=True)
         try:
-            admission = await self._quota.admit(user_id, tokens, reservation_estimate(prompt, tokens))
-            if not admission.allowed:
-                raise QuotaExceeded(admission)
             event = InferenceRequested(
                 event_id=new_event_id(),
                 request_id=request_id,
@@ -125,9 +121,13 @@ class SubmitService:
                 max_tokens=tokens,
                 source="http",
             )
-            # Status first: a GET right after the 202 must find the request. If the publish then
-            # fails, the entry is removed again before the client hears 503.
-            await self._status.advance(request_id, "queued", _queued_fields(event))
+            # Status first: a GET right after the 202 must find the request. The admission writes it
+            # (only when it admits) in its own Redis round trip; if the publish then fails, the entry
+            # is removed again before the client hears 503.
+            queued = QueuedStatus(self._keys.status(request_id), STATUS_TTL_S, _queued_fields(event))
+            admission = await self._quota.admit(user_id, tokens, reservation_estimate(prompt, tokens), queued=queued)
+            if not admission.allowed:
+                raise QuotaExceeded(admission)
             try:
                 await self._publisher.publish(event)
             except PublishError as exc:
@@ -145,13 +145,10 @@ class SubmitService:
         await self._redis.delete(self._keys.status(request_id))
 
 
-def _queued_fields(event: InferenceRequested) -> dict[str, str]:
-    fields = {
-        "user_id": event.user_id,
-        "model": event.model,
-        "created_at": format_ts(event.occurred_at),
-        "updated_at": format_ts(event.occurred_at),
-    }
+def _queued_fields(event: InferenceRequested) -> list[str]:
+    """The queued entry's field/value pairs, flat (the status cache's own field names and formats)."""
+    created = format_ts(event.occurred_at)
+    fields = ["user_id", event.user_id, "model", event.model, "created_at", created, "updated_at", created]
     if event.trace_id:
-        fields["trace_id"] = event.trace_id
+        fields += ["trace_id", event.trace_id]
     return fields

@@ -20,7 +20,6 @@ import redis.exceptions
 from faststream.rabbit import RabbitMessage
 
 from events.model import Event, InferenceCompleted, InferenceFailed, InferenceRejected, InferenceRequested
-from events.status import TERMINAL_STATUSES
 from ml_worker import decide
 from ml_worker.decide import Commit, Limits, Outcome, Release, TritonOutcome
 from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
@@ -28,6 +27,7 @@ from ml_worker.metrics import REDELIVERIES
 from ml_worker.tracing import record_outcome, request_span, with_worker_traceparent
 from mlp import metrics
 from mlp.bus import PublishError
+from mlp.cache import Keys
 from mlp.logs import bind_request_id
 from quota.ledger import QuotaUnavailable
 
@@ -52,6 +52,8 @@ TRANSIENT_MAX_TRIES: Final = 32
 
 class Reservation(Protocol):
     @property
+    def finished(self) -> bool: ...  # the status cache already holds the request's outcome
+    @property
     def granted(self) -> bool: ...
     @property
     def limit(self) -> str | None: ...  # the name of the limit that refused, e.g. tokens_per_day
@@ -60,15 +62,13 @@ class Reservation(Protocol):
 
 
 class Quota(Protocol):
-    async def reserve(self, request_id: str, user_id: str, tokens: int) -> Reservation: ...
+    async def reserve(
+        self, request_id: str, user_id: str, tokens: int, *, status_key: str | None = None
+    ) -> Reservation: ...
     async def commit(
         self, request_id: str, actual_tokens: int, *, user_id: str | None = None, at: datetime | None = None
     ) -> Any: ...
     async def release(self, request_id: str) -> Any: ...
-
-
-class StatusReader(Protocol):
-    async def get(self, request_id: str) -> dict[str, Any] | None: ...
 
 
 class Publisher(Protocol):
@@ -87,7 +87,7 @@ class Draining(Exception):
 class WorkerDeps:
     publisher: Publisher
     quota: Quota
-    status: StatusReader
+    keys: Keys  # the status cache's key of a request, checked by the reservation (see quota.scripts.RESERVE)
     triton: Inferer
 
 
@@ -147,30 +147,50 @@ class RequestHandler:
         if rejection is not None:
             await self._finish(message, request, Outcome(quota=None, event=rejection))
             return
-        if await self._already_finished(request.request_id):
+        estimate = decide.reservation_estimate(request)
+        # The redelivery check (is the outcome already cached?) rides in the reservation's Redis round trip.
+        status_key = self._deps.keys.status(request.request_id)
+        reservation = await self._deps.quota.reserve(
+            request.request_id, request.user_id, estimate, status_key=status_key
+        )
+        if reservation.finished:
             log.info("request %s already has its outcome; dropping the redelivery", request.request_id)
             await message.ack()
             return
-        estimate = decide.reservation_estimate(request)
-        reservation = await self._deps.quota.reserve(request.request_id, request.user_id, estimate)
         if not reservation.granted:
             metrics.QUOTA_REJECTIONS.labels(model=self._model_label(request.model), stage="worker").inc()
             await self._finish(message, request, decide.quota_refused(request, reservation.limit, estimate))
             return
         reserved = reservation.reserved_tokens or estimate
         start = decide.started(request, reserved_tokens=reserved, worker=self._worker_id, attempt=attempt)
-        await self._deps.publisher.publish(with_worker_traceparent(start))
-        if self.draining.is_set():
-            raise Draining  # the reservation stays; the redelivery reuses it (reserve is idempotent)
-        result = await self._deps.triton.infer(request)
-        await self._finish(message, request, decide.decide_outcome(request, result))
+        # Started's confirm is awaited before the outcome is published (so before the ack), not before
+        # Triton: the broker round trip overlaps the inference. Unconfirmed, it fails the try like an
+        # unconfirmed outcome does (retried in process, then requeued).
+        started_confirm = asyncio.ensure_future(self._deps.publisher.publish(with_worker_traceparent(start)))
+        try:
+            if self.draining.is_set():
+                raise Draining  # the reservation stays; the redelivery reuses it (reserve is idempotent)
+            result = await self._deps.triton.infer(request)
+        except Exception:
+            await _settle(started_confirm)
+            raise
+        except BaseException:
+            started_confirm.cancel()
+            raise
+        await self._finish(message, request, decide.decide_outcome(request, result), started=started_confirm)
 
-    async def _already_finished(self, request_id: str) -> bool:
-        status = await self._deps.status.get(request_id)
-        return status is not None and status.get("status") in TERMINAL_STATUSES
-
-    async def _finish(self, message: RabbitMessage, request: InferenceRequested, outcome: Outcome) -> None:
-        """Quota first (idempotent, so a crash before the publish charges once on redelivery), then publish, ack."""
+    async def _finish(
+        self,
+        message: RabbitMessage,
+        request: InferenceRequested,
+        outcome: Outcome,
+        *,
+        started: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Started confirmed, then quota (idempotent, so a crash before the publish charges once on
+        redelivery), then publish, ack."""
+        if started is not None:
+            await started
         match outcome.quota:
             case Commit(tokens=tokens):
                 # user_id: charges the right user even if the reservation expired meanwhile;
@@ -248,6 +268,14 @@ async def _requeue(message: RabbitMessage, model: str) -> None:
     except Exception as exc:  # channel gone: the broker requeues unacked messages itself
         log.warning("nack of %s failed (%s); the broker requeues it", message.message_id, _describe(exc))
     REDELIVERIES.labels(model, "requeue").inc()
+
+
+async def _settle(publish: asyncio.Future[None]) -> None:
+    """Wait out a publish whose result no longer matters (its delivery is requeued or failed anyway)."""
+    try:
+        await publish
+    except Exception as exc:
+        log.debug("publish settled with %s", _describe(exc))
 
 
 def _channel_closed(message: RabbitMessage) -> bool:

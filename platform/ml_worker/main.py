@@ -37,7 +37,6 @@ from mlp.cache import Keys, create_redis
 from mlp.db import create_pool
 from mlp.health import ReadinessCheck, health_server
 from mlp.settings import Settings, get_settings
-from projections.status_cache import StatusCache
 from quota.service import QuotaService
 
 log = logging.getLogger("ml_worker")
@@ -140,7 +139,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
             deps = WorkerDeps(
                 publisher=EventPublisher(broker, settings.publish_timeout_s),
                 quota=QuotaService(pool, redis, settings),
-                status=StatusCache(redis, Keys(settings.redis_prefix)),
+                keys=Keys(settings.redis_prefix),
                 triton=caller,
             )
             limits = limits_of(served, settings.max_prompt_chars, settings.max_tokens_limit)

@@ -79,7 +79,7 @@ class QuotaKeys:
         return self.base + "*"
 
 
-ReserveOutcome = Literal["granted", "already", "committed", "refused"]
+ReserveOutcome = Literal["finished", "granted", "already", "committed", "refused"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,15 @@ class UsageSnapshot:
     used_day: int
     used_month: int
     reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedStatus:
+    """A new request's first status-cache entry: its hash key, TTL and flat field/value pairs."""
+
+    key: str
+    ttl_s: int
+    fields: Sequence[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +167,17 @@ class RedisLedger:
 
     # --- the operations -------------------------------------------------------------------------
 
-    async def reserve(self, request_id: str, user_id: str, tokens: int, limits: Limits, now: datetime) -> ReserveResult:
+    async def reserve(
+        self,
+        request_id: str,
+        user_id: str,
+        tokens: int,
+        limits: Limits,
+        now: datetime,
+        *,
+        status_key: str | None = None,
+    ) -> ReserveResult:
+        """``status_key``: the request's status-cache hash; a terminal status there answers "finished"."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
         day, month = day_window(now), month_window(now)
@@ -177,10 +196,13 @@ class RedisLedger:
                 limits.tokens_per_month,
                 RECORD_GRACE_MS,
                 self._reservation_ttl_ms,
+                status_key or "",
             ],
             now,
         )
         match reply[0]:
+            case "FINISHED":
+                return ReserveResult("finished", 0)
             case "GRANTED":
                 return ReserveResult("granted", int(reply[1]))
             case "ALREADY":
@@ -242,8 +264,18 @@ class RedisLedger:
         reply = await self._run(self._snapshot, [user_id, to_ms(now), day.id, month.id], now)
         return UsageSnapshot(day, month, int(reply[1]), int(reply[2]), int(reply[3]))
 
-    async def admit(self, user_id: str, max_tokens: int, limits: Limits, now: datetime) -> AdmitResult:
+    async def admit(
+        self,
+        user_id: str,
+        max_tokens: int,
+        limits: Limits,
+        now: datetime,
+        *,
+        queued: QueuedStatus | None = None,
+    ) -> AdmitResult:
+        """``queued``: written as the request's status-cache entry when admitted (scripts.ADMIT)."""
         day, month = day_window(now), month_window(now)
+        status_args: list[Any] = ["", 0] if queued is None else [queued.key, queued.ttl_s, *queued.fields]
         reply = await self._run(
             self._admit,
             [
@@ -255,6 +287,7 @@ class RedisLedger:
                 limits.tokens_per_month,
                 max_tokens,
                 limits.requests_per_minute,
+                *status_args,
             ],
             now,
         )

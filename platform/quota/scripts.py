@@ -27,6 +27,11 @@ from __future__ import annotations
 
 from typing import Final
 
+from events.status import TERMINAL_STATUSES
+
+# Lua condition: ``status`` (a status-cache value) is terminal; generated so it cannot drift from events.status.
+_IS_TERMINAL: Final = " or ".join(f"status == '{name}'" for name in sorted(TERMINAL_STATUSES))
+
 _PRELUDE: Final = r"""
 local P = ARGV[1]
 local function num(v)
@@ -94,12 +99,20 @@ end
 """
 
 # ARGV: P, request_id, user, tokens, now_ms, expires_ms, day_id, month_id, day_limit, month_limit,
-#       grace_ms, refused_ttl_ms
-# -> {'GRANTED', tokens} | {'ALREADY', tokens} | {'COMMITTED', charged} | {'REFUSED', limit}
-#    | {'NOT_BUILT'}
+#       grace_ms, refused_ttl_ms, status_key ('' = none)
+# -> {'FINISHED'} | {'GRANTED', tokens} | {'ALREADY', tokens} | {'COMMITTED', charged}
+#    | {'REFUSED', limit} | {'NOT_BUILT'}
+# status_key: the request's status-cache hash; when it already holds a terminal status the request
+# needs no work and no quota (FINISHED): the worker's redelivery check, in the round trip it makes anyway.
 RESERVE: Final = (
     _PRELUDE
     + r"""
+if ARGV[13] and ARGV[13] ~= '' then
+  local status = redis.call('HGET', ARGV[13], 'status')
+  if """
+    + _IS_TERMINAL
+    + r""" then return {'FINISHED'} end
+end
 if not built() then return {'NOT_BUILT'} end
 local rid, user, tokens = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local now, exp, grace = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[11])
@@ -196,8 +209,11 @@ return {'OK', get_num(P .. 'ud:' .. user .. ':' .. ARGV[4]),
 
 # The gateway's check: could max_tokens still fit (used + reserved + max_tokens <= limit), and the
 # requests-per-minute sliding window; a request is logged in the window only when admitted.
-# ARGV: P, user, now_ms, day_id, month_id, day_limit, month_limit, max_tokens, rpm_limit
+# ARGV: P, user, now_ms, day_id, month_id, day_limit, month_limit, want, rpm_limit,
+#       status_key ('' = none), status_ttl_s, then the status hash's field/value pairs
 # -> {'OK'} | {'REFUSED', limit, retry_ms, used, reserved} | {'NOT_BUILT'}
+# status_key: on OK, the new request's status-cache entry is written as 'queued' in the same round trip
+# (the gateway's first status; a fresh request id, so there is no rank to respect yet).
 ADMIT: Final = (
     _PRELUDE
     + r"""
@@ -226,6 +242,12 @@ local seq = redis.call('INCR', seq_key)
 redis.call('PEXPIRE', seq_key, 61000)
 redis.call('ZADD', r, ARGV[3], ARGV[3] .. '-' .. seq)
 redis.call('PEXPIRE', r, 61000)
+local status_key = ARGV[10]
+if status_key and status_key ~= '' and redis.call('EXISTS', status_key) == 0 then
+  redis.call('HSET', status_key, 'status', 'queued')
+  for i = 12, #ARGV, 2 do redis.call('HSET', status_key, ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', status_key, tonumber(ARGV[11]))
+end
 return {'OK'}
 """
 )

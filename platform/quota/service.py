@@ -22,7 +22,7 @@ import redis.asyncio as redis
 from events.model import utc_now
 from mlp.settings import Settings
 from quota import store
-from quota.ledger import QuotaUnavailable, RedisLedger
+from quota.ledger import QueuedStatus, QuotaUnavailable, RedisLedger
 from quota.plans import (
     LimitName,
     Limits,
@@ -61,6 +61,8 @@ class Reservation:
     limit: LimitName | None
     reserved_tokens: int
     committed: bool = False
+    # The request's status cache already holds its outcome: nothing to run and nothing reserved.
+    finished: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +171,17 @@ class QuotaService:
 
     # --- gateway --------------------------------------------------------------------------------
 
-    async def admit(self, user_id: str, max_tokens: int, estimate_tokens: int | None = None) -> Admission:
+    async def admit(
+        self,
+        user_id: str,
+        max_tokens: int,
+        estimate_tokens: int | None = None,
+        *,
+        queued: QueuedStatus | None = None,
+    ) -> Admission:
         """Gateway check: ``max_tokens`` against the per-request limit, ``estimate_tokens`` (default:
-        max_tokens) against the remaining budget, and the requests-per-minute window."""
+        max_tokens) against the remaining budget, and the requests-per-minute window. ``queued``: the
+        request's first status entry, written only when admitted, in the same Redis round trip."""
         limits = await self.limits_for(user_id)
         if max_tokens > limits.max_tokens_per_request:
             return Admission(
@@ -183,7 +193,7 @@ class QuotaService:
             )
         now = self._clock()
         needed = max_tokens if estimate_tokens is None else estimate_tokens
-        result = await self.ledger.admit(user_id, needed, limits, now)
+        result = await self.ledger.admit(user_id, needed, limits, now, queued=queued)
         if result.allowed or result.limit is None:
             return Admission(True)
         if result.limit == "requests_per_minute":
@@ -204,10 +214,15 @@ class QuotaService:
 
     # --- worker ---------------------------------------------------------------------------------
 
-    async def reserve(self, request_id: str, user_id: str, tokens: int) -> Reservation:
+    async def reserve(
+        self, request_id: str, user_id: str, tokens: int, *, status_key: str | None = None
+    ) -> Reservation:
+        """``status_key``: check that status-cache hash first (see scripts.RESERVE); ``finished`` when terminal."""
         limits = await self.limits_for(user_id)
-        result = await self.ledger.reserve(request_id, user_id, tokens, limits, self._clock())
+        result = await self.ledger.reserve(request_id, user_id, tokens, limits, self._clock(), status_key=status_key)
         match result.outcome:
+            case "finished":
+                return Reservation(False, False, None, 0, finished=True)
             case "granted":
                 return Reservation(True, False, None, result.tokens)
             case "already":
