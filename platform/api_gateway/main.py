@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.telemetry import TelemetryConfig
 
 from api_gateway.auth import parse_api_keys
 from api_gateway.routes import count_invalid_body, router
 from api_gateway.submit import SubmitService
-from mlp import logs, telemetry
+from mlp import telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
 from mlp.db import create_pool, ping
 from mlp.health import add_health_routes, lifespan_checks
-from mlp.http import BodySizeLimit, serve
-from mlp.settings import Settings, get_settings
+from mlp.http import BodySizeLimit, native_telemetry, run_service
+from mlp.settings import Settings
 from quota.service import QuotaService
 
 SERVICE = "api-gateway"
@@ -58,12 +56,12 @@ def create_app(settings: Settings) -> FastAPI:
             await pool.close()
             tel.shutdown()
 
-    # With telemetry off, FastAPI's own OpenTelemetry layer would still look up the global providers
-    # on every request (about 3% of the gateway's CPU in the profile); switch it off then.
-    native: TelemetryConfig | None = (
-        None if tel.enabled else {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    app = FastAPI(
+        title="inference-platform gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry=native_telemetry(tel.enabled),
     )
-    app = FastAPI(title="inference-platform gateway", version="0.1.0", lifespan=lifespan, telemetry=native)
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, count_invalid_body)
     add_health_routes(app, lifespan_checks(app))
@@ -73,16 +71,11 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mlp gateway", description="Run the API gateway.")
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    args = parser.parse_args(argv)
-    settings = get_settings()
-    logs.setup_logging(SERVICE, settings)
-    app = create_app(settings)
-    return serve(
-        app,
-        args.host or settings.gateway_host,
-        args.port or settings.gateway_port,
-        settings.graceful_timeout_s,
+    return run_service(
+        argv,
+        service=SERVICE,
+        prog="mlp gateway",
+        description="Run the API gateway.",
+        create_app=create_app,
+        address=lambda s: (s.gateway_host, s.gateway_port),
     )

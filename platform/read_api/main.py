@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from mlp import logs, telemetry
+from mlp import telemetry
 from mlp.cache import Keys, create_redis
 from mlp.db import create_pool, ping
 from mlp.health import add_health_routes, lifespan_checks
-from mlp.http import serve
-from mlp.settings import Settings, get_settings
+from mlp.http import native_telemetry, run_service
+from mlp.settings import Settings
 from projections.status_cache import StatusCache
 from quota.service import QuotaService
 from read_api import metrics_routes, quota_routes, requests_routes
@@ -46,7 +45,12 @@ def create_app(settings: Settings) -> FastAPI:
             await pool.close()
             tel.shutdown()
 
-    app = FastAPI(title="inference-platform read API", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="inference-platform read API",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry=native_telemetry(tel.enabled),
+    )
     app.include_router(requests_routes.router)
     app.include_router(quota_routes.router)
     app.include_router(metrics_routes.router)
@@ -56,12 +60,11 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mlp api", description="Run the read API.")
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    args = parser.parse_args(argv)
-    settings = get_settings()
-    logs.setup_logging(SERVICE, settings)
-    app = create_app(settings)
-    host, port = args.host or settings.read_api_host, args.port or settings.read_api_port
-    return serve(app, host, port, settings.graceful_timeout_s)
+    return run_service(
+        argv,
+        service=SERVICE,
+        prog="mlp api",
+        description="Run the read API.",
+        create_app=create_app,
+        address=lambda s: (s.read_api_host, s.read_api_port),
+    )
