@@ -39,6 +39,7 @@ class TerminalTracker:
         self.pending: dict[str, float] = {}  # request_id -> submitted at (epoch s), oldest first
         self.done: dict[str, Terminal] = {}
         self.submitted_at: dict[str, float] = {}
+        self.lookup_failures = 0  # event-store lookups that failed (and were retried later)
 
     def add(self, request_id: str, submitted_at: float) -> None:
         if request_id in self.done or request_id in self.pending:
@@ -53,7 +54,12 @@ class TerminalTracker:
             ids = ids[:limit]
         found = 0
         for start in range(0, len(ids), BATCH):
-            rows = await self._pool.fetch(_QUERY, ids[start : start + BATCH], list(TERMINAL_TYPES))
+            try:
+                rows = await self._pool.fetch(_QUERY, ids[start : start + BATCH], list(TERMINAL_TYPES))
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+                # Postgres is briefly away (a fault under test): look again at the next poll.
+                self.lookup_failures += 1
+                return found
             for row in rows:
                 request_id = row["request_id"]
                 if self.pending.pop(request_id, None) is not None:
