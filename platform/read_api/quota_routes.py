@@ -16,13 +16,13 @@ from typing import Annotated, Final
 
 import asyncpg
 from fastapi import APIRouter, HTTPException, Path, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from events.model import utc_now
 from quota import store
 from quota.ledger import QuotaUnavailable
 from quota.plans import USER_ID, day_of
-from quota.service import QuotaService, QuotaView, WindowUsage
+from quota.service import QuotaService, QuotaView
 
 router = APIRouter(tags=["quota"])
 
@@ -34,6 +34,8 @@ UserId = Annotated[str, Path(pattern=USER_ID.pattern, description="the user's id
 
 
 class WindowOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # built straight from quota.service.WindowUsage
+
     window: str
     id: str
     limit: int
@@ -42,19 +44,6 @@ class WindowOut(BaseModel):
     remaining: int
     starts_at: datetime
     resets_at: datetime
-
-    @classmethod
-    def of(cls, usage: WindowUsage) -> WindowOut:
-        return cls(
-            window=usage.window,
-            id=usage.id,
-            limit=usage.limit,
-            used=usage.used,
-            reserved=usage.reserved,
-            remaining=usage.remaining,
-            starts_at=usage.starts_at,
-            resets_at=usage.resets_at,
-        )
 
 
 class QuotaOut(BaseModel):
@@ -71,11 +60,13 @@ class QuotaOut(BaseModel):
             plan=view.plan,
             requests_per_minute=view.requests_per_minute,
             max_tokens_per_request=view.max_tokens_per_request,
-            windows=[WindowOut.of(view.day), WindowOut.of(view.month)],
+            windows=[WindowOut.model_validate(view.day), WindowOut.model_validate(view.month)],
         )
 
 
 class DayUsageOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # built straight from quota.store.DailyUsage
+
     day: date
     model: str
     prompt_tokens: int
@@ -154,17 +145,7 @@ async def get_usage(
         rows = await store.daily_usage(pool, user_id, start, end)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         raise _unavailable(exc) from exc
-    days = [
-        DayUsageOut(
-            day=r.day,
-            model=r.model,
-            prompt_tokens=r.prompt_tokens,
-            completion_tokens=r.completion_tokens,
-            total_tokens=r.total_tokens,
-            requests=r.requests,
-        )
-        for r in rows
-    ]
+    days = [DayUsageOut.model_validate(r) for r in rows]
     totals = UsageTotalsOut(
         prompt_tokens=sum(r.prompt_tokens for r in rows),
         completion_tokens=sum(r.completion_tokens for r in rows),
