@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from mlp.settings import Settings
+from mlp.up import stop_process
 
 # environment variable -> Settings field, for every port the spawned services listen on
 _PORTS = {
@@ -137,20 +138,6 @@ async def _wait_ready(process: asyncio.subprocess.Process, platform: SpawnedPlat
             await asyncio.sleep(0.5)
 
 
-async def _stop(process: asyncio.subprocess.Process, grace_s: float) -> None:
-    if process.returncode is not None:
-        return
-    # SIGINT is mlp up's Ctrl-C: it stops its children in order (gateway first, Triton last).
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGINT)
-    try:
-        await asyncio.wait_for(process.wait(), grace_s)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-
-
 @asynccontextmanager
 async def spawned_platform(
     base: Settings, base_env: Mapping[str, str], ready_timeout_s: float = 300.0
@@ -177,4 +164,5 @@ async def spawned_platform(
             await _wait_ready(process, platform, ready_timeout_s)
             yield platform
         finally:
-            await _stop(process, settings.graceful_timeout_s * 4 + 30)
+            # SIGINT is mlp up's Ctrl-C: it stops its children in order (gateway first, Triton last).
+            await stop_process(process, signal.SIGINT, settings.graceful_timeout_s * 4 + 30)

@@ -132,18 +132,24 @@ async def _wait_ready(child: Child, timeout_s: float) -> None:
     raise RuntimeError(f"{child.name} was not ready at {child.ready_url} within {timeout_s:.0f}s")
 
 
-async def _stop(child: Child, grace_s: float) -> None:
-    process = child.process
-    if process is None or process.returncode is not None:
+async def stop_process(process: asyncio.subprocess.Process, sig: signal.Signals, grace_s: float) -> None:
+    """Send ``sig``, wait up to ``grace_s`` for the process to exit, then kill it."""
+    if process.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
     try:
         await asyncio.wait_for(process.wait(), grace_s)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+async def _stop(child: Child, grace_s: float) -> None:
+    if child.process is None:
+        return
+    await stop_process(child.process, signal.SIGTERM, grace_s)
     if child.pump is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(child.pump, 2)
