@@ -14,8 +14,8 @@ from api_gateway.submit import SubmitService
 from mlp import telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
-from mlp.db import create_pool, ping
-from mlp.health import add_health_routes, lifespan_checks
+from mlp.db import create_pool
+from mlp.health import add_health_routes, dependency_checks, lifespan_checks
 from mlp.http import BodySizeLimit, native_telemetry, run_service
 from mlp.settings import Settings
 from quota.service import QuotaService
@@ -43,11 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
             quota,
             redis_client,
         )
-        app.state.readiness = {
-            "rabbitmq": lambda: broker.ping(1.0),
-            "redis": redis_client.ping,
-            "postgres": lambda: ping(pool),
-        }
+        app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
         try:
             yield
         finally:

@@ -35,7 +35,7 @@ from mlp import logs, telemetry
 from mlp.bus import EVENTS, EventPublisher, consumer_channel, declare_topology, make_broker, rabbit_queue
 from mlp.cache import Keys, create_redis
 from mlp.db import create_pool
-from mlp.health import ReadinessCheck, health_server
+from mlp.health import ReadinessCheck, dependency_checks, health_server
 from mlp.settings import Settings, get_settings
 from quota.service import QuotaService
 
@@ -145,22 +145,11 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
             limits = limits_of(served, settings.max_prompt_chars, settings.max_tokens_limit)
             worker.handler = RequestHandler(deps, limits, worker_id())
 
-            async def rabbitmq() -> bool:
-                return await broker.ping(timeout=2.0)
-
-            async def redis_ready() -> bool:
-                return bool(await redis.ping())
-
-            async def postgres() -> bool:
-                return bool(await pool.fetchval("SELECT 1") == 1)
-
             async def triton_ready() -> bool:
                 return all([await triton.is_ready(m) for m in served])
 
             checks: Mapping[str, ReadinessCheck] = {
-                "rabbitmq": rabbitmq,
-                "redis": redis_ready,
-                "postgres": postgres,
+                **dependency_checks(broker=broker, pool=pool, redis_client=redis),
                 "triton": triton_ready,
             }
             async with health_server(settings.health_host, settings.worker_health_port, checks):

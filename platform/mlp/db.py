@@ -50,8 +50,3 @@ async def drop_database(dsn: str) -> None:
         await conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
     finally:
         await conn.close()
-
-
-async def ping(pool: asyncpg.Pool) -> bool:
-    """Readiness check: the pool can run a query."""
-    return bool(await pool.fetchval("SELECT 1"))

@@ -10,8 +10,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
+import asyncpg
+import redis.asyncio as redis
 import uvicorn
 from fastapi import FastAPI, Response
+from faststream.rabbit import RabbitBroker
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
@@ -28,6 +31,32 @@ async def run_checks(checks: Mapping[str, ReadinessCheck], timeout_s: float = 2.
 
     results = await asyncio.gather(*(one(c) for c in checks.values()))
     return dict(zip(checks, results, strict=True))
+
+
+def dependency_checks(
+    *, broker: RabbitBroker | None = None, pool: asyncpg.Pool | None = None, redis_client: redis.Redis | None = None
+) -> dict[str, ReadinessCheck]:
+    """The readiness checks of the data services a service uses (RabbitMQ, Postgres, Redis)."""
+    checks: dict[str, ReadinessCheck] = {}
+    if broker is not None:
+
+        async def rabbitmq() -> bool:
+            return await broker.ping(timeout=1.0)
+
+        checks["rabbitmq"] = rabbitmq
+    if pool is not None:
+
+        async def postgres() -> bool:
+            return bool(await pool.fetchval("SELECT 1") == 1)
+
+        checks["postgres"] = postgres
+    if redis_client is not None:
+
+        async def redis_ping() -> bool:
+            return bool(await redis_client.ping())
+
+        checks["redis"] = redis_ping
+    return checks
 
 
 def lifespan_checks(app: FastAPI) -> Callable[[], Mapping[str, ReadinessCheck]]:

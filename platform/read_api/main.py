@@ -9,8 +9,8 @@ from fastapi import FastAPI
 
 from mlp import telemetry
 from mlp.cache import Keys, create_redis
-from mlp.db import create_pool, ping
-from mlp.health import add_health_routes, lifespan_checks
+from mlp.db import create_pool
+from mlp.health import add_health_routes, dependency_checks, lifespan_checks
 from mlp.http import native_telemetry, run_service
 from mlp.settings import Settings
 from projections.status_cache import StatusCache
@@ -36,7 +36,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.terminal_waits = TerminalWaits(redis_client, app.state.status_cache)
         app.state.terminal_waits.start()
         app.state.quota = QuotaService(pool, redis_client, settings)
-        app.state.readiness = {"redis": redis_client.ping, "postgres": lambda: ping(pool)}
+        app.state.readiness = dependency_checks(pool=pool, redis_client=redis_client)
         try:
             yield
         finally:

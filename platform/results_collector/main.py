@@ -14,20 +14,18 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import asyncpg
-import redis.asyncio as redis
 from faststream import AckPolicy, FastStream
 from faststream.message import StreamMessage
-from faststream.rabbit import RabbitBroker, RabbitMessage
+from faststream.rabbit import RabbitMessage
 
 from events.topology import projections_queue
 from mlp import logs, telemetry
 from mlp.bus import EVENTS, EventPublisher, declare_topology, make_broker, rabbit_queue
 from mlp.cache import Keys, create_redis
 from mlp.db import create_pool
-from mlp.health import ReadinessCheck, health_server
+from mlp.health import dependency_checks, health_server
 from mlp.settings import Settings, get_settings
 from projections.status_cache import StatusCache
 from quota.service import QuotaService
@@ -50,20 +48,6 @@ class _Running:
     """What the lifespan created, for the handler and the shutdown hook."""
 
     collector: Collector | None = None
-    checks: dict[str, ReadinessCheck] = field(default_factory=dict)
-
-
-def _readiness(broker: RabbitBroker, pool: asyncpg.Pool, redis_client: redis.Redis) -> dict[str, ReadinessCheck]:
-    async def rabbitmq() -> bool:
-        return await broker.ping(timeout=1.0)
-
-    async def postgres() -> bool:
-        return bool(await pool.fetchval("SELECT 1"))
-
-    async def redis_ping() -> bool:
-        return bool(await redis_client.ping())
-
-    return {"rabbitmq": rabbitmq, "postgres": postgres, "redis": redis_ping}
 
 
 def build_app(settings: Settings) -> FastStream:
@@ -107,7 +91,7 @@ def build_app(settings: Settings) -> FastStream:
             running.collector = collector
             await broker.connect()
             await declare_topology(broker, settings.models)
-            checks = _readiness(broker, pool, redis_client)
+            checks = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
             async with health_server(settings.health_host, settings.collector_health_port, checks):
                 collector.start()
                 try:
