@@ -14,7 +14,7 @@ from events.model import InferenceRequested, new_event_id, utc_now
 from mlp.bus import EventPublisher, PublishError
 from mlp.cache import Keys
 from mlp.settings import Settings
-from projections.status_cache import STATUS_TTL_S, format_ts
+from projections.status_cache import STATUS_TTL_S, cache_update
 from quota.ledger import QueuedStatus
 from quota.plans import reservation_estimate
 from quota.service import Admission, QuotaService
@@ -146,9 +146,6 @@ class SubmitService:
 
 
 def _queued_fields(event: InferenceRequested) -> list[str]:
-    """The queued entry's field/value pairs, flat (the status cache's own field names and formats)."""
-    created = format_ts(event.occurred_at)
-    fields = ["user_id", event.user_id, "model", event.model, "created_at", created, "updated_at", created]
-    if event.trace_id:
-        fields += ["trace_id", event.trace_id]
-    return fields
+    """The queued entry's field/value pairs, flat: the status cache's own projection of the event."""
+    _, _, fields = cache_update(event)
+    return [part for pair in fields.items() for part in pair]
