@@ -15,8 +15,8 @@ from mlp import telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
 from mlp.db import create_pool
-from mlp.health import add_health_routes, dependency_checks, lifespan_checks
-from mlp.http import BodySizeLimit, native_telemetry, run_service
+from mlp.health import dependency_checks
+from mlp.http import BodySizeLimit, run_service, service_app
 from mlp.settings import Settings
 from quota.service import QuotaService
 
@@ -52,17 +52,10 @@ def create_app(settings: Settings) -> FastAPI:
             await pool.close()
             tel.shutdown()
 
-    app = FastAPI(
-        title="inference-platform gateway",
-        version="0.1.0",
-        lifespan=lifespan,
-        telemetry=native_telemetry(tel.enabled),
-    )
+    app = service_app("inference-platform gateway", lifespan, tel)
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, count_invalid_body)
-    add_health_routes(app, lifespan_checks(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    telemetry.instrument_fastapi(app, tel)
     return app
 
 

@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from mlp import telemetry
 from mlp.cache import Keys, create_redis
 from mlp.db import create_pool
-from mlp.health import add_health_routes, dependency_checks, lifespan_checks
-from mlp.http import native_telemetry, run_service
+from mlp.health import dependency_checks
+from mlp.http import run_service, service_app
 from mlp.settings import Settings
 from projections.status_cache import StatusCache
 from quota.service import QuotaService
@@ -45,17 +45,10 @@ def create_app(settings: Settings) -> FastAPI:
             await pool.close()
             tel.shutdown()
 
-    app = FastAPI(
-        title="inference-platform read API",
-        version="0.1.0",
-        lifespan=lifespan,
-        telemetry=native_telemetry(tel.enabled),
-    )
+    app = service_app("inference-platform read API", lifespan, tel)
     app.include_router(requests_routes.router)
     app.include_router(quota_routes.router)
     app.include_router(metrics_routes.router)
-    add_health_routes(app, lifespan_checks(app))
-    telemetry.instrument_fastapi(app, tel)
     return app
 
 
