@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from quota import scripts
 from quota.plans import LimitName, Limits, QuotaError, Window, day_window, month_window, to_ms
+from quota.script_pipeline import ScriptPipeline
 from quota.store import LedgerState
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ class RedisLedger:
         self._admit = client.register_script(scripts.ADMIT)
         self._finish = client.register_script(scripts.FINISH_REBUILD)
         self._release_lock = client.register_script(scripts.RELEASE_LOCK)
+        # The hot scripts (admit, reserve, commit, ...) of concurrent callers share one pipeline per loop turn.
+        self._scripts = ScriptPipeline(client)
 
     # --- the operations -------------------------------------------------------------------------
 
@@ -413,7 +416,7 @@ class RedisLedger:
     async def _run(self, script: AsyncScript, args: list[Any], now: datetime) -> list[str]:
         for _ in range(3):
             try:
-                raw = await script(args=[self.keys.base, *args])
+                raw = await self._scripts.run(script, [self.keys.base, *args])
             except RedisError as exc:
                 raise QuotaUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
             reply = [_text(v) for v in raw]

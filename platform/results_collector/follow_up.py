@@ -22,6 +22,8 @@ from results_collector.guards import unserved_rejections
 
 log = logging.getLogger(__name__)
 _ATTEMPTS = 5
+# Events handled at once: their quota commits share Redis pipelines (quota.script_pipeline).
+_CONCURRENCY = 256
 
 
 class FollowUp:
@@ -53,11 +55,14 @@ class FollowUp:
 
     async def _run(self) -> None:
         while True:
-            event = await self._queue.get()
+            events = [await self._queue.get()]
+            while len(events) < _CONCURRENCY and not self._queue.empty():
+                events.append(self._queue.get_nowait())
             try:
-                await self._handle(event)
+                await asyncio.gather(*(self._handle(event) for event in events))
             finally:
-                self._queue.task_done()
+                for _ in events:
+                    self._queue.task_done()
 
     async def _handle(self, event: Event) -> None:
         for attempt in range(1, _ATTEMPTS + 1):
