@@ -8,7 +8,7 @@ retrying is the worker's decision (see ``ml_service.retry``), not the client's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -94,29 +94,45 @@ def classify(status: str | None, message: str) -> TritonError:
     return kind(f"Triton {code or 'error'}: {message}", code=code)
 
 
-def build_inputs(prompt: str, max_tokens: int) -> list[InferInput]:
-    if not 0 <= max_tokens <= INT32_MAX:
-        raise ModelInputError(f"max_tokens must be between 0 and {INT32_MAX}, got {max_tokens}")
-    text = InferInput("text_input", [1, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[prompt.encode("utf-8")]], dtype=np.object_))
-    limit = InferInput("max_tokens", [1, 1], "INT32")
-    limit.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
+class Row(msgspec.Struct, frozen=True):
+    """One request of a batched call: its prompt and its max_tokens."""
+
+    prompt: str
+    max_tokens: int
+
+
+def build_inputs(rows: Sequence[Row]) -> list[InferInput]:
+    """The [N, 1] input tensors of N requests (the model's max_batch_size bounds N)."""
+    if not rows:
+        raise ValueError("a Triton call needs at least one row")
+    for row in rows:
+        if not 0 <= row.max_tokens <= INT32_MAX:
+            raise ModelInputError(f"max_tokens must be between 0 and {INT32_MAX}, got {row.max_tokens}")
+    shape = [len(rows), 1]
+    text = InferInput("text_input", shape, "BYTES")
+    text.set_data_from_numpy(np.array([[row.prompt.encode("utf-8")] for row in rows], dtype=np.object_))
+    limit = InferInput("max_tokens", shape, "INT32")
+    limit.set_data_from_numpy(np.array([[row.max_tokens] for row in rows], dtype=np.int32))
     return [text, limit]
 
 
-def parse_outputs(text: Any, prompt_tokens: Any, completion_tokens: Any) -> InferenceOutput:
-    """The first row of the three output tensors (numpy arrays, or None when missing)."""
+def parse_outputs(text: Any, prompt_tokens: Any, completion_tokens: Any, rows: int = 1) -> list[InferenceOutput]:
+    """The first ``rows`` rows of the three output tensors (numpy arrays, or None when missing)."""
     if text is None or prompt_tokens is None or completion_tokens is None:
         raise ModelOutputError(f"the model must return {', '.join(OUTPUTS)}")
+    texts, prompts, completions = text.reshape(-1), prompt_tokens.reshape(-1), completion_tokens.reshape(-1)
+    if min(len(texts), len(prompts), len(completions)) < rows:
+        raise ModelOutputError(f"the model answered fewer than the {rows} rows it was sent")
     try:
-        raw = text.reshape(-1)[0]
-        decoded = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        return InferenceOutput(
-            text=decoded,
-            prompt_tokens=int(prompt_tokens.reshape(-1)[0]),
-            completion_tokens=int(completion_tokens.reshape(-1)[0]),
-        )
-    except (IndexError, UnicodeDecodeError, ValueError) as exc:
+        return [
+            InferenceOutput(
+                text=texts[i].decode("utf-8") if isinstance(texts[i], bytes) else str(texts[i]),
+                prompt_tokens=int(prompts[i]),
+                completion_tokens=int(completions[i]),
+            )
+            for i in range(rows)
+        ]
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ModelOutputError(f"unreadable model output: {exc}") from exc
 
 
@@ -143,7 +159,23 @@ class TritonClient:
         headers: Mapping[str, str] | None = None,
         request_id: str | None = None,
     ) -> InferenceOutput:
-        inputs = build_inputs(prompt, max_tokens)
+        """One request."""
+        outputs = await self.infer_batch(model, [Row(prompt, max_tokens)], headers=headers, request_id=request_id)
+        return outputs[0]
+
+    async def infer_batch(
+        self,
+        model: str,
+        rows: Sequence[Row],
+        *,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> list[InferenceOutput]:
+        """Several requests in one call (one [N, 1] tensor each way): one answer per row, in order.
+
+        The call succeeds or fails as a whole: one invalid row fails the batch with ``ModelInputError``.
+        """
+        inputs = build_inputs(rows)
         outputs = [InferRequestedOutput(name) for name in OUTPUTS]
         try:
             result = await self._grpc().infer(
@@ -157,7 +189,8 @@ class TritonClient:
             )
         except InferenceServerException as exc:
             raise classify(exc.status(), exc.message() or str(exc)) from exc
-        return parse_outputs(*(result.as_numpy(name) for name in OUTPUTS))
+        text, prompt_tokens, completion_tokens = (result.as_numpy(name) for name in OUTPUTS)
+        return parse_outputs(text, prompt_tokens, completion_tokens, rows=len(rows))
 
     async def is_ready(self, model: str | None = None) -> bool:
         """Server readiness, or one model's; never raises (readiness probes call it)."""

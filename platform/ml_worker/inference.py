@@ -1,4 +1,10 @@
-"""Calling Triton for one request: bounded concurrency, a timeout per call, retries for transient errors.
+"""Calling Triton for one request: batched with its neighbours, bounded, timed out, retried when transient.
+
+At most ``concurrency`` calls are in flight per model; the requests that arrive while they are
+on their way go to Triton together as the next [N, 1] call (``mlp.coalesce``): one gRPC round
+trip instead of N, and batches as large as the load makes them, without a timer. A batch fails as
+a whole, so a batch refused for its input is asked again row by row, and only the invalid request
+fails.
 
 Transient errors (Triton unavailable, a call past its timeout) are retried with exponential
 backoff and full jitter; a permanent one (the model refused the input) fails at once. The
@@ -12,18 +18,35 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from events.model import InferenceRequested
-from ml_service.client import ModelInputError, TritonClient, TritonError, TritonTimeout, TritonUnavailable
+from ml_service.client import (
+    InferenceOutput,
+    ModelInputError,
+    Row,
+    TritonClient,
+    TritonError,
+    TritonTimeout,
+    TritonUnavailable,
+)
 from ml_service.retry import backoff_delays
 from ml_worker.decide import Succeeded, TritonFailed, TritonOutcome
 from ml_worker.tracing import record_triton_outcome, triton_span
 from mlp import metrics, telemetry
+from mlp.coalesce import Coalescer
 
 log = logging.getLogger(__name__)
 
 # The longest pause between two tries, whatever the retry count.
 BACKOFF_CAP_S = 5.0
+
+
+@dataclass(frozen=True)
+class TritonCall:
+    row: Row
+    request_id: str
+    headers: dict[str, str] | None
 
 
 class TritonCaller:
@@ -34,14 +57,16 @@ class TritonCaller:
         concurrency: int,
         retries: int,
         backoff_s: float,
+        max_batch: int = 64,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
         self._client = client
-        # aiormq runs every delivery in its own task (up to the prefetch); this bounds how
-        # many of them talk to Triton at once, so its dynamic batcher sees full batches
-        # without the worker opening hundreds of concurrent gRPC calls.
-        self._slots = asyncio.Semaphore(concurrency)
+        # aiormq runs every delivery in its own task (up to the prefetch); rather than one gRPC
+        # call each, they share ``concurrency`` calls in flight per model.
+        self._batches: Coalescer[str, TritonCall, InferenceOutput] = Coalescer(
+            self._send, max_batch=max_batch, max_in_flight=concurrency, name="triton-batch"
+        )
         self._retries = retries
         self._backoff_s = backoff_s
         self._sleep = sleep
@@ -60,16 +85,9 @@ class TritonCaller:
         for attempt in range(len(delays) + 1):
             if attempt:
                 await self._sleep(delays[attempt - 1])
+            call = TritonCall(Row(request.prompt, request.max_tokens), request.request_id, _trace_headers(request))
             try:
-                async with self._slots:
-                    metrics.BATCH_SIZE.labels(model=request.model).observe(1)  # one request per call
-                    output = await self._client.infer(
-                        request.model,
-                        request.prompt,
-                        request.max_tokens,
-                        request_id=request.request_id,
-                        headers=_trace_headers(request),
-                    )
+                output = await self._batches.call(request.model, call)
             except ModelInputError as exc:
                 return TritonFailed("invalid_input", f"the model refused the input: {exc}")
             except TritonError as exc:
@@ -83,6 +101,31 @@ class TritonCaller:
             latency_ms = (time.perf_counter() - started) * 1000
             return Succeeded(output.text, output.prompt_tokens, output.completion_tokens, latency_ms)
         return _gave_up(last, len(delays) + 1)
+
+    async def _send(self, model: str, calls: list[TritonCall]) -> list[InferenceOutput | BaseException]:
+        """One Triton call for the batch; row by row when the batch was refused for its input."""
+        metrics.BATCH_SIZE.labels(model=model).observe(len(calls))
+        try:
+            # One call carries one trace context: the first request's (Triton's own spans join that trace).
+            return list(
+                await self._client.infer_batch(
+                    model,
+                    [call.row for call in calls],
+                    headers=calls[0].headers,
+                    request_id=calls[0].request_id if len(calls) == 1 else None,
+                )
+            )
+        except ModelInputError:
+            if len(calls) == 1:
+                raise
+        log.info("triton refused a batch of %d for its input; asking row by row", len(calls))
+        return list(await asyncio.gather(*(self._send_one(model, call) for call in calls), return_exceptions=True))
+
+    async def _send_one(self, model: str, call: TritonCall) -> InferenceOutput:
+        metrics.BATCH_SIZE.labels(model=model).observe(1)
+        return await self._client.infer(
+            model, call.row.prompt, call.row.max_tokens, headers=call.headers, request_id=call.request_id
+        )
 
 
 def _gave_up(last: TritonError | None, tries: int) -> TritonFailed:

@@ -5,7 +5,8 @@ declared at start-up; a health side server answers /healthz, /readyz and /metric
 
 Concurrency: aiormq runs every delivery in its own task, and FastStream 0.7.8 does not
 serialize a subscriber's handler calls, so up to ``prefetch`` messages are handled at once;
-``TritonCaller`` bounds the Triton calls among them to ``worker_concurrency``.
+``TritonCaller`` keeps ``worker_concurrency`` Triton calls in flight per model and sends the
+requests that arrive meanwhile together as the next call's batch (up to ``triton_max_batch`` rows).
 
 Shutdown (SIGTERM/SIGINT): stop taking deliveries, finish in-flight messages within
 ``graceful_timeout_s``, nack-requeue whatever is left (never reject), exit 0.
@@ -135,6 +136,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
                 concurrency=settings.worker_concurrency,
                 retries=settings.triton_retries,
                 backoff_s=settings.triton_backoff_s,
+                max_batch=settings.triton_max_batch,
             )
             deps = WorkerDeps(
                 publisher=EventPublisher(broker, settings.publish_timeout_s),

@@ -54,7 +54,9 @@ class Settings(BaseSettings):
 
     # Messaging.
     prefetch: int = Field(default=200, ge=1, le=1000)
-    worker_concurrency: int = Field(default=64, ge=1)
+    # Triton calls a worker has in flight per model; requests arriving meanwhile form the next call's
+    # batch (up to triton_max_batch rows). Two: one executing while the next is on its way.
+    worker_concurrency: int = Field(default=2, ge=1)
     collector_batch_size: int = Field(default=500, ge=1)
     # How long the collector waits after a batch's first event for more. Under load batches fill while
     # the previous write runs, so a short wait costs no throughput; a long one is pure latency at low load.
@@ -66,6 +68,9 @@ class Settings(BaseSettings):
     triton_timeout_s: float = Field(default=10.0, gt=0)
     triton_retries: int = Field(default=3, ge=0)
     triton_backoff_s: float = Field(default=0.2, gt=0)
+    # Requests the worker sends to Triton in one call (those it has in hand in one loop turn); at most
+    # the served models' max_batch_size (64 for the models in triton_models/).
+    triton_max_batch: int = Field(default=64, ge=1)
 
     # Quota defaults (plans in Postgres override them).
     default_plan: str = "free"

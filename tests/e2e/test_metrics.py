@@ -131,7 +131,8 @@ def test_counters_after_known_requests(platform: Platform) -> None:
         delta(wk_before, wk_after, "mlp_tokens_processed_total", {"model": MODEL, "type": "completion"}) == completion
     )
     assert delta(wk_before, wk_after, "mlp_inference_latency_seconds_count", {"model": MODEL}) == N
-    assert delta(wk_before, wk_after, "mlp_batch_size_count", {"model": MODEL}) == N
+    # Requests that reach Triton in the same loop turn share a call: N rows in 1 to N calls.
+    assert 1 <= delta(wk_before, wk_after, "mlp_batch_size_count", {"model": MODEL}) <= N
     assert delta(wk_before, wk_after, "mlp_batch_size_sum", {"model": MODEL}) == N
     received = {"app_name": "ml-worker", "status": "acked"}
     assert delta(wk_before, wk_after, "faststream_received_processed_messages_total", received) == N
