@@ -113,8 +113,9 @@ class EventPublisher:
 
     async def _publish(self, event: Event, headers: dict[str, Any] | None) -> None:
         try:
-            confirmation = await asyncio.wait_for(
-                self._broker.publish(
+            # asyncio.timeout, not wait_for: the same deadline without a task per publish.
+            async with asyncio.timeout(self._timeout_s):
+                confirmation = await self._broker.publish(
                     encode_event(event),
                     exchange=EVENTS,
                     routing_key=routing_key(event),
@@ -126,9 +127,7 @@ class EventPublisher:
                     message_type=type(event).__name__,
                     headers=headers,
                     timeout=self._timeout_s,
-                ),
-                timeout=self._timeout_s,
-            )
+                )
         except Exception as exc:  # DeliveryError, ChannelClosed, AMQPError, timeouts, not connected
             what = f"{type(event).__name__} {event.request_id}"
             raise PublishError(f"{what}: {type(exc).__name__}: {exc}") from exc
