@@ -289,6 +289,7 @@ async def run_bench(
         lost=len(lost),
         http_status=dict(stats.status),
     )
+    cpu = cpu_ms_per_request(cpu_before, cpu_after, stats.accepted)
     return Report(
         mode="open-loop" if plan.rate is not None else "closed-loop",
         target=f"at {plan.rate:g} req/s" if plan.rate is not None else f"at concurrency {plan.concurrency}",
@@ -302,10 +303,10 @@ async def run_bench(
         gateway=gateway,
         end_to_end=end_to_end,
         baselines=baselines,
-        ratios=compute_ratios(gateway, end_to_end, accepted_per_s, completed_per_s, baselines),
+        ratios=compute_ratios(gateway, end_to_end, accepted_per_s, completed_per_s, baselines, cpu),
         lost_request_ids=sorted(lost),
         notes=notes,
-        service_cpu_ms_per_request=cpu_ms_per_request(cpu_before, cpu_after, stats.accepted),
+        service_cpu_ms_per_request=cpu,
     )
 
 

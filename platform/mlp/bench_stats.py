@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,10 @@ def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], reques
     if requests <= 0:
         return {}
     return {name: (after[name] - before[name]) * 1000.0 / requests for name in after if name in before}
+
+
+# Labels of the shared data services in service_cpu_ms_per_request (mlp.bench_spawn.DATA_SERVICES).
+DATA_SERVICE_LABELS: Final = frozenset({"rabbitmq", "postgres", "redis"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,17 +141,24 @@ def find_baseline(baselines: Sequence[Baseline], name: str, *, loaded: bool) -> 
     return runs[-1] if loaded else runs[0]
 
 
+# The services every request passes through (the read API and Triton are not counted).
+PIPELINE_SERVICES: Final = ("gateway", "worker", "collector")
+
+
 def compute_ratios(
     gateway: Latency,
     end_to_end: Latency,
     accepted_per_s: float,
     completed_per_s: float,
     baselines: Sequence[Baseline],
+    cpu_ms_per_request: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Platform figures over the same run's baselines: the platform's cost, as a multiple.
 
     Latencies compare with the unloaded (concurrency 1) baselines: the floor a request could
     reach; throughputs compare with the loaded ones: the most the component delivered alone.
+    With CPU figures (``--spawn``, RabbitMQ on this machine), the platform's own services' CPU per
+    request over RabbitMQ's: at or below 1 the pipeline costs what the broker does.
     """
     ratios: dict[str, float] = {}
     triton_1 = find_baseline(baselines, "triton", loaded=False)
@@ -165,6 +176,9 @@ def compute_ratios(
     if broker_c is not None:
         ratios["accepted_rate_over_broker_rate"] = _ratio(accepted_per_s, broker_c.per_second)
         ratios["completed_rate_over_broker_rate"] = _ratio(completed_per_s, broker_c.per_second)
+    cpu = cpu_ms_per_request or {}
+    if cpu.get("rabbitmq") and all(name in cpu for name in PIPELINE_SERVICES):
+        ratios["pipeline_cpu_over_broker_cpu"] = _ratio(sum(cpu[n] for n in PIPELINE_SERVICES), cpu["rabbitmq"])
     return ratios
 
 
@@ -176,6 +190,7 @@ RATIO_LABELS: Mapping[str, str] = {
     "completed_rate_over_triton_rate": "completed/s / direct Triton req/s (loaded)",
     "accepted_rate_over_broker_rate": "accepted/s / broker round trips/s (loaded)",
     "completed_rate_over_broker_rate": "completed/s / broker round trips/s (loaded)",
+    "pipeline_cpu_over_broker_cpu": "CPU/request: gateway+worker+collector / RabbitMQ",
 }
 
 
@@ -217,7 +232,14 @@ def render_table(report: Report) -> str:
         lines.append("  HTTP answers: " + ", ".join(f"{k}: {v}" for k, v in sorted(c.http_status.items())))
     if report.service_cpu_ms_per_request:
         cpu = report.service_cpu_ms_per_request
-        lines.append("  CPU per accepted request: " + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(cpu.items())))
+        ours = {k: v for k, v in cpu.items() if k not in DATA_SERVICE_LABELS}
+        theirs = {k: v for k, v in cpu.items() if k in DATA_SERVICE_LABELS}
+        lines.append("  CPU per accepted request: " + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(ours.items())))
+        if theirs:
+            lines.append(
+                "  CPU per accepted request, data services on this machine: "
+                + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(theirs.items()))
+            )
     if report.ratios:
         lines += ["", "  ratios (platform / baseline, same run)"]
         for key, value in report.ratios.items():

@@ -12,6 +12,7 @@ import pytest
 
 from ml_service.launcher import TritonProcess
 from mlp import bench
+from mlp.bench_spawn import data_service_cpu_seconds
 from tests.support.isolation import isolated_namespace
 from tests.support.services import Platform, running_platform
 from tests.support.triton import triton_server
@@ -115,4 +116,5 @@ def test_spawn_runs_its_own_platform_and_reports_cpu_per_service(
     assert report["counts"]["lost"] == 0
     cpu = report["service_cpu_ms_per_request"]
     assert {"gateway", "worker", "collector"} <= set(cpu)
+    assert set(data_service_cpu_seconds()) <= set(cpu)  # RabbitMQ, Postgres, Redis when they run here
     assert all(value >= 0 for value in cpu.values())

@@ -63,6 +63,18 @@ def test_ratios_use_unloaded_latency_and_loaded_throughput() -> None:
     assert ratios["accepted_rate_over_broker_rate"] == pytest.approx(0.025)  # 100 / 4000 (c=32)
 
 
+def test_pipeline_cpu_is_compared_with_the_brokers_when_both_were_measured() -> None:
+    gateway, e2e = summarize([0.002]), summarize([0.010])
+    cpu = {"gateway": 1.0, "worker": 2.0, "collector": 1.5, "api": 0.1, "rabbitmq": 3.0, "redis": 0.4}
+    ratios = compute_ratios(gateway, e2e, 100.0, 99.0, [], cpu)
+    assert ratios["pipeline_cpu_over_broker_cpu"] == pytest.approx(1.5)  # (1 + 2 + 1.5) / 3
+    assert "pipeline_cpu_over_broker_cpu" not in compute_ratios(gateway, e2e, 100.0, 99.0, [], {"gateway": 1.0})
+    report = replace(_report([]), service_cpu_ms_per_request=cpu)
+    table = render_table(report)
+    assert "CPU per accepted request: api 0.10 ms, collector 1.50 ms, gateway 1.00 ms, worker 2.00 ms" in table
+    assert "data services on this machine: rabbitmq 3.00 ms, redis 0.40 ms" in table
+
+
 def test_json_has_no_nan_and_the_table_names_lost_requests() -> None:
     report = replace(_report(["lost-1", "lost-2"]), gateway=summarize([]))  # nothing measured: NaN
     document = msgspec.json.decode(msgspec.json.encode(report.as_dict()))
