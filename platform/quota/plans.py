@@ -6,6 +6,7 @@ combines them and computes the UTC windows they apply to.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, fields, replace
@@ -126,14 +127,25 @@ def _as_utc(now: datetime) -> datetime:
 
 def day_window(now: datetime) -> Window:
     now = _as_utc(now)
-    start = datetime(now.year, now.month, now.day, tzinfo=UTC)
-    return Window(start.strftime("%Y-%m-%d"), start, start + timedelta(days=1))
+    return _day_window(now.year, now.month, now.day)
 
 
 def month_window(now: datetime) -> Window:
     now = _as_utc(now)
-    start = datetime(now.year, now.month, 1, tzinfo=UTC)
-    following = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+    return _month_window(now.year, now.month)
+
+
+# Every admission, reservation and commit asks for both windows: computed once per day or month.
+@functools.lru_cache(maxsize=64)
+def _day_window(year: int, month: int, day: int) -> Window:
+    start = datetime(year, month, day, tzinfo=UTC)
+    return Window(start.strftime("%Y-%m-%d"), start, start + timedelta(days=1))
+
+
+@functools.lru_cache(maxsize=64)
+def _month_window(year: int, month: int) -> Window:
+    start = datetime(year, month, 1, tzinfo=UTC)
+    following = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC)
     return Window(start.strftime("%Y-%m"), start, following)
 
 
