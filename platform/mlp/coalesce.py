@@ -9,13 +9,16 @@ The batching is the group-commit kind, with no timer: a call is sent at the end 
 it was made in, unless ``max_in_flight`` batches of its key are already on their way; then it waits
 for one of them to return and goes out with every call that queued meanwhile. An idle service
 therefore sends each call at once, and a busy one sends batches as large as its load makes them
-(cut at ``max_batch``). Calls are grouped by a key (e.g. the model).
+(cut at ``max_batch``). Calls are grouped by a key (e.g. the model). A batch is sent in the context
+(contextvars) of its first call, so its client spans join that call's trace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -27,6 +30,13 @@ R = TypeVar("R")
 Send = Callable[[K, list[T]], Awaitable[Sequence[R | BaseException]]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    context: contextvars.Context  # the caller's: tracing context of the batch it leads
+
+
 class Coalescer(Generic[K, T, R]):
     def __init__(self, send: Send[K, T, R], *, max_batch: int, max_in_flight: int, name: str) -> None:
         if max_batch < 1 or max_in_flight < 1:
@@ -35,7 +45,7 @@ class Coalescer(Generic[K, T, R]):
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._name = name
-        self._pending: dict[K, list[tuple[T, asyncio.Future[R]]]] = {}
+        self._pending: dict[K, list[_Call[T, R]]] = {}
         self._in_flight: dict[K, int] = {}
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
@@ -44,7 +54,7 @@ class Coalescer(Generic[K, T, R]):
         """Queue ``item`` for the next batch of ``key`` and wait for its own result."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._pending.setdefault(key, []).append((item, future))
+        self._pending.setdefault(key, []).append(_Call(item, future, contextvars.copy_context()))
         self._schedule_flush()
         return await future
 
@@ -63,11 +73,13 @@ class Coalescer(Generic[K, T, R]):
     def _flush(self) -> None:
         self._flush_scheduled = False
         for key in list(self._pending):
-            calls = [(item, future) for item, future in self._pending[key] if not future.done()]  # drop cancelled
+            calls = [call for call in self._pending[key] if not call.future.done()]  # drop cancelled callers
             while calls and self._in_flight.get(key, 0) < self._max_in_flight:
                 batch, calls = calls[: self._max_batch], calls[self._max_batch :]
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
-                task = asyncio.get_running_loop().create_task(self._send_batch(key, batch), name=self._name)
+                task = asyncio.get_running_loop().create_task(
+                    self._send_batch(key, batch), name=self._name, context=batch[0].context
+                )
                 self._sending.add(task)
                 task.add_done_callback(self._sending.discard)
             if calls:
@@ -75,7 +87,7 @@ class Coalescer(Generic[K, T, R]):
             else:
                 del self._pending[key]
 
-    async def _send_batch(self, key: K, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _send_batch(self, key: K, batch: list[_Call[T, R]]) -> None:
         try:
             await self._send_and_settle(key, batch)
         finally:
@@ -83,23 +95,24 @@ class Coalescer(Generic[K, T, R]):
             if key in self._pending:
                 self._schedule_flush()
 
-    async def _send_and_settle(self, key: K, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _send_and_settle(self, key: K, batch: list[_Call[T, R]]) -> None:
+        futures = [call.future for call in batch]
         try:
-            results = await self._send(key, [item for item, _ in batch])
+            results = await self._send(key, [call.item for call in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self._name}: {len(results)} results for a batch of {len(batch)}")
         except asyncio.CancelledError:
-            for _, future in batch:
+            for future in futures:
                 future.cancel()
             raise
         except BaseException as exc:
-            for _, future in batch:
+            for future in futures:
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for future, result in zip(futures, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, BaseException):

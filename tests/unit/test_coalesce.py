@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 
@@ -84,6 +85,24 @@ async def test_calls_made_while_a_batch_is_in_flight_go_out_together_when_it_ret
     assert await asyncio.gather(first, *later) == [1, 2, 3, 4, 5]
     assert batches == [[1], [2, 3, 4, 5]]
     assert coalescer.in_flight == 0
+
+
+async def test_a_batch_is_sent_in_the_context_of_its_first_call() -> None:
+    caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="none")
+    seen: list[str] = []
+
+    async def send(key: str, items: list[int]) -> list[int | BaseException]:
+        seen.append(caller.get())  # e.g. the current span a client span would be parented to
+        return list(items)
+
+    coalescer: Coalescer[str, int, int] = Coalescer(send, max_batch=10, max_in_flight=1, name="test")
+
+    async def call_as(name: str, item: int) -> int:
+        caller.set(name)
+        return await coalescer.call("k", item)
+
+    assert list(await asyncio.gather(call_as("first", 1), call_as("second", 2))) == [1, 2]
+    assert seen == ["first"]
 
 
 def test_max_batch_and_max_in_flight_must_be_positive() -> None:
