@@ -19,7 +19,14 @@ import asyncpg
 import redis.exceptions
 from faststream.rabbit import RabbitMessage
 
-from events.model import Event, InferenceCompleted, InferenceFailed, InferenceRejected, InferenceRequested
+from events.model import (
+    Event,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceRejected,
+    InferenceRequested,
+    InferenceStarted,
+)
 from ml_worker import decide
 from ml_worker.decide import Commit, Limits, Outcome, Release, TritonOutcome
 from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
@@ -92,10 +99,12 @@ class WorkerDeps:
 
 
 class RequestHandler:
-    def __init__(self, deps: WorkerDeps, limits: Limits, worker_id: str) -> None:
+    def __init__(self, deps: WorkerDeps, limits: Limits, worker_id: str, *, started_after_s: float = 0.0) -> None:
         self._deps = deps
         self._limits = limits
         self._worker_id = worker_id
+        # 0: InferenceStarted for every request; > 0: only for an inference slower than this.
+        self._started_after_s = started_after_s
         self._max_body = max_body_bytes(limits.max_prompt_chars)
         self.draining = asyncio.Event()
         # In-flight deliveries, so a shutdown can requeue what it could not finish.
@@ -166,18 +175,47 @@ class RequestHandler:
         # Started's confirm is awaited before the outcome is published (so before the ack), not before
         # Triton: the broker round trip overlaps the inference. Unconfirmed, it fails the try like an
         # unconfirmed outcome does (retried in process, then requeued).
-        started_confirm = asyncio.ensure_future(self._deps.publisher.publish(with_worker_traceparent(start)))
+        started_confirm = self._publish_started(start) if self._started_after_s <= 0 else None
         try:
             if self.draining.is_set():
                 raise Draining  # the reservation stays; the redelivery reuses it (reserve is idempotent)
-            result = await self._deps.triton.infer(request)
+            if started_confirm is not None:
+                result = await self._deps.triton.infer(request)
+            else:
+                result, started_confirm = await self._infer_announcing_if_slow(request, start)
         except Exception:
-            await _settle(started_confirm)
+            if started_confirm is not None:
+                await _settle(started_confirm)
             raise
         except BaseException:
-            started_confirm.cancel()
+            if started_confirm is not None:
+                started_confirm.cancel()
             raise
         await self._finish(message, request, decide.decide_outcome(request, result), started=started_confirm)
+
+    def _publish_started(self, start: InferenceStarted) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self._deps.publisher.publish(with_worker_traceparent(start)))
+
+    async def _infer_announcing_if_slow(
+        self, request: InferenceRequested, start: InferenceStarted
+    ) -> tuple[TritonOutcome, asyncio.Future[None] | None]:
+        """Triton's answer, and Started's publish when the inference outlasted ``started_after_s`` (else None)."""
+        inference = asyncio.ensure_future(self._deps.triton.infer(request))
+        started: asyncio.Future[None] | None = None
+        try:
+            done, _ = await asyncio.wait({inference}, timeout=self._started_after_s)
+            if not done:
+                started = self._publish_started(start)  # occurred_at stays the inference's start
+            return await inference, started
+        except Exception:
+            if started is not None:
+                await _settle(started)
+            raise
+        except BaseException:
+            inference.cancel()
+            if started is not None:
+                started.cancel()
+            raise
 
     async def _finish(
         self,

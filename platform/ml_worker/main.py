@@ -145,7 +145,9 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
                 triton=caller,
             )
             limits = limits_of(served, settings.max_prompt_chars, settings.max_tokens_limit)
-            worker.handler = RequestHandler(deps, limits, worker_id())
+            worker.handler = RequestHandler(
+                deps, limits, worker_id(), started_after_s=settings.started_event_after_ms / 1000
+            )
 
             async def triton_ready() -> bool:
                 return all([await triton.is_ready(m) for m in served])

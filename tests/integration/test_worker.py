@@ -115,6 +115,30 @@ async def test_a_request_is_started_then_completed_with_its_tokens_charged(
     assert view.day.reserved == 0
 
 
+async def test_with_a_started_threshold_only_an_inference_slower_than_it_is_seen_running(
+    wsettings: Settings, quota: QuotaService
+) -> None:
+    deferred = wsettings.model_copy(update={"started_event_after_ms": 1_000})  # slow-model takes 5 s
+    fast = requested(user_id="fast-user")
+    slow = requested(model="slow-model", user_id="patient-user")
+    async with observed(wsettings) as log, running_worker(deferred, models=("basic-model", "slow-model")):
+        await publish(wsettings, fast, slow)
+        fast_events = await log.terminal(fast.request_id)
+        slow_events = await log.terminal(slow.request_id)
+    assert [type(e) for e in fast_events] == [InferenceRequested, InferenceCompleted]
+    assert [type(e) for e in slow_events] == [InferenceRequested, InferenceStarted, InferenceCompleted]
+    started, completed = slow_events[1], slow_events[2]
+    assert isinstance(started, InferenceStarted)
+    assert isinstance(completed, InferenceCompleted)
+    # Published after the threshold, but it says when the inference started: about 5 s before the answer.
+    assert (completed.occurred_at - started.occurred_at).total_seconds() > 4
+    assert started.reserved_tokens == len(slow.prompt) + slow.max_tokens
+    fast_done = fast_events[-1]
+    assert isinstance(fast_done, InferenceCompleted)
+    assert (await quota.view("fast-user")).day.used == fast_done.total_tokens
+    assert (await quota.view("patient-user")).day.used == completed.total_tokens
+
+
 async def test_over_quota_is_rejected_and_triton_is_never_called(
     wsettings: Settings, quota: QuotaService, triton_server: TritonProcess
 ) -> None:
