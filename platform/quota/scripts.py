@@ -253,6 +253,19 @@ return {'OK'}
 )
 
 # Sets the marker only while the caller still holds the rebuild lock. ARGV: P, lock_token, built_value
+# Rebuild: the committed records of many requests in one call (per request ARGV: request_id, user,
+# charged tokens, remaining TTL in ms). One command per 1,000 requests instead of two each: a day's
+# records are restored in seconds, not minutes. ARGV: P, then the groups of four.
+RESTORE_COMMITTED: Final = r"""
+local P = ARGV[1]
+for i = 2, #ARGV - 3, 4 do
+  local rec = P .. 'rq:' .. ARGV[i]
+  redis.call('HSET', rec, 's', 'committed', 'u', ARGV[i + 1], 'c', ARGV[i + 2])
+  redis.call('PEXPIRE', rec, ARGV[i + 3])
+end
+return (#ARGV - 1) / 4
+"""
+
 FINISH_REBUILD: Final = r"""
 local P = ARGV[1]
 if redis.call('GET', P .. 'rebuild-lock') ~= ARGV[2] then return 0 end
