@@ -2,8 +2,8 @@
 
 A gateway admitting 64 requests at once, or a worker reserving for 64 deliveries, would otherwise
 make 64 round trips (64 socket writes, 64 reads); pipelined, they are one each. One pipeline is in
-flight at a time (group commit, see ``mlp.coalesce``): an idle service's call goes out at once, a
-busy one's wait for the pipeline ahead of them, about one Redis round trip. Each call still runs
+flight at a time (group commit, see ``mlp.coalesce``): an idle service's call goes out at once; a
+busy service's calls wait for the pipeline ahead of them, about one Redis round trip. Each call still runs
 its own script atomically, and gets its own reply or error (``raise_on_error=False``).
 """
 
@@ -19,7 +19,7 @@ from mlp.coalesce import Coalescer
 
 ScriptCall = tuple[AsyncScript, list[Any]]
 
-# Far above what one turn gathers on this platform (the consumers' prefetch is 200).
+# Calls per pipeline; more wait for the next one (a consumer has at most its prefetch, 200, in hand).
 MAX_PIPELINE = 256
 
 
