@@ -33,6 +33,7 @@ from events.model import (
 )
 from events.status import STATUS_RANK, TERMINAL_STATUSES, status_of
 from mlp.cache import Keys
+from mlp.redis_scripts import evalsha_pipelined
 
 # How long a request's entry lives (Postgres answers after that).
 STATUS_TTL_S: Final = 86_400
@@ -203,28 +204,27 @@ class StatusCache:
         return found or None
 
     async def advance_many(self, items: Sequence[tuple[str, str, Mapping[str, str]]]) -> None:
-        """``advance`` for many requests in one pipelined round trip."""
+        """``advance`` for many requests in one pipelined round trip (no ``SCRIPT EXISTS`` ahead of it)."""
         if not items:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for request_id, status, fields in items:
-                await self._advance(
-                    keys=[self._keys.status(request_id), self.terminal_channel],
-                    args=[status, self._ttl_s, *_normalised(fields)],
-                    client=pipe,
-                )
-            await pipe.execute()
+        channel = self.terminal_channel
+        await evalsha_pipelined(
+            self._redis,
+            [
+                (self._advance, (self._keys.status(request_id), channel), (status, self._ttl_s, *_normalised(fields)))
+                for request_id, status, fields in items
+            ],
+        )
 
     async def restore_many(self, items: Sequence[tuple[str, Mapping[str, str]]]) -> int:
         """Replace entries with rebuilt state (replay; ``fields`` hold ``status``). Returns how many were written."""
         if not items:
             return 0
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for request_id, fields in items:
-                await self._restore(
-                    keys=[self._keys.status(request_id)],
-                    args=[fields["status"], self._ttl_s, *_normalised(fields)],
-                    client=pipe,
-                )
-            written = await pipe.execute()
+        written = await evalsha_pipelined(
+            self._redis,
+            [
+                (self._restore, (self._keys.status(request_id),), (fields["status"], self._ttl_s, *_normalised(fields)))
+                for request_id, fields in items
+            ],
+        )
         return sum(int(w) for w in written)

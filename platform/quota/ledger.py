@@ -168,7 +168,7 @@ class RedisLedger:
         self._finish = client.register_script(scripts.FINISH_REBUILD)
         self._restore_committed = client.register_script(scripts.RESTORE_COMMITTED)
         self._release_lock = client.register_script(scripts.RELEASE_LOCK)
-        # The hot scripts (admit, reserve, commit, ...) of concurrent callers share one pipeline per loop turn.
+        # The hot scripts (admit, reserve, commit, ...) of concurrent callers share pipelines (group commit).
         self._scripts = ScriptPipeline(client)
 
     # --- the operations -------------------------------------------------------------------------

@@ -13,11 +13,9 @@ from typing import Any
 
 import redis.asyncio as redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from mlp.coalesce import Coalescer
-
-ScriptCall = tuple[AsyncScript, list[Any]]
+from mlp.redis_scripts import ScriptCall, evalsha_pipelined
 
 # Calls per pipeline; more wait for the next one (a consumer has at most its prefetch, 200, in hand).
 MAX_PIPELINE = 256
@@ -32,21 +30,7 @@ class ScriptPipeline:
 
     async def run(self, script: AsyncScript, args: list[Any]) -> Any:
         """EVALSHA ``script`` with ``args`` (no keys: the scripts build theirs from a prefix argument)."""
-        return await self._coalescer.call(None, (script, args))
+        return await self._coalescer.call(None, (script, (), args))
 
     async def _send(self, _: None, calls: list[ScriptCall]) -> list[Any]:
-        results = await self._execute(calls)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:
-            # Redis restarted or its script cache was flushed: load the scripts again, retry those calls once.
-            for script in {calls[i][0].sha: calls[i][0] for i in missing}.values():
-                await self._client.script_load(script.script)
-            for i, result in zip(missing, await self._execute([calls[i] for i in missing]), strict=True):
-                results[i] = result
-        return results
-
-    async def _execute(self, calls: list[ScriptCall]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for script, args in calls:
-                pipe.evalsha(script.sha, 0, *args)
-            return list(await pipe.execute(raise_on_error=False))
+        return await evalsha_pipelined(self._client, calls, raise_on_error=False)

@@ -1,4 +1,5 @@
-"""ScriptPipeline against the real Redis: concurrent script calls share one pipeline, each keeps its own reply."""
+"""Pipelined scripts against the real Redis: concurrent calls share one pipeline, each keeps its own reply,
+and a flushed script cache is loaded again (ScriptPipeline, evalsha_pipelined, the status cache)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ import pytest
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
+from mlp.cache import Keys
+from mlp.redis_scripts import evalsha_pipelined
 from mlp.settings import Settings
+from projections.status_cache import StatusCache
 from quota.script_pipeline import ScriptPipeline
 
 pytestmark = pytest.mark.integration
+
+KEYED = """
+if ARGV[1] == 'fail' then return redis.error_reply('asked to fail') end
+return redis.call('INCRBY', KEYS[1], tonumber(ARGV[1]))
+"""
 
 # Increments a counter under the prefix; fails when asked to.
 SCRIPT = """
@@ -63,3 +72,25 @@ async def test_scripts_flushed_from_redis_are_loaded_again(client: redis.Redis, 
     assert await pipeline.run(script, [prefix, 2]) == 2
     await client.script_flush()  # what a restarted Redis looks like to a client
     assert list(await asyncio.gather(pipeline.run(script, [prefix, 3]), pipeline.run(script, [prefix, 4]))) == [5, 9]
+
+
+async def test_pipelined_scripts_take_keys_raise_the_first_error_and_survive_a_flush(
+    client: redis.Redis, migrated: Settings
+) -> None:
+    script = client.register_script(KEYED)
+    key = f"{migrated.redis_prefix}sp3:counter"
+    await client.script_flush()
+    assert await evalsha_pipelined(client, [(script, (key,), (2,)), (script, (key,), (3,))]) == [2, 5]
+    with pytest.raises(ResponseError, match="asked to fail"):
+        await evalsha_pipelined(client, [(script, (key,), (1,)), (script, (key,), ("fail",))])
+    assert await client.get(key) == "6"  # the call before the failing one ran
+
+
+async def test_the_status_cache_writes_batches_after_its_scripts_were_flushed(
+    client: redis.Redis, migrated: Settings
+) -> None:
+    cache = StatusCache(client, Keys(f"{migrated.redis_prefix}sp4:"))
+    await client.script_flush()  # what a restarted Redis looks like to the collector
+    await cache.advance_many([("r-1", "queued", {"user_id": "u"}), ("r-2", "completed", {"user_id": "u"})])
+    assert (await cache.get("r-1") or {}).get("status") == "queued"
+    assert (await cache.get("r-2") or {}).get("status") == "completed"
