@@ -15,7 +15,9 @@ from typing import Final
 
 import asyncpg
 
-TERMINAL_TYPES: Final = ("InferenceCompleted", "InferenceFailed", "InferenceRejected")
+from events.model import TERMINAL_EVENTS
+
+TERMINAL_TYPES: Final = tuple(event.__name__ for event in TERMINAL_EVENTS)
 # Ids per query: large enough to be cheap per id, small enough to keep one query short.
 BATCH: Final = 5000
 
@@ -28,6 +30,7 @@ _QUERY: Final = (
 @dataclass(frozen=True, slots=True)
 class Terminal:
     kind: str  # the event type
+    submitted_at: float  # epoch seconds
     recorded_at: float  # epoch seconds
 
 
@@ -38,14 +41,12 @@ class TerminalTracker:
         self._pool = pool
         self.pending: dict[str, float] = {}  # request_id -> submitted at (epoch s), oldest first
         self.done: dict[str, Terminal] = {}
-        self.submitted_at: dict[str, float] = {}
         self.lookup_failures = 0  # event-store lookups that failed (and were retried later)
 
     def add(self, request_id: str, submitted_at: float) -> None:
         if request_id in self.done or request_id in self.pending:
             return  # an Idempotency-Key replay: the same request, tracked once
         self.pending[request_id] = submitted_at
-        self.submitted_at[request_id] = submitted_at
 
     async def poll(self, limit: int | None = None) -> int:
         """Look up pending ids (the oldest ``limit`` of them, or all); returns how many became terminal."""
@@ -62,8 +63,9 @@ class TerminalTracker:
                 return found
             for row in rows:
                 request_id = row["request_id"]
-                if self.pending.pop(request_id, None) is not None:
-                    self.done[request_id] = Terminal(row["type"], row["recorded_at"].timestamp())
+                submitted_at = self.pending.pop(request_id, None)
+                if submitted_at is not None:
+                    self.done[request_id] = Terminal(row["type"], submitted_at, row["recorded_at"].timestamp())
                     found += 1
         return found
 
@@ -79,9 +81,7 @@ class TerminalTracker:
     def latencies(self, request_ids: set[str] | None = None) -> list[float]:
         """Submit -> terminal in seconds, for the given ids (or all that are done)."""
         return [
-            t.recorded_at - self.submitted_at[rid]
-            for rid, t in self.done.items()
-            if request_ids is None or rid in request_ids
+            t.recorded_at - t.submitted_at for rid, t in self.done.items() if request_ids is None or rid in request_ids
         ]
 
     def count(self, kind: str, request_ids: set[str] | None = None) -> int:
