@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -15,12 +16,12 @@ from events.model import (
     InferenceFailed,
     InferenceRequested,
     InferenceStarted,
-    encode_event,
     new_event_id,
     utc_now,
 )
 from mlp.bench_terminal import BATCH, TerminalTracker
 from mlp.settings import Settings
+from projections.postgres import store_and_project
 
 pytestmark = pytest.mark.integration
 
@@ -39,51 +40,27 @@ async def pool(migrated: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def _store(pool: asyncpg.Pool, events: list[Event]) -> None:
-    await pool.executemany(
-        "INSERT INTO event_store (event_id, request_id, type, occurred_at, payload) VALUES ($1, $2, $3, $4, $5::jsonb)",
-        [(e.event_id, e.request_id, type(e).__name__, e.occurred_at, encode_event(e).decode()) for e in events],
-    )
+    await store_and_project(pool, events)  # the collector's own write
+
+
+def _envelope(rid: str) -> dict[str, Any]:
+    return {"event_id": new_event_id(), "request_id": rid, "occurred_at": utc_now(), "user_id": USER, "model": MODEL}
 
 
 def _requested(rid: str) -> InferenceRequested:
-    return InferenceRequested(
-        event_id=new_event_id(),
-        request_id=rid,
-        occurred_at=utc_now(),
-        user_id=USER,
-        model=MODEL,
-        prompt="p",
-        max_tokens=4,
-    )
+    return InferenceRequested(**_envelope(rid), prompt="p", max_tokens=4)
 
 
 def _started(rid: str) -> InferenceStarted:
-    return InferenceStarted(event_id=new_event_id(), request_id=rid, occurred_at=utc_now(), user_id=USER, model=MODEL)
+    return InferenceStarted(**_envelope(rid))
 
 
 def _completed(rid: str) -> InferenceCompleted:
-    return InferenceCompleted(
-        event_id=new_event_id(),
-        request_id=rid,
-        occurred_at=utc_now(),
-        user_id=USER,
-        model=MODEL,
-        completion="p",
-        prompt_tokens=1,
-        completion_tokens=1,
-        latency_ms=1.0,
-    )
+    return InferenceCompleted(**_envelope(rid), completion="p", prompt_tokens=1, completion_tokens=1, latency_ms=1.0)
 
 
 def _failed(rid: str) -> InferenceFailed:
-    return InferenceFailed(
-        event_id=new_event_id(),
-        request_id=rid,
-        occurred_at=utc_now(),
-        user_id=USER,
-        model=MODEL,
-        error_code="internal_error",
-    )
+    return InferenceFailed(**_envelope(rid), error_code="internal_error")
 
 
 async def test_terminal_events_are_found_and_the_rest_reported_lost(pool: asyncpg.Pool) -> None:
