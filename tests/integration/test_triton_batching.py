@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import pytest
 
-from events.model import InferenceRequested, new_event_id, utc_now
+from events.model import InferenceRequested
 from ml_service.client import InferenceOutput, Row, TritonClient
 from ml_service.launcher import TritonProcess
 from ml_worker.decide import Succeeded, TritonFailed
 from ml_worker.inference import TritonCaller
+from tests.integration.test_worker_harness import requested
 from tests.support.triton import triton_server
 
 pytestmark = pytest.mark.integration
@@ -46,15 +47,7 @@ async def client(triton_server: TritonProcess) -> AsyncIterator[CountingClient]:
 
 
 def request(prompt: str, max_tokens: int = 3) -> InferenceRequested:
-    return InferenceRequested(
-        event_id=new_event_id(),
-        request_id=new_event_id(),
-        occurred_at=utc_now(),
-        user_id="batching-user",
-        model="basic-model",
-        prompt=prompt,
-        max_tokens=max_tokens,
-    )
+    return requested(user_id="batching-user", prompt=prompt, max_tokens=max_tokens)
 
 
 async def test_requests_of_one_turn_share_a_call_and_get_their_own_answers(client: CountingClient) -> None:
