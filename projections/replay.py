@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -27,7 +25,7 @@ import asyncpg
 
 from events.model import AnyEvent, EventDecodeError, decode_event
 from mlp.cache import Keys, create_redis
-from mlp.settings import Settings, get_settings
+from mlp.settings import Settings
 from projections.postgres import LIVE, Connection, Tables, apply_plan
 from projections.projector import plan_events
 from projections.queries import cache_fields_of_row, select_view_sql
@@ -267,27 +265,3 @@ async def replay(
     finally:
         await conn.close()
     return ReplayReport(events, skipped, counts[0], counts[1], usage, cached, time.monotonic() - started)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mlp replay", description="Rebuild the read models and the Redis status cache from the event store."
-    )
-    parser.add_argument("--chunk", type=int, default=2000, help="events per projection transaction (default 2000)")
-    parser.add_argument("--no-cache", action="store_true", help="do not re-populate the Redis status cache")
-    args = parser.parse_args(argv)
-    if not 1 <= args.chunk <= 100_000:
-        parser.error("--chunk must be between 1 and 100000")
-    settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s %(message)s")
-    try:
-        report = asyncio.run(replay(settings, chunk=args.chunk, with_cache=not args.no_cache))
-    except ReplayError as exc:
-        print(f"mlp replay: {exc}", file=sys.stderr)
-        return 1
-    print(
-        f"replayed {report.events} event(s) into {report.requests} request(s), {report.results} result(s),"
-        f" {report.usage} usage row(s); {report.cached} status cache entr(ies) written;"
-        f" {report.skipped} skipped; {report.seconds:.1f}s"
-    )
-    return 0

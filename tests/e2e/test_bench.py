@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from ml_service.launcher import TritonProcess
-from mlp import bench
-from mlp.bench_spawn import data_service_cpu_seconds
+from ops.bench import main as bench
+from ops.bench.spawn import data_service_cpu_seconds
 from tests.support.isolation import isolated_namespace
 from tests.support.services import Platform, running_platform
 from tests.support.triton import triton_server

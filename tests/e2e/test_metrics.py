@@ -78,7 +78,7 @@ def _finish(platform: Platform, request_id: str) -> dict[str, object]:
 def _spend_quota(platform: Platform, user_id: str) -> None:
     """A user whose daily tokens are spent (set before the services ever saw the user: no cache)."""
     subprocess.run(
-        [sys.executable, "-m", "mlp.cli", "quota", "set", user_id, "--tokens-per-day", "0"],
+        [sys.executable, "-m", "ops.cli", "quota", "set", user_id, "--tokens-per-day", "0"],
         env=platform.env,
         check=True,
         capture_output=True,

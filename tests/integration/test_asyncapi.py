@@ -28,7 +28,7 @@ from events.model import (
     utc_now,
 )
 from events.topology import EVENT_KINDS, EVENTS_EXCHANGE, REQUESTS_QUEUE_PREFIX
-from mlp import docs
+from ops import docs
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ def test_faststream_cli_generates_the_same_document(tmp_path: Path, generated: s
     env = {k: v for k, v in env.items() if not k.startswith("MLP_")}
     faststream = Path(sys.executable).with_name("faststream")
     result = subprocess.run(
-        [str(faststream), "docs", "gen", "mlp.docs:app", "--yaml", "--out", str(out)],
+        [str(faststream), "docs", "gen", "ops.docs:app", "--yaml", "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -8,7 +8,7 @@ from dataclasses import replace
 import msgspec
 import pytest
 
-from mlp.bench_stats import Baseline, Counts, Report, compute_ratios, percentile, render_table, summarize
+from ops.bench.stats import Baseline, Counts, Report, compute_ratios, percentile, render_table, summarize
 
 
 def test_percentiles_are_nearest_rank() -> None:

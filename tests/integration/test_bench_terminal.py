@@ -19,8 +19,8 @@ from events.model import (
     new_event_id,
     utc_now,
 )
-from mlp.bench_terminal import BATCH, TerminalTracker
 from mlp.settings import Settings
+from ops.bench.terminal import BATCH, TerminalTracker
 from projections.postgres import store_and_project
 
 pytestmark = pytest.mark.integration

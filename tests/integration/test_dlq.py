@@ -10,9 +10,9 @@ import pytest
 
 from events.model import InferenceRequested, decode_event
 from events.topology import requests_queue
-from mlp import dlq
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.settings import Settings
+from ops import dlq
 from tests.integration.test_worker_harness import queue_depth, requested, wait_queue_depth
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import redis.asyncio as redis
 from fastapi import FastAPI
 
 from mlp.settings import Settings
-from quota.cli import main as quota_cli
+from ops.quota import main as quota_cli
 from quota.service import QuotaService
 from read_api.quota_routes import router
 

@@ -16,10 +16,11 @@ from events.model import AnyEvent
 from mlp.cache import Keys, create_redis
 from mlp.db import drop_database
 from mlp.settings import Settings, get_settings
+from ops.replay import main
 from projections.migrate import migrate
 from projections.postgres import LIVE, apply_batch
 from projections.projector import UpsertRequest, plan_events
-from projections.replay import main, replay
+from projections.replay import replay
 from projections.sample_events import Outcome, request_stream
 from projections.status_cache import StatusCache, cache_update
 

@@ -72,7 +72,7 @@ async def test_mlp_triton_cli_reports_ready_and_stops_on_sigterm(tmp_path: Path)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mlp.cli",
+        "ops.cli",
         "triton",
         f"--http-port={ports.http}",
         f"--grpc-port={ports.grpc}",

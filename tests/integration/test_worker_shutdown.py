@@ -103,7 +103,7 @@ def test_mlp_worker_exits_0_on_sigterm(
         "MLP_MODELS": "slow-model",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlp.cli", "worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "ops.cli", "worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
         deadline = time.monotonic() + 120

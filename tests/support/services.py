@@ -1,6 +1,6 @@
 """The platform's services as real processes for e2e and fault tests: start, wait ready, stop, kill.
 
-Each service runs as ``python -m mlp.cli <service>`` with the test namespace's environment and
+Each service runs as ``python -m ops.cli <service>`` with the test namespace's environment and
 free ports, logging to a file whose tail is shown when something goes wrong.
 """
 
@@ -103,7 +103,7 @@ class Platform:
         port = int(self.env[ports[name]])
         return ServiceProcess(
             name=name,
-            argv=[sys.executable, "-m", "mlp.cli", name],
+            argv=[sys.executable, "-m", "ops.cli", name],
             env=self.env,
             ready_url=f"http://127.0.0.1:{port}{path}",
             log_path=self.workdir / f"{name}.log",
@@ -148,7 +148,7 @@ def running_platform(
 ) -> Iterator[Platform]:
     """Migrate the namespace's database, then run the given services until the context ends."""
     env = platform_env(namespace, triton_grpc_url, extra_env)
-    subprocess.run([sys.executable, "-m", "mlp.cli", "migrate"], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "ops.cli", "migrate"], env=env, check=True, capture_output=True)
     with tempfile.TemporaryDirectory(prefix="mlp-e2e-") as tmp:
         platform = Platform(
             namespace=namespace,

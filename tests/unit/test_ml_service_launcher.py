@@ -27,9 +27,9 @@ from ml_service.launcher import (
     TritonProcess,
     check_options,
     default_model_repository,
-    main,
     server_command,
 )
+from ops.triton import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

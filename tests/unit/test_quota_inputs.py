@@ -6,7 +6,7 @@ from datetime import date
 
 import pytest
 
-from quota.cli import build_parser, main
+from ops.quota import build_parser, main
 from read_api.quota_routes import DateRangeError, date_range
 
 TODAY = date(2025, 6, 15)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlp.dlq import REPLAY_HEADER, dead_letter_queues, describe, original_routing_key, replay_headers
+from ops.dlq import REPLAY_HEADER, dead_letter_queues, describe, original_routing_key, replay_headers
 
 DEATH = {
     "x-death": [

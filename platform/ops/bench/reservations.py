@@ -3,7 +3,7 @@
 The INCRBY loop is the seed's (non-atomic, unchecked) counter: the floor of what one Redis round
 trip costs. The ratio says what atomicity, idempotency and expiry cost on top of it.
 
-``await bench_reservations(settings)`` (for ``mlp bench``) or ``python -m quota.bench``.
+``await bench_reservations(settings)`` (for ``mlp bench``) or ``python -m ops.bench.reservations``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ async def bench_reservations(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quota.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.reservations", description=__doc__)
     parser.add_argument("--operations", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args(argv)

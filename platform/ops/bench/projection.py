@@ -1,6 +1,6 @@
 """Throughput of the Postgres projection: batched (one transaction per batch) vs one event at a time.
 
-Usage: ``python -m projections.bench_projection [--requests N] [--batch B]`` (against MLP_POSTGRES_DSN's
+Usage: ``python -m ops.bench.projection [--requests N] [--batch B]`` (against MLP_POSTGRES_DSN's
 server; it creates and drops a scratch database of its own). Both runs store and project the same
 kind of stream (Requested, Started, Completed per request, in a shuffled order) into the same
 database, so the numbers are comparable. ``bench`` is importable (``mlp bench`` may call it).

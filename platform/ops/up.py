@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from mlp.settings import Settings, get_settings
+from projections.migrate import migrate
 
 _START_HINTS = {
     "RabbitMQ": "rabbitmq-server -detached   (or: docker compose up -d rabbitmq)",
@@ -156,7 +157,7 @@ async def _stop(child: Child, grace_s: float) -> None:
 
 
 def plan(settings: Settings, start_triton: bool) -> list[Child]:
-    mlp = [sys.executable, "-m", "mlp.cli"]
+    mlp = [sys.executable, "-m", "ops.cli"]
     health = f"http://{settings.health_host}"
     _, grpc_port = _endpoint(settings.triton_url, 8001)
     children = []
@@ -216,7 +217,6 @@ async def run(settings: Settings, *, start_triton: bool | None, ready_timeout_s:
     if problems:
         print("mlp up: cannot start, a data service is down:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
-    from projections.migrate import migrate
 
     applied = await migrate(settings.postgres_dsn)
     print(f"migrations: database {settings.redacted(settings.postgres_dsn)} up to date ({len(applied)} applied)")

@@ -24,7 +24,7 @@ from typing import Final
 import aiohttp
 
 from mlp.settings import Settings
-from mlp.up import stop_process
+from ops.up import stop_process
 
 # environment variable -> Settings field, for every port the spawned services listen on
 _PORTS = {
@@ -103,15 +103,15 @@ def _tree_cpu_seconds(pid: int) -> float:
 
 
 def service_cpu_seconds(up_pid: int) -> dict[str, float]:
-    """Per service started by ``mlp up`` (``python -m mlp.cli <service>``): CPU seconds so far."""
+    """Per service started by ``mlp up`` (``python -m ops.cli <service>``): CPU seconds so far."""
     used: dict[str, float] = {}
     for child in _children(up_pid):
         try:
             argv = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if "mlp.cli" in argv and argv.index("mlp.cli") + 1 < len(argv):
-            used[argv[argv.index("mlp.cli") + 1]] = _tree_cpu_seconds(child)
+        if "ops.cli" in argv and argv.index("ops.cli") + 1 < len(argv):
+            used[argv[argv.index("ops.cli") + 1]] = _tree_cpu_seconds(child)
     return used
 
 
@@ -177,7 +177,7 @@ async def spawned_platform(
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "mlp.cli",
+                "ops.cli",
                 "up",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,

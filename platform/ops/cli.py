@@ -1,7 +1,8 @@
 """The ``mlp`` command: one entry point for every service and operation.
 
-Each subcommand lives in the module that owns it and parses its own arguments, so the
-CLI stays a thin dispatcher (and starting one service never imports the others).
+Services are started through their own composition roots (``<service>.main``); every operator command
+lives in ``ops/`` and parses its own arguments, so the CLI stays a thin dispatcher (and starting one
+service never imports the others).
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from collections.abc import Callable, Sequence
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "up": ("mlp.up", "main", "run everything locally: migrations, Triton and the four services"),
+    "up": ("ops.up", "main", "run everything locally: migrations, Triton and the four services"),
     "gateway": ("api_gateway.main", "main", "run the API gateway (HTTP :8080)"),
     "worker": ("ml_worker.main", "main", "run an ML worker (consumes requests, calls Triton)"),
     "collector": ("results_collector.main", "main", "run the results collector (projections)"),
     "api": ("read_api.main", "main", "run the read API (HTTP :8081)"),
-    "triton": ("ml_service.launcher", "main", "run the local Triton server on triton_models/"),
-    "migrate": ("projections.migrate_cli", "main", "apply database migrations (creates the database)"),
-    "replay": ("projections.replay", "main", "rebuild the read models and Redis state from the event store"),
-    "quota": ("quota.cli", "main", "show or set a user's quota plan and limits"),
-    "dlq": ("mlp.dlq", "main", "list or re-drive dead-lettered messages"),
-    "bench": ("mlp.bench", "main", "benchmark the platform end to end"),
-    "docs": ("mlp.docs", "main", "generate, check or serve the event bus contract (AsyncAPI)"),
+    "triton": ("ops.triton", "main", "run the local Triton server on triton_models/"),
+    "migrate": ("ops.migrate", "main", "apply database migrations (creates the database)"),
+    "replay": ("ops.replay", "main", "rebuild the read models and Redis state from the event store"),
+    "quota": ("ops.quota", "main", "show or set a user's quota plan and limits"),
+    "dlq": ("ops.dlq", "main", "list or re-drive dead-lettered messages"),
+    "bench": ("ops.bench.main", "main", "benchmark the platform end to end"),
+    "docs": ("ops.docs", "main", "generate, check or serve the event bus contract (AsyncAPI)"),
 }
 
 

@@ -24,10 +24,10 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from events.model import InferenceRequested, encode_event, new_event_id, utc_now
 from ml_service.client import TritonClient, TritonError
-from mlp.bench_stats import Baseline, per_second, summarize
+from ops.bench.stats import Baseline, per_second, summarize
 
 CALL_TIMEOUT_S: Final = 10.0
-RTT_QUEUE_PREFIX: Final = "mlp.bench.rtt."
+RTT_QUEUE_PREFIX: Final = "ops.bench.main.rtt."
 
 
 async def closed_loop(

@@ -28,10 +28,11 @@ import aiohttp
 import asyncpg
 import msgspec
 
-from mlp.bench_baselines import broker_round_trip, sample_event_body, triton_direct
-from mlp.bench_load import LoadPlan, LoadRunner, LoadStats, encode_body, new_session
-from mlp.bench_spawn import SpawnError, spawned_platform
-from mlp.bench_stats import (
+from mlp.settings import Settings
+from ops.bench.baselines import broker_round_trip, sample_event_body, triton_direct
+from ops.bench.load import LoadPlan, LoadRunner, LoadStats, encode_body, new_session
+from ops.bench.spawn import SpawnError, spawned_platform
+from ops.bench.stats import (
     Baseline,
     Counts,
     Report,
@@ -41,8 +42,9 @@ from mlp.bench_stats import (
     render_table,
     summarize,
 )
-from mlp.bench_terminal import TerminalTracker
-from mlp.settings import Settings
+from ops.bench.terminal import TerminalTracker
+from quota import store
+from quota.plans import Overrides
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # A limit no benchmark reaches (the quota scripts count in doubles: below 2**53).
@@ -134,8 +136,6 @@ class Progress:
 
 async def raise_quota(settings: Settings, user_id: str) -> None:
     """Give the benchmark user limits no run reaches (the gateway sees them within its cache time)."""
-    from quota import store
-    from quota.plans import Overrides
 
     overrides = Overrides(
         tokens_per_day=UNLIMITED,

@@ -6,7 +6,7 @@ events (the worker publishes them through ``mlp.bus.EventPublisher``, which Fast
 FastStream documents payloads through pydantic, which does not understand msgspec Structs, so one pure
 post-processing step (``contract``) replaces its placeholder messages with the events' msgspec JSON
 Schemas, names channels and messages after the events, declares the ``{model}``/``{user_id}`` channel
-parameters and adds an example of every event. ``faststream docs gen mlp.docs:app --yaml`` and
+parameters and adds an example of every event. ``faststream docs gen ops.docs:app --yaml`` and
 ``mlp docs gen`` write the same text; ``tests/integration/test_asyncapi.py`` keeps
 ``docs/asyncapi.yaml`` equal to it.
 """
@@ -40,7 +40,9 @@ from events.model import (
     InferenceStarted,
 )
 from events.topology import EVENT_KINDS, EVENTS_EXCHANGE, REQUESTS_QUEUE_PREFIX
+from ml_worker.main import build_worker  # the worker's composition root; imported only to document it
 from mlp.bus import EVENTS
+from mlp.settings import Settings
 
 TITLE: Final = "inference-platform event bus"
 # No credentials, no real host: where the broker lives is a deployment fact (see docs/bus.md).
@@ -161,8 +163,6 @@ def _outcome_channel(event_type: type[Event]) -> str:
 
 def contract_broker() -> RabbitBroker:
     """The worker's broker (never connected) plus documentation-only publishers of the outcomes."""
-    from ml_worker.main import build_worker  # the worker's composition root; imported only to document it
-    from mlp.settings import Settings
 
     settings = Settings(environment="development", rabbitmq_url=DOCUMENTED_SERVER_URL, models=(MODEL_PARAMETER,))
     broker = build_worker(settings, (MODEL_PARAMETER,)).broker
@@ -235,7 +235,7 @@ def _classify(channel: Mapping[str, Any]) -> type[Event]:
     for event_type in OUTCOME_EVENTS:
         if channel.get("address", "").startswith(_outcome_channel(event_type) + "."):
             return event_type
-    raise ValueError(f"the generated document has a channel mlp.docs does not know: {channel.get('address')!r}")
+    raise ValueError(f"the generated document has a channel ops.docs does not know: {channel.get('address')!r}")
 
 
 def contract(raw: Mapping[str, Any], version: str) -> dict[str, Any]:
@@ -295,7 +295,7 @@ def contract(raw: Mapping[str, Any], version: str) -> dict[str, Any]:
     }
 
 
-# --- FastStream integration: `faststream docs gen mlp.docs:app --yaml` gives the same text ----
+# --- FastStream integration: `faststream docs gen ops.docs:app --yaml` gives the same text ----
 
 
 @dataclass(frozen=True)
@@ -364,7 +364,7 @@ def render(fmt: str = "yaml") -> str:
 
 
 def __getattr__(name: str) -> Any:
-    # ``app`` is built on first access (``faststream docs gen mlp.docs:app``), not at every import.
+    # ``app`` is built on first access (``faststream docs gen ops.docs:app``), not at every import.
     if name == "app":
         return build_app()
     raise AttributeError(name)

@@ -60,7 +60,7 @@ def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], reques
     return {name: (after[name] - before[name]) * 1000.0 / requests for name in after if name in before}
 
 
-# Labels of the shared data services in service_cpu_ms_per_request (mlp.bench_spawn.DATA_SERVICES).
+# Labels of the shared data services in service_cpu_ms_per_request (ops.bench.spawn.DATA_SERVICES).
 DATA_SERVICE_LABELS: Final = frozenset({"rabbitmq", "postgres", "redis"})
 
 
