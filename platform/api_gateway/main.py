@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from api_gateway.auth import parse_api_keys
+from api_gateway.deps import GatewayDeps
 from api_gateway.routes import count_invalid_body, router
 from api_gateway.submit import SubmitService
 from mlp import telemetry
@@ -35,13 +36,10 @@ def create_app(settings: Settings) -> FastAPI:
         redis_client = create_redis(settings)
         pool = await create_pool(settings, max_size=5)
         quota = QuotaService(pool, redis_client, settings)
-        app.state.settings = settings
-        app.state.api_keys = parse_api_keys(settings.api_keys)
-        app.state.submit = SubmitService(
-            settings,
-            EventPublisher(broker, settings.publish_timeout_s),
-            quota,
-            redis_client,
+        app.state.deps = GatewayDeps(
+            settings=settings,
+            submit=SubmitService(settings, EventPublisher(broker, settings.publish_timeout_s), quota, redis_client),
+            api_keys=parse_api_keys(settings.api_keys),
         )
         app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
         try:

@@ -12,13 +12,13 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 
 from api_gateway.auth import AuthError, resolve_user
+from api_gateway.deps import ApiKeysDep, SettingsDep, SubmitDep
 from api_gateway.schemas import ErrorBody, InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
     BrokerUnavailable,
     IdempotencyConflict,
     InputTooLarge,
     QuotaExceeded,
-    SubmitService,
     UnknownModel,
 )
 from mlp import metrics, telemetry
@@ -61,15 +61,16 @@ async def count_invalid_body(request: Request, exc: Exception) -> Response:
 @router.post(SUBMIT_PATH, status_code=202, response_model=InferenceAccepted, responses=_ERRORS)
 async def submit_inference(
     body: InferenceSubmit,
-    request: Request,
+    service: SubmitDep,
+    settings: SettingsDep,
+    api_keys: ApiKeysDep,
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> InferenceAccepted | JSONResponse:
-    service: SubmitService = request.app.state.submit
     presented = x_api_key or (authorization.removeprefix("Bearer ").strip() if authorization else None)
     try:
-        user_id = resolve_user(request.app.state.api_keys, presented, body.user_id)
+        user_id = resolve_user(api_keys, presented, body.user_id)
         accepted = await service.submit(
             user_id=user_id,
             model=body.model,
@@ -104,7 +105,7 @@ async def submit_inference(
         return _refused("quota_unavailable", 503, "dependency_unavailable", detail, {"Retry-After": "5"})
     if not accepted.replayed:  # an Idempotency-Key replay is the same request, counted once
         metrics.REQUESTS_ACCEPTED.labels(model=body.model).inc()
-    base = request.app.state.settings.public_base_url.rstrip("/")
+    base = settings.public_base_url.rstrip("/")
     return InferenceAccepted(
         request_id=accepted.request_id, status_url=f"{base}/api/v1/inference/{accepted.request_id}"
     )

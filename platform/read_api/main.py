@@ -16,6 +16,7 @@ from mlp.settings import Settings
 from projections.status_cache import StatusCache
 from quota.service import QuotaService
 from read_api import metrics_routes, quota_routes, requests_routes
+from read_api.deps import ReadApiDeps
 from read_api.terminal_waits import TerminalWaits
 
 SERVICE = "read-api"
@@ -29,18 +30,21 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis_client = create_redis(settings)
         pool = await create_pool(settings, max_size=10)
-        app.state.settings = settings
-        app.state.pool = pool
-        app.state.redis = redis_client
-        app.state.status_cache = StatusCache(redis_client, Keys(settings.redis_prefix))
-        app.state.terminal_waits = TerminalWaits(redis_client, app.state.status_cache)
-        app.state.terminal_waits.start()
-        app.state.quota = QuotaService(pool, redis_client, settings)
+        status_cache = StatusCache(redis_client, Keys(settings.redis_prefix))
+        terminal_waits = TerminalWaits(redis_client, status_cache)
+        terminal_waits.start()
+        app.state.deps = ReadApiDeps(
+            settings=settings,
+            pool=pool,
+            status_cache=status_cache,
+            terminal_waits=terminal_waits,
+            quota=QuotaService(pool, redis_client, settings),
+        )
         app.state.readiness = dependency_checks(pool=pool, redis_client=redis_client)
         try:
             yield
         finally:
-            await app.state.terminal_waits.close()
+            await terminal_waits.close()
             await redis_client.aclose()
             await pool.close()
             tel.shutdown()

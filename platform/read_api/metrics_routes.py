@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
+
+from read_api.deps import PoolDep
 
 router = APIRouter()
 
@@ -21,8 +23,8 @@ WHERE occurred_at > now() - interval '60 seconds' AND ($1::text IS NULL OR model
 
 @router.get("/api/v1/metrics/token-rate")
 async def token_rate(
-    request: Request,
+    pool: PoolDep,
     model: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] = None,
 ) -> dict[str, int]:
-    tokens = await request.app.state.pool.fetchval(_TOKENS_LAST_MINUTE, model)
+    tokens = await pool.fetchval(_TOKENS_LAST_MINUTE, model)
     return {"tokens_per_minute": int(tokens)}

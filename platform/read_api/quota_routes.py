@@ -5,7 +5,7 @@ resets_at, from the Redis ledger (rebuilt from Postgres first if Redis lost it).
 ``GET /api/v1/users/{user_id}/usage?from=YYYY-MM-DD&to=YYYY-MM-DD``: per-day, per-model token
 totals from Postgres ``token_usage_daily``.
 
-Dependencies come from ``request.app.state.quota`` (QuotaService) and ``request.app.state.pool``.
+Dependencies (QuotaService, the pool) come typed from ``read_api.deps``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from datetime import date, datetime, timedelta
 from typing import Annotated, Final
 
 import asyncpg
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from events.model import utc_now
 from quota import store
 from quota.ledger import QuotaUnavailable
 from quota.plans import USER_ID, day_of
-from quota.service import QuotaService, QuotaView
+from quota.service import QuotaView
+from read_api.deps import PoolDep, QuotaDep
 
 router = APIRouter(tags=["quota"])
 
@@ -120,8 +121,7 @@ def _unavailable(exc: Exception) -> HTTPException:
 
 
 @router.get("/api/v1/users/{user_id}/quota", response_model=QuotaOut)
-async def get_quota(request: Request, user_id: UserId) -> QuotaOut:
-    quota: QuotaService = request.app.state.quota
+async def get_quota(user_id: UserId, quota: QuotaDep) -> QuotaOut:
     try:
         view = await quota.view(user_id)
     except QuotaUnavailable as exc:
@@ -131,8 +131,8 @@ async def get_quota(request: Request, user_id: UserId) -> QuotaOut:
 
 @router.get("/api/v1/users/{user_id}/usage", response_model=UsageOut)
 async def get_usage(
-    request: Request,
     user_id: UserId,
+    pool: PoolDep,
     first: Annotated[str | None, Query(alias="from", max_length=10, description="first day, YYYY-MM-DD")] = None,
     last: Annotated[str | None, Query(alias="to", max_length=10, description="last day, YYYY-MM-DD")] = None,
 ) -> UsageOut:
@@ -140,7 +140,6 @@ async def get_usage(
         start, end = date_range(first, last, day_of(utc_now()))
     except DateRangeError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
-    pool: asyncpg.Pool = request.app.state.pool
     try:
         rows = await store.daily_usage(pool, user_id, start, end)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:

@@ -13,7 +13,7 @@ import time
 from typing import Annotated
 
 import asyncpg
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 from msgspec import json as msgspec_json
 from redis.exceptions import RedisError
@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from events.status import TERMINAL_STATUSES
 from projections.queries import RequestView, get_request
 from projections.status_cache import StatusCache
-from read_api.terminal_waits import TerminalWaits
+from read_api.deps import PoolDep, SettingsDep, StatusCacheDep, TerminalWaitsDep
 
 router = APIRouter()
 _encoder = msgspec_json.Encoder()
@@ -44,16 +44,17 @@ _RECHECK_S = 0.5
 
 @router.get("/api/v1/inference/{request_id}")
 async def get_inference(
-    request: Request,
     request_id: RequestId,
+    settings: SettingsDep,
+    pool: PoolDep,
+    cache: StatusCacheDep,
+    waits: TerminalWaitsDep,
     wait: Annotated[float, Query(ge=0, description="seconds to wait for a terminal state")] = 0.0,
 ) -> Response:
-    state = request.app.state
-    deadline = time.monotonic() + min(wait, state.settings.max_wait_s)
-    waits: TerminalWaits = state.terminal_waits
+    deadline = time.monotonic() + min(wait, settings.max_wait_s)
     with waits.watching(request_id) as turned_terminal:
         while True:
-            view = await load_view(state.status_cache, state.pool, request_id)
+            view = await load_view(cache, pool, request_id)
             left = deadline - time.monotonic()
             if view is not None and (view.status in TERMINAL_STATUSES or left <= 0):
                 break

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from mlp.settings import Settings
 from ops.quota import main as quota_cli
 from quota.service import QuotaService
+from read_api.deps import pool_of, quota_of
 from read_api.quota_routes import router
 
 pytestmark = pytest.mark.integration
@@ -32,8 +33,8 @@ def quota(pool: asyncpg.Pool, client: redis.Redis, migrated: Settings) -> QuotaS
 async def http(quota: QuotaService, pool: asyncpg.Pool) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI()
     app.include_router(router)
-    app.state.quota = quota
-    app.state.pool = pool
+    app.dependency_overrides[quota_of] = lambda: quota
+    app.dependency_overrides[pool_of] = lambda: pool
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         yield http
 

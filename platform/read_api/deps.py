@@ -1,0 +1,59 @@
+"""What the read API's routes depend on, typed: ``Annotated[..., Depends(...)]`` aliases over the lifespan's objects.
+
+The lifespan builds one ``ReadApiDeps`` and stores it on ``app.state``; routes name the part they need
+(``pool: PoolDep``) instead of reading untyped ``request.app.state`` attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import asyncpg
+from fastapi import Depends, Request
+
+from mlp.settings import Settings
+from projections.status_cache import StatusCache
+from quota.service import QuotaService
+from read_api.terminal_waits import TerminalWaits
+
+
+@dataclass(frozen=True, slots=True)
+class ReadApiDeps:
+    settings: Settings
+    pool: asyncpg.Pool
+    status_cache: StatusCache
+    terminal_waits: TerminalWaits
+    quota: QuotaService
+
+
+def get_deps(request: Request) -> ReadApiDeps:
+    deps: ReadApiDeps = request.app.state.deps
+    return deps
+
+
+def settings_of(request: Request) -> Settings:
+    return get_deps(request).settings
+
+
+def pool_of(request: Request) -> asyncpg.Pool:
+    return get_deps(request).pool
+
+
+def status_cache_of(request: Request) -> StatusCache:
+    return get_deps(request).status_cache
+
+
+def terminal_waits_of(request: Request) -> TerminalWaits:
+    return get_deps(request).terminal_waits
+
+
+def quota_of(request: Request) -> QuotaService:
+    return get_deps(request).quota
+
+
+SettingsDep = Annotated[Settings, Depends(settings_of)]
+PoolDep = Annotated[asyncpg.Pool, Depends(pool_of)]
+StatusCacheDep = Annotated[StatusCache, Depends(status_cache_of)]
+TerminalWaitsDep = Annotated[TerminalWaits, Depends(terminal_waits_of)]
+QuotaDep = Annotated[QuotaService, Depends(quota_of)]
