@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-_CONTEXTS = {"events", "mlp", "projections", "quota", "ml_service"}
+_CONTEXTS = {"events", "mlp", "projections", "quota", "ml_service", "tenancy"}
 # package -> the first-party packages it may import (besides itself)
 FLOORS: dict[str, set[str]] = {
     "events": set(),  # the domain language: imports nothing of ours
@@ -21,6 +21,7 @@ FLOORS: dict[str, set[str]] = {
     "projections": {"events", "mlp"},
     "ml_service": {"events", "mlp"},
     "quota": {"events", "mlp", "projections"},  # composes the status cache's Lua fragments
+    "tenancy": {"events", "mlp"},
     # services: contexts and plumbing, never another service
     "api_gateway": _CONTEXTS,
     "ml_worker": _CONTEXTS,
