@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Protocol
@@ -27,8 +26,9 @@ from events.model import (
     InferenceRequested,
     InferenceStarted,
 )
+from events.request_rules import RequestLimits
 from ml_worker import decide
-from ml_worker.decide import Commit, Limits, Outcome, Release, TritonOutcome
+from ml_worker.decide import Commit, Outcome, Release, TritonOutcome
 from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
 from ml_worker.metrics import REDELIVERIES
 from ml_worker.tracing import record_outcome, request_span, with_worker_traceparent
@@ -99,7 +99,9 @@ class WorkerDeps:
 
 
 class RequestHandler:
-    def __init__(self, deps: WorkerDeps, limits: Limits, worker_id: str, *, started_after_s: float = 0.0) -> None:
+    def __init__(
+        self, deps: WorkerDeps, limits: RequestLimits, worker_id: str, *, started_after_s: float = 0.0
+    ) -> None:
         self._deps = deps
         self._limits = limits
         self._worker_id = worker_id
@@ -283,10 +285,6 @@ class RequestHandler:
     def _model_label(self, model: str | None) -> str:
         # Label values come from the bus: only served models, never arbitrary strings.
         return model if model is not None and model in self._limits.models else "other"
-
-
-def limits_of(models: Collection[str], max_prompt_chars: int, max_tokens_limit: int) -> Limits:
-    return Limits(models=frozenset(models), max_prompt_chars=max_prompt_chars, max_tokens_limit=max_tokens_limit)
 
 
 def _delivery(message: RabbitMessage) -> Delivery:

@@ -9,6 +9,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
+from events.request_rules import MODEL_NAME_PATTERN
+
 router = APIRouter()
 
 # From the ledger (the truth): tokens of requests completed in the last 60 seconds.
@@ -22,7 +24,7 @@ WHERE occurred_at > now() - interval '60 seconds' AND ($1::text IS NULL OR model
 @router.get("/api/v1/metrics/token-rate")
 async def token_rate(
     request: Request,
-    model: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] = None,
+    model: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN)] = None,
 ) -> dict[str, int]:
     tokens = await request.app.state.pool.fetchval(_TOKENS_LAST_MINUTE, model)
     return {"tokens_per_minute": int(tokens)}

@@ -19,9 +19,10 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from events.model import utc_now
+from events.request_rules import IDENTIFIER_PATTERN
 from quota import store
 from quota.ledger import QuotaUnavailable
-from quota.plans import USER_ID, day_of
+from quota.plans import day_of
 from quota.service import QuotaService, QuotaView
 
 router = APIRouter(tags=["quota"])
@@ -30,7 +31,7 @@ MAX_USAGE_RANGE_DAYS: Final = 366
 DEFAULT_USAGE_RANGE_DAYS: Final = 30
 _ISO_DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
-UserId = Annotated[str, Path(pattern=USER_ID.pattern, description="the user's id")]
+UserId = Annotated[str, Path(pattern=IDENTIFIER_PATTERN, description="the user's id")]
 
 
 class WindowOut(BaseModel):

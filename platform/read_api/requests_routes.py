@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from msgspec import json as msgspec_json
 from redis.exceptions import RedisError
 
+from events.request_rules import IDENTIFIER_PATTERN
 from events.status import TERMINAL_STATUSES
 from projections.queries import RequestView, get_request
 from projections.status_cache import StatusCache
@@ -25,7 +26,7 @@ from read_api.terminal_waits import TerminalWaits
 
 router = APIRouter()
 _encoder = msgspec_json.Encoder()
-RequestId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_\-:@]{1,128}$")]
+RequestId = Annotated[str, Path(pattern=IDENTIFIER_PATTERN)]
 
 
 async def load_view(cache: StatusCache, pool: asyncpg.Pool, request_id: str) -> RequestView | None:
