@@ -33,6 +33,7 @@ from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
 from ml_worker.metrics import REDELIVERIES
 from ml_worker.tracing import record_outcome, request_span, with_worker_traceparent
 from mlp import metrics
+from mlp.backoff import Backoff
 from mlp.bus import PublishError
 from mlp.cache import Keys
 from mlp.logs import bind_request_id
@@ -52,7 +53,8 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     ConnectionError,
     TimeoutError,
 )
-TRANSIENT_BACKOFF_S: Final = (0.5, 1.0, 2.0, 4.0, 5.0)
+# 0.5, 1, 2, 4, then 5 s between tries.
+TRANSIENT_BACKOFF: Final = Backoff(base_s=0.5, cap_s=5.0)
 # About two and a half minutes of waiting before the message is requeued after all.
 TRANSIENT_MAX_TRIES: Final = 32
 
@@ -144,7 +146,7 @@ class RequestHandler:
                     log.warning("request %s: %s; requeueing", parsed.request_id, _describe(exc))
                     await _requeue(message, self._model_label(parsed.model))
                     return
-                delay = TRANSIENT_BACKOFF_S[min(tries, len(TRANSIENT_BACKOFF_S)) - 1]
+                delay = TRANSIENT_BACKOFF.delay(tries - 1)
                 log.warning("request %s: %s; retrying in %.1fs", parsed.request_id, _describe(exc), delay)
                 await asyncio.sleep(delay)
             except Exception as exc:

@@ -24,10 +24,11 @@ from opentelemetry.trace import SpanContext
 
 from events.model import AnyEvent, EventDecodeError, decode_event
 from mlp import metrics as platform_metrics
+from mlp.backoff import Backoff
 from projections.postgres import is_permanent, store_and_project
 from projections.projector import invalid_reason
 from results_collector import metrics
-from results_collector.batcher import Backoff, Batcher, ItemFailed, ShuttingDown
+from results_collector.batcher import WRITE_BACKOFF, Batcher, ItemFailed, ShuttingDown
 from results_collector.cache_sync import CacheSync
 from results_collector.follow_up import FollowUp
 from results_collector.guards import routing_mismatch
@@ -61,7 +62,7 @@ class Collector:
         *,
         batch_size: int,
         batch_wait_s: float,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = WRITE_BACKOFF,
         follow_up: FollowUp | None = None,
     ) -> None:
         self._pool = pool
