@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Protocol
 
-import asyncpg
-import redis.exceptions
 from faststream.rabbit import RabbitMessage
 
 from events.model import (
@@ -41,15 +39,12 @@ from quota.ledger import QuotaUnavailable
 
 log = logging.getLogger(__name__)
 
-# A dependency outage (Redis, Postgres, an unconfirmed publish) is waited out in process
-# instead of requeueing at once: every requeue spends one of the message's few deliveries.
+# A dependency outage (an unconfirmed publish; Redis or Postgres, which the quota adapters report
+# as QuotaUnavailable) is waited out in process instead of requeueing at once: every requeue
+# spends one of the message's few deliveries.
 TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     PublishError,
     QuotaUnavailable,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
     ConnectionError,
     TimeoutError,
 )

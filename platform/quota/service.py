@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 import asyncpg
 import redis.asyncio as redis
@@ -241,6 +241,13 @@ class QuotaService:
         await self.ledger.release(request_id, self._clock())
 
     # --- read API -------------------------------------------------------------------------------
+
+    async def daily_usage(self, user_id: str, first: date, last: date) -> list[store.DailyUsage]:
+        """Per-day, per-model token totals from the ledger (Postgres), ``first`` to ``last`` inclusive."""
+        try:
+            return await store.daily_usage(self._pool, user_id, first, last)
+        except _DB_ERRORS as exc:
+            raise QuotaUnavailable(f"cannot read usage: {type(exc).__name__}: {exc}") from exc
 
     async def view(self, user_id: str) -> QuotaView:
         limits = await self.limits_for(user_id)

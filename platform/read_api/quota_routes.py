@@ -5,7 +5,7 @@ resets_at, from the Redis ledger (rebuilt from Postgres first if Redis lost it).
 ``GET /api/v1/users/{user_id}/usage?from=YYYY-MM-DD&to=YYYY-MM-DD``: per-day, per-model token
 totals from Postgres ``token_usage_daily``.
 
-Dependencies come from ``request.app.state.quota`` (QuotaService) and ``request.app.state.pool``.
+The one dependency is ``request.app.state.quota`` (QuotaService); its errors are the quota context's.
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ import re
 from datetime import date, datetime, timedelta
 from typing import Annotated, Final
 
-import asyncpg
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from events.model import utc_now
 from events.request_rules import IDENTIFIER_PATTERN
-from quota import store
 from quota.ledger import QuotaUnavailable
 from quota.plans import day_of
 from quota.service import QuotaService, QuotaView
@@ -141,10 +139,10 @@ async def get_usage(
         start, end = date_range(first, last, day_of(utc_now()))
     except DateRangeError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
-    pool: asyncpg.Pool = request.app.state.pool
+    quota: QuotaService = request.app.state.quota
     try:
-        rows = await store.daily_usage(pool, user_id, start, end)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        rows = await quota.daily_usage(user_id, start, end)
+    except QuotaUnavailable as exc:
         raise _unavailable(exc) from exc
     days = [DayUsageOut.model_validate(r) for r in rows]
     totals = UsageTotalsOut(

@@ -16,12 +16,11 @@ import asyncpg
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from msgspec import json as msgspec_json
-from redis.exceptions import RedisError
 
 from events.request_rules import IDENTIFIER_PATTERN
 from events.status import TERMINAL_STATUSES
 from projections.queries import RequestView, get_request
-from projections.status_cache import StatusCache
+from projections.status_cache import StatusCache, StatusCacheUnavailable
 from read_api.terminal_waits import TerminalWaits
 
 router = APIRouter()
@@ -32,7 +31,7 @@ RequestId = Annotated[str, Path(pattern=IDENTIFIER_PATTERN)]
 async def load_view(cache: StatusCache, pool: asyncpg.Pool, request_id: str) -> RequestView | None:
     try:
         cached = await cache.get(request_id)
-    except RedisError:  # Redis down or restarting: Postgres, the truth, answers (fault test 4)
+    except StatusCacheUnavailable:  # Redis down or restarting: Postgres, the truth, answers (fault test 4)
         cached = None
     if cached is not None:
         return RequestView.from_cache(request_id, cached)

@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanContext
 from events.model import AnyEvent, EventDecodeError, decode_event
 from mlp import metrics as platform_metrics
 from mlp.backoff import Backoff
-from projections.postgres import is_permanent, store_and_project
+from projections.postgres import is_transient, store_and_project
 from projections.projector import invalid_reason
 from results_collector import metrics
 from results_collector.batcher import WRITE_BACKOFF, Batcher, ItemFailed, ShuttingDown
@@ -43,13 +43,6 @@ class Incoming:
     body: bytes  # stored verbatim: fields of a newer schema survive in the event store
     # The span its projection span goes under (the consumer's process span); None when tracing is off.
     trace_parent: SpanContext | None = None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the database (or the way to it) failed, not the data."""
-    if is_permanent(exc):
-        return False
-    return isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError)
 
 
 class Collector:
