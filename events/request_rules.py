@@ -86,9 +86,14 @@ def check_request(*, model: str, prompt: str, max_tokens: int, limits: RequestLi
         return Rejection("invalid_request", f"max_tokens is {max_tokens}; it must be at least {MIN_MAX_TOKENS}")
     if max_tokens > limits.max_tokens_limit:
         return Rejection("max_tokens_too_large", f"max_tokens is {max_tokens}; the limit is {limits.max_tokens_limit}")
-    plan_limit = limits.max_tokens_per_request
-    if plan_limit is not None and max_tokens > plan_limit:
-        return Rejection(
-            "max_tokens_too_large", f"max_tokens is {max_tokens}; the plan allows {plan_limit} per request"
-        )
+    if limits.max_tokens_per_request is not None:
+        return check_max_tokens_per_request(max_tokens, limits.max_tokens_per_request)
     return None
+
+
+def check_max_tokens_per_request(max_tokens: int, limit: int, plan: str | None = None) -> Rejection | None:
+    """A plan's per-request ceiling (quota.plans.Limits.max_tokens_per_request; the quota admission applies it)."""
+    if max_tokens <= limit:
+        return None
+    whose = f"the {plan} plan's" if plan is not None else "the plan's"
+    return Rejection("max_tokens_too_large", f"max_tokens {max_tokens} exceeds {whose} limit of {limit} per request")

@@ -20,6 +20,7 @@ import asyncpg
 import redis.asyncio as redis
 
 from events.model import utc_now
+from events.request_rules import check_max_tokens_per_request
 from mlp.settings import Settings
 from quota import store
 from quota.ledger import QueuedStatus, QuotaUnavailable, RedisLedger
@@ -183,14 +184,9 @@ class QuotaService:
         max_tokens) against the remaining budget, and the requests-per-minute window. ``queued``: the
         request's first status entry, written only when admitted, in the same Redis round trip."""
         limits = await self.limits_for(user_id)
-        if max_tokens > limits.max_tokens_per_request:
-            return Admission(
-                False,
-                "max_tokens_per_request",
-                0,
-                f"max_tokens {max_tokens} exceeds the {limits.plan} plan's limit of "
-                f"{limits.max_tokens_per_request} per request",
-            )
+        too_many = check_max_tokens_per_request(max_tokens, limits.max_tokens_per_request, limits.plan)
+        if too_many is not None:
+            return Admission(False, "max_tokens_per_request", 0, too_many.message)
         now = self._clock()
         needed = max_tokens if estimate_tokens is None else estimate_tokens
         result = await self.ledger.admit(user_id, needed, limits, now, queued=queued)

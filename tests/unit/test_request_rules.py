@@ -13,6 +13,7 @@ from events.request_rules import (
     MODEL_NAME,
     Rejection,
     RequestLimits,
+    check_max_tokens_per_request,
     check_model,
     check_prompt_text,
     check_request,
@@ -81,8 +82,16 @@ def test_a_plans_per_request_ceiling_applies_only_when_known() -> None:
     rejection = check(max_tokens=21, limits=planned)
     assert rejection is not None
     assert rejection.reason == "max_tokens_too_large"
-    assert "20 per request" in rejection.message
+    assert rejection.message == "max_tokens 21 exceeds the plan's limit of 20 per request"
     assert check(max_tokens=20, limits=planned) is None
+
+
+def test_the_per_request_ceiling_names_the_plan_when_known() -> None:
+    assert check_max_tokens_per_request(600, 600, "free") is None
+    rejection = check_max_tokens_per_request(601, 600, "free")
+    assert rejection == Rejection(
+        "max_tokens_too_large", "max_tokens 601 exceeds the free plan's limit of 600 per request"
+    )
 
 
 def test_max_tokens_defaults_to_the_configured_value() -> None:
