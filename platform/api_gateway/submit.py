@@ -69,7 +69,6 @@ class SubmitService:
         quota: QuotaService,
         redis_client: redis.Redis,
     ) -> None:
-        self._settings = settings
         self._publisher = publisher
         self._quota = quota
         self._redis = redis_client
