@@ -14,11 +14,13 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from events.request_rules import IDENTIFIER_PATTERN, MIN_MAX_TOKENS, MODEL_NAME_PATTERN, RejectReason
+
 SCHEMA_VERSION: Final = 1
 
-# Identifiers travel in routing keys and URLs: no dots, wildcards or whitespace.
-Identifier = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-:@]{1,128}$")]
-ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+# The alphabets and bounds are the request rules' (events.request_rules).
+Identifier = Annotated[str, msgspec.Meta(pattern=IDENTIFIER_PATTERN)]
+ModelName = Annotated[str, msgspec.Meta(pattern=MODEL_NAME_PATTERN)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 ErrorCode = Literal[
@@ -29,13 +31,6 @@ ErrorCode = Literal[
     "poison_message",
     "delivery_limit_exceeded",
     "internal_error",
-]
-RejectReason = Literal[
-    "quota_exceeded",
-    "unknown_model",
-    "invalid_request",
-    "prompt_too_large",
-    "max_tokens_too_large",
 ]
 
 
@@ -72,7 +67,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
 
 class InferenceRequested(Event, frozen=True, kw_only=True):
     prompt: str
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)]
+    max_tokens: Annotated[int, msgspec.Meta(ge=MIN_MAX_TOKENS)]
     source: Literal["http", "bus"] = "http"
     # Trace id of the submit, stored with the request so users can open it in Jaeger.
     trace_id: str | None = None

@@ -230,3 +230,10 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
 
 def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, PERMANENT_ERRORS)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the database (or the way to it) failed, not the data."""
+    if is_permanent(exc):
+        return False
+    return isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError)

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Final, cast
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from events.model import (
     Event,
@@ -172,6 +173,10 @@ def _normalised(fields: Mapping[str, str]) -> list[str]:
     return flat
 
 
+class StatusCacheUnavailable(Exception):
+    """Redis cannot answer now (down or restarting): readers fall back to Postgres, the truth."""
+
+
 class StatusCache:
     """The request status cache. Every method is idempotent; ``advance`` never moves a status backwards."""
 
@@ -199,8 +204,12 @@ class StatusCache:
         return status_key.removeprefix(self._keys.status(""))
 
     async def get(self, request_id: str) -> dict[str, str] | None:
-        # The client decodes responses (mlp.cache.create_redis): keys and values are str.
-        found = cast(dict[str, str], await self._redis.hgetall(self._keys.status(request_id)))
+        """The request's entry, or None; ``StatusCacheUnavailable`` when Redis cannot answer."""
+        try:
+            # The client decodes responses (mlp.cache.create_redis): keys and values are str.
+            found = cast(dict[str, str], await self._redis.hgetall(self._keys.status(request_id)))
+        except RedisError as exc:
+            raise StatusCacheUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         return found or None
 
     async def advance_many(self, items: Sequence[tuple[str, str, Mapping[str, str]]]) -> None:

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Header, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from redis.exceptions import RedisError
 
 from api_gateway.auth import AuthError, resolve_user
 from api_gateway.deps import ApiKeysDep, SettingsDep, SubmitDep
@@ -17,9 +16,9 @@ from api_gateway.schemas import ErrorBody, InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
     BrokerUnavailable,
     IdempotencyConflict,
-    InputTooLarge,
     QuotaExceeded,
-    UnknownModel,
+    RequestRefused,
+    StateUnavailable,
 )
 from mlp import metrics, telemetry
 from quota.ledger import QuotaUnavailable
@@ -83,10 +82,8 @@ async def submit_inference(
     except AuthError as exc:
         error = "unauthorized" if exc.status == 401 else "forbidden"
         return _refused(error, exc.status, error, exc.detail)
-    except UnknownModel as exc:
-        return _refused("unknown_model", 422, "invalid_request", str(exc))
-    except InputTooLarge as exc:
-        return _refused(exc.reason, 422, "invalid_request", str(exc))
+    except RequestRefused as exc:  # counted by the rule's reason: unknown_model, prompt_too_large, ...
+        return _refused(exc.rejection.reason, 422, "invalid_request", exc.rejection.message)
     except QuotaExceeded as exc:
         if exc.admission.limit == "max_tokens_per_request":  # waiting will not help: a client error
             return _refused("max_tokens_too_large", 422, "invalid_request", exc.admission.detail)
@@ -99,7 +96,7 @@ async def submit_inference(
     except BrokerUnavailable:
         detail = "the request could not be queued; it was not accepted"
         return _refused("publish_failed", 503, "broker_unavailable", detail, {"Retry-After": "5"})
-    except (QuotaUnavailable, RedisError) as exc:  # quota cannot be checked (Redis down or rebuilding)
+    except (QuotaUnavailable, StateUnavailable) as exc:  # quota cannot be checked (Redis down or rebuilding)
         log.warning("submit refused, quota unavailable: %r", exc)
         detail = "the quota could not be checked now; the request was not accepted"
         return _refused("quota_unavailable", 503, "dependency_unavailable", detail, {"Retry-After": "5"})

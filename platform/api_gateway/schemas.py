@@ -6,10 +6,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-# Same alphabets as the events (events.model.Identifier / ModelName): ids travel in routing keys and URLs.
-UserId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-:@]{1,128}$")]
-ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
-# Hard ceiling of the body schema; the configured limit (settings.max_prompt_chars) is checked in the route.
+from events.request_rules import (
+    IDENTIFIER_PATTERN,
+    MIN_MAX_TOKENS,
+    MIN_PROMPT_CHARS,
+    MODEL_NAME_PATTERN,
+    check_prompt_text,
+)
+
+# The request rules' alphabets and bounds (events.request_rules), so the OpenAPI document shows them.
+UserId = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
+# Hard ceiling of the body schema; the configured limits are checked by SubmitService (check_request).
 PROMPT_HARD_LIMIT = 1_000_000
 
 
@@ -18,17 +26,18 @@ class InferenceSubmit(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: Annotated[str, Field(min_length=1, max_length=PROMPT_HARD_LIMIT)]
+    prompt: Annotated[str, Field(min_length=MIN_PROMPT_CHARS, max_length=PROMPT_HARD_LIMIT)]
     user_id: UserId
     model: ModelName
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=MIN_MAX_TOKENS)] | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _no_nul(cls, prompt: str) -> str:
-        # Postgres text/jsonb cannot hold U+0000: the event could never be stored (fault test 6).
-        if "\x00" in prompt:
-            raise ValueError("prompt must not contain NUL characters (U+0000)")
+    def _storable(cls, prompt: str) -> str:
+        # The NUL rule answers here, in the body's own 422, like the other field errors (fault test 6).
+        rejection = check_prompt_text(prompt)
+        if rejection is not None:
+            raise ValueError(rejection.message)
         return prompt
 
 

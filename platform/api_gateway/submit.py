@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from events.model import InferenceRequested, new_event_id, utc_now
+from events.request_rules import Rejection, check_request
 from mlp.bus import EventPublisher, PublishError
 from mlp.cache import Keys
 from mlp.settings import Settings
@@ -27,14 +29,12 @@ class SubmitError(Exception):
     """Base of the gateway's refusals; the HTTP layer maps each to a status code."""
 
 
-class UnknownModel(SubmitError):
-    pass
+class RequestRefused(SubmitError):
+    """The request breaks a request rule (events.request_rules): a client error."""
 
-
-class InputTooLarge(SubmitError):
-    def __init__(self, detail: str, reason: str) -> None:
-        super().__init__(detail)
-        self.reason = reason  # prompt_too_large | max_tokens_too_large (a metrics label)
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.message)
+        self.rejection = rejection
 
 
 class QuotaExceeded(SubmitError):
@@ -51,6 +51,10 @@ class IdempotencyConflict(SubmitError):
     """The same Idempotency-Key is being submitted concurrently; the client should retry shortly."""
 
 
+class StateUnavailable(SubmitError):
+    """Redis (idempotency keys, the first status entry) cannot answer now: nothing was accepted."""
+
+
 @dataclass(frozen=True)
 class Accepted:
     request_id: str
@@ -65,25 +69,11 @@ class SubmitService:
         quota: QuotaService,
         redis_client: redis.Redis,
     ) -> None:
-        self._settings = settings
         self._publisher = publisher
         self._quota = quota
         self._redis = redis_client
         self._keys = Keys(settings.redis_prefix)
-
-    def validate(self, prompt: str, model: str, max_tokens: int | None) -> int:
-        """Checks the configured limits; returns the effective max_tokens."""
-        if model not in self._settings.models:
-            served = ", ".join(self._settings.models)
-            raise UnknownModel(f"unknown model {model!r}; this platform serves: {served}")
-        if len(prompt) > self._settings.max_prompt_chars:
-            limit = self._settings.max_prompt_chars
-            raise InputTooLarge(f"prompt has {len(prompt)} characters; the limit is {limit}", "prompt_too_large")
-        tokens = max_tokens if max_tokens is not None else self._settings.default_max_tokens
-        if tokens > self._settings.max_tokens_limit:
-            detail = f"max_tokens is {tokens}; the limit is {self._settings.max_tokens_limit}"
-            raise InputTooLarge(detail, "max_tokens_too_large")
-        return tokens
+        self._limits = settings.request_limits()
 
     async def submit(
         self,
@@ -96,7 +86,34 @@ class SubmitService:
         trace_id: str | None,
         traceparent: str | None,
     ) -> Accepted:
-        tokens = self.validate(prompt, model, max_tokens)
+        tokens = self._limits.effective_max_tokens(max_tokens)
+        rejection = check_request(model=model, prompt=prompt, max_tokens=tokens, limits=self._limits)
+        if rejection is not None:
+            raise RequestRefused(rejection)
+        try:
+            return await self._submit(
+                user_id=user_id,
+                model=model,
+                prompt=prompt,
+                tokens=tokens,
+                idempotency_key=idempotency_key,
+                trace_id=trace_id,
+                traceparent=traceparent,
+            )
+        except RedisError as exc:  # the admission translates its own (QuotaUnavailable); these are ours
+            raise StateUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def _submit(
+        self,
+        *,
+        user_id: str,
+        model: str,
+        prompt: str,
+        tokens: int,
+        idempotency_key: str | None,
+        trace_id: str | None,
+        traceparent: str | None,
+    ) -> Accepted:
         request_id = new_event_id()
         idem_key = self._keys.idempotency(user_id, idempotency_key) if idempotency_key else None
         if idem_key is not None:

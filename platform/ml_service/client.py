@@ -3,7 +3,7 @@
 One client (one HTTP/2 channel) per process, created in the worker's lifespan and reused.
 Every call carries a client timeout (tritonclient has none by default). gRPC failures are
 translated into this context's errors, split into transient (retry may help) and permanent;
-retrying is the worker's decision (see ``ml_service.retry``), not the client's.
+retrying is the worker's decision (see ``ml_worker.inference``), not the client's.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ and applies the answer: a quota action first, then the confirmed publish, then t
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -17,24 +17,15 @@ from events.model import (
     InferenceRejected,
     InferenceRequested,
     InferenceStarted,
-    RejectReason,
     new_event_id,
     utc_now,
 )
+from events.request_rules import RejectReason, RequestLimits, check_request
 from events.topology import DELIVERY_LIMIT
 from quota import plans
 
 # Error messages travel in events and HTTP answers: keep them short.
 MAX_DETAIL_CHARS: Final = 500
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the gateway enforces at the HTTP edge; the worker enforces the same on the bus."""
-
-    models: Collection[str]
-    max_prompt_chars: int
-    max_tokens_limit: int
 
 
 @dataclass(frozen=True)
@@ -104,22 +95,10 @@ def failed(request: InferenceRequested, error_code: ErrorCode, message: str = ""
     return InferenceFailed(**envelope(request), error_code=error_code, error_message=truncate(message))
 
 
-def validate(request: InferenceRequested, limits: Limits) -> InferenceRejected | None:
-    """The gateway's checks, repeated: bus publishers are untrusted and nothing invalid reaches Triton."""
-    if request.model not in limits.models:
-        served = ", ".join(sorted(limits.models))
-        return rejected(request, "unknown_model", f"model {request.model!r} is not served here; served: {served}")
-    if not request.prompt:
-        return rejected(request, "invalid_request", "prompt is empty")
-    if "\x00" in request.prompt:  # Postgres cannot store U+0000: reject instead of running it
-        return rejected(request, "invalid_request", "prompt contains a NUL character (U+0000)")
-    if len(request.prompt) > limits.max_prompt_chars:
-        detail = f"prompt has {len(request.prompt)} characters; the limit is {limits.max_prompt_chars}"
-        return rejected(request, "prompt_too_large", detail)
-    if not 1 <= request.max_tokens <= limits.max_tokens_limit:
-        detail = f"max_tokens is {request.max_tokens}; allowed 1..{limits.max_tokens_limit}"
-        return rejected(request, "max_tokens_too_large", detail)
-    return None
+def validate(request: InferenceRequested, limits: RequestLimits) -> InferenceRejected | None:
+    """The gateway's rules, applied again: bus publishers are untrusted and nothing invalid reaches Triton."""
+    rejection = check_request(model=request.model, prompt=request.prompt, max_tokens=request.max_tokens, limits=limits)
+    return None if rejection is None else rejected(request, rejection.reason, rejection.message)
 
 
 def reservation_estimate(request: InferenceRequested) -> int:

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Protocol
 
-import asyncpg
-import redis.exceptions
 from faststream.rabbit import RabbitMessage
 
 from events.model import (
@@ -27,12 +24,14 @@ from events.model import (
     InferenceRequested,
     InferenceStarted,
 )
+from events.request_rules import RequestLimits
 from ml_worker import decide
-from ml_worker.decide import Commit, Limits, Outcome, Release, TritonOutcome
+from ml_worker.decide import Commit, Outcome, Release, TritonOutcome
 from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
 from ml_worker.metrics import REDELIVERIES
 from ml_worker.tracing import record_outcome, request_span, with_worker_traceparent
 from mlp import metrics
+from mlp.backoff import Backoff
 from mlp.bus import PublishError
 from mlp.cache import Keys
 from mlp.logs import bind_request_id
@@ -40,19 +39,17 @@ from quota.ledger import QuotaUnavailable
 
 log = logging.getLogger(__name__)
 
-# A dependency outage (Redis, Postgres, an unconfirmed publish) is waited out in process
-# instead of requeueing at once: every requeue spends one of the message's few deliveries.
+# A dependency outage (an unconfirmed publish; Redis or Postgres, which the quota adapters report
+# as QuotaUnavailable) is waited out in process instead of requeueing at once: every requeue
+# spends one of the message's few deliveries.
 TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     PublishError,
     QuotaUnavailable,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
     ConnectionError,
     TimeoutError,
 )
-TRANSIENT_BACKOFF_S: Final = (0.5, 1.0, 2.0, 4.0, 5.0)
+# 0.5, 1, 2, 4, then 5 s between tries.
+TRANSIENT_BACKOFF: Final = Backoff(base_s=0.5, cap_s=5.0)
 # About two and a half minutes of waiting before the message is requeued after all.
 TRANSIENT_MAX_TRIES: Final = 32
 
@@ -99,7 +96,9 @@ class WorkerDeps:
 
 
 class RequestHandler:
-    def __init__(self, deps: WorkerDeps, limits: Limits, worker_id: str, *, started_after_s: float = 0.0) -> None:
+    def __init__(
+        self, deps: WorkerDeps, limits: RequestLimits, worker_id: str, *, started_after_s: float = 0.0
+    ) -> None:
         self._deps = deps
         self._limits = limits
         self._worker_id = worker_id
@@ -142,7 +141,7 @@ class RequestHandler:
                     log.warning("request %s: %s; requeueing", parsed.request_id, _describe(exc))
                     await _requeue(message, self._model_label(parsed.model))
                     return
-                delay = TRANSIENT_BACKOFF_S[min(tries, len(TRANSIENT_BACKOFF_S)) - 1]
+                delay = TRANSIENT_BACKOFF.delay(tries - 1)
                 log.warning("request %s: %s; retrying in %.1fs", parsed.request_id, _describe(exc), delay)
                 await asyncio.sleep(delay)
             except Exception as exc:
@@ -283,10 +282,6 @@ class RequestHandler:
     def _model_label(self, model: str | None) -> str:
         # Label values come from the bus: only served models, never arbitrary strings.
         return model if model is not None and model in self._limits.models else "other"
-
-
-def limits_of(models: Collection[str], max_prompt_chars: int, max_tokens_limit: int) -> Limits:
-    return Limits(models=frozenset(models), max_prompt_chars=max_prompt_chars, max_tokens_limit=max_tokens_limit)
 
 
 def _delivery(message: RabbitMessage) -> Delivery:

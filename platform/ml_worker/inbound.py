@@ -16,11 +16,9 @@ import msgspec
 
 from events.model import EventDecodeError, InferenceRejected, InferenceRequested, decode_event, utc_now
 from events.model import new_event_id as _new_event_id
+from events.request_rules import IDENTIFIER, MODEL_NAME
 from ml_worker.decide import truncate
 
-# Same alphabets as events.model.Identifier / ModelName (ids travel in routing keys and URLs).
-_IDENTIFIER: Final = re.compile(r"[A-Za-z0-9_\-:@]{1,128}")
-_MODEL: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 # JSON escapes can take 6 bytes per character; plus room for the envelope.
 _BODY_OVERHEAD: Final = 16_384
@@ -92,12 +90,12 @@ def invalid(delivery: Delivery, detail: str) -> Invalid:
 def _rejection(delivery: Delivery, detail: str) -> InferenceRejected | None:
     ids = _lenient_ids(delivery.body)
     key_model, key_user = _routing_key_parts(delivery.routing_key)
-    request_id = _match(ids.request_id, _IDENTIFIER) or _match(delivery.correlation_id, _IDENTIFIER)
-    user_id = _match(ids.user_id, _IDENTIFIER) or _match(key_user, _IDENTIFIER)
-    model = _match(ids.model, _MODEL) or _match(key_model, _MODEL)
+    request_id = _match(ids.request_id, IDENTIFIER) or _match(delivery.correlation_id, IDENTIFIER)
+    user_id = _match(ids.user_id, IDENTIFIER) or _match(key_user, IDENTIFIER)
+    model = _match(ids.model, MODEL_NAME) or _match(key_model, MODEL_NAME)
     if request_id is None or user_id is None or model is None:
         return None
-    cause = _match(ids.event_id, _IDENTIFIER) or _match(delivery.message_id, _IDENTIFIER)
+    cause = _match(ids.event_id, IDENTIFIER) or _match(delivery.message_id, IDENTIFIER)
     return InferenceRejected(
         event_id=_new_event_id(),
         occurred_at=utc_now(),
@@ -105,7 +103,7 @@ def _rejection(delivery: Delivery, detail: str) -> InferenceRejected | None:
         user_id=user_id,
         model=model,
         causation_id=cause,
-        correlation_id=_match(ids.correlation_id, _IDENTIFIER) or request_id,
+        correlation_id=_match(ids.correlation_id, IDENTIFIER) or request_id,
         traceparent=_match(ids.traceparent, _TRACEPARENT),
         reason="invalid_request",
         detail=detail,

@@ -14,6 +14,7 @@ answer is a ``TritonOutcome`` the pure decision code turns into events.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -30,10 +31,10 @@ from ml_service.client import (
     TritonTimeout,
     TritonUnavailable,
 )
-from ml_service.retry import backoff_delays
 from ml_worker.decide import Succeeded, TritonFailed, TritonOutcome
 from ml_worker.tracing import record_triton_outcome, triton_span
 from mlp import metrics, telemetry
+from mlp.backoff import Backoff
 from mlp.coalesce import Coalescer
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ class TritonCaller:
         self._batches: Coalescer[str, TritonCall, InferenceOutput] = Coalescer(
             self._send, max_batch=max_batch, max_in_flight=concurrency, name="triton-batch"
         )
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
         self._retries = retries
-        self._backoff_s = backoff_s
+        # Full jitter: the workers whose calls failed together do not retry together.
+        self._backoff = Backoff(base_s=backoff_s, cap_s=BACKOFF_CAP_S, jitter=1.0)
         self._sleep = sleep
         self._rng = rng or random.Random()
 
@@ -80,7 +84,7 @@ class TritonCaller:
 
     async def _infer(self, request: InferenceRequested) -> TritonOutcome:
         started = time.perf_counter()
-        delays = list(backoff_delays(self._retries, self._backoff_s, BACKOFF_CAP_S, self._rng))
+        delays = list(itertools.islice(self._backoff.delays(self._rng), self._retries))
         last: TritonError | None = None
         for attempt in range(len(delays) + 1):
             if attempt:

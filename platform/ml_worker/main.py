@@ -30,7 +30,7 @@ from faststream.rabbit.subscriber import RabbitSubscriber
 
 from events.topology import requests_queue
 from ml_service.client import TritonClient
-from ml_worker.handler import RequestHandler, WorkerDeps, limits_of
+from ml_worker.handler import RequestHandler, WorkerDeps
 from ml_worker.inference import TritonCaller
 from mlp import logs, telemetry
 from mlp.bus import EVENTS, EventPublisher, consumer_channel, declare_topology, make_broker, rabbit_queue
@@ -144,9 +144,11 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
                 keys=Keys(settings.redis_prefix),
                 triton=caller,
             )
-            limits = limits_of(served, settings.max_prompt_chars, settings.max_tokens_limit)
             worker.handler = RequestHandler(
-                deps, limits, worker_id(), started_after_s=settings.started_event_after_ms / 1000
+                deps,
+                settings.request_limits(served),
+                worker_id(),
+                started_after_s=settings.started_event_after_ms / 1000,
             )
 
             async def triton_ready() -> bool:

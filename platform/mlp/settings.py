@@ -5,12 +5,15 @@ Outside development, placeholder credentials are refused at start-up (fail fast)
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from events.request_rules import RequestLimits
 
 _PLACEHOLDERS = ("changeme", "change-me", "placeholder", "<", "${")
 
@@ -36,7 +39,7 @@ class Settings(BaseSettings):
     # Largest accepted HTTP request body, in bytes.
     max_body_bytes: int = Field(default=262_144, ge=1024)
 
-    # Input limits at the edge.
+    # Input limits at the edge (events.request_rules.RequestLimits, see request_limits()).
     max_prompt_chars: int = Field(default=32_768, ge=1)
     max_tokens_limit: int = Field(default=4_096, ge=1)
     default_max_tokens: int = Field(default=128, ge=1)
@@ -107,6 +110,15 @@ class Settings(BaseSettings):
     @property
     def postgres_database(self) -> str:
         return urlsplit(self.postgres_dsn).path.lstrip("/") or "mlp"
+
+    def request_limits(self, models: Collection[str] | None = None) -> RequestLimits:
+        """The limits every edge checks requests against; ``models``: the served ones (default: all)."""
+        return RequestLimits(
+            models=frozenset(self.models if models is None else models),
+            max_prompt_chars=self.max_prompt_chars,
+            max_tokens_limit=self.max_tokens_limit,
+            default_max_tokens=self.default_max_tokens,
+        )
 
     def redacted(self, url: str) -> str:
         """The URL without its password, for logs and error messages."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal, NamedTuple
 
+from events.request_rules import IDENTIFIER
+
 LimitName = Literal["tokens_per_day", "tokens_per_month", "requests_per_minute", "max_tokens_per_request"]
 LIMIT_NAMES: Final[tuple[LimitName, ...]] = (
     "tokens_per_day",
@@ -23,8 +25,6 @@ LIMIT_NAMES: Final[tuple[LimitName, ...]] = (
 WindowKind = Literal["day", "month"]
 
 PLAN_NAME: Final = re.compile(r"^[a-z0-9_\-]{1,32}$")
-# The same shape as events.model.Identifier: user ids travel in keys, routing keys and URLs.
-USER_ID: Final = re.compile(r"^[A-Za-z0-9_\-:@]{1,128}$")
 # The Redis scripts compute in Lua numbers (doubles): integers are exact up to 2**53.
 MAX_LIMIT: Final = 2**53 - 1
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -62,8 +62,8 @@ def check_plan_name(name: str) -> str:
 
 
 def check_user_id(user_id: str) -> str:
-    if not USER_ID.fullmatch(user_id):
-        raise InvalidQuota(f"user_id must match {USER_ID.pattern}, got {user_id!r}")
+    if not IDENTIFIER.fullmatch(user_id):  # user ids travel in keys, routing keys and URLs
+        raise InvalidQuota(f"user_id must match {IDENTIFIER.pattern}, got {user_id!r}")
     return user_id
 
 

@@ -14,12 +14,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 import asyncpg
 import redis.asyncio as redis
 
 from events.model import utc_now
+from events.request_rules import check_max_tokens_per_request
 from mlp.settings import Settings
 from quota import store
 from quota.ledger import QueuedStatus, QuotaUnavailable, RedisLedger
@@ -183,14 +184,9 @@ class QuotaService:
         max_tokens) against the remaining budget, and the requests-per-minute window. ``queued``: the
         request's first status entry, written only when admitted, in the same Redis round trip."""
         limits = await self.limits_for(user_id)
-        if max_tokens > limits.max_tokens_per_request:
-            return Admission(
-                False,
-                "max_tokens_per_request",
-                0,
-                f"max_tokens {max_tokens} exceeds the {limits.plan} plan's limit of "
-                f"{limits.max_tokens_per_request} per request",
-            )
+        too_many = check_max_tokens_per_request(max_tokens, limits.max_tokens_per_request, limits.plan)
+        if too_many is not None:
+            return Admission(False, "max_tokens_per_request", 0, too_many.message)
         now = self._clock()
         needed = max_tokens if estimate_tokens is None else estimate_tokens
         result = await self.ledger.admit(user_id, needed, limits, now, queued=queued)
@@ -241,6 +237,13 @@ class QuotaService:
         await self.ledger.release(request_id, self._clock())
 
     # --- read API -------------------------------------------------------------------------------
+
+    async def daily_usage(self, user_id: str, first: date, last: date) -> list[store.DailyUsage]:
+        """Per-day, per-model token totals from the ledger (Postgres), ``first`` to ``last`` inclusive."""
+        try:
+            return await store.daily_usage(self._pool, user_id, first, last)
+        except _DB_ERRORS as exc:
+            raise QuotaUnavailable(f"cannot read usage: {type(exc).__name__}: {exc}") from exc
 
     async def view(self, user_id: str) -> QuotaView:
         limits = await self.limits_for(user_id)

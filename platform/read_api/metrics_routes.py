@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from events.request_rules import MODEL_NAME_PATTERN
 from read_api.deps import PoolDep
 
 router = APIRouter()
@@ -24,7 +25,7 @@ WHERE occurred_at > now() - interval '60 seconds' AND ($1::text IS NULL OR model
 @router.get("/api/v1/metrics/token-rate")
 async def token_rate(
     pool: PoolDep,
-    model: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] = None,
+    model: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN)] = None,
 ) -> dict[str, int]:
     tokens = await pool.fetchval(_TOKENS_LAST_MINUTE, model)
     return {"tokens_per_minute": int(tokens)}

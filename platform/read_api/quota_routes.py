@@ -5,7 +5,7 @@ resets_at, from the Redis ledger (rebuilt from Postgres first if Redis lost it).
 ``GET /api/v1/users/{user_id}/usage?from=YYYY-MM-DD&to=YYYY-MM-DD``: per-day, per-model token
 totals from Postgres ``token_usage_daily``.
 
-Dependencies (QuotaService, the pool) come typed from ``read_api.deps``.
+Dependencies (QuotaService) come typed from ``read_api.deps``; its errors are the quota context's.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import re
 from datetime import date, datetime, timedelta
 from typing import Annotated, Final
 
-import asyncpg
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from events.model import utc_now
-from quota import store
+from events.request_rules import IDENTIFIER_PATTERN
 from quota.ledger import QuotaUnavailable
-from quota.plans import USER_ID, day_of
+from quota.plans import day_of
 from quota.service import QuotaView
-from read_api.deps import PoolDep, QuotaDep
+from read_api.deps import QuotaDep
 
 router = APIRouter(tags=["quota"])
 
@@ -31,7 +30,7 @@ MAX_USAGE_RANGE_DAYS: Final = 366
 DEFAULT_USAGE_RANGE_DAYS: Final = 30
 _ISO_DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
-UserId = Annotated[str, Path(pattern=USER_ID.pattern, description="the user's id")]
+UserId = Annotated[str, Path(pattern=IDENTIFIER_PATTERN, description="the user's id")]
 
 
 class WindowOut(BaseModel):
@@ -132,7 +131,7 @@ async def get_quota(user_id: UserId, quota: QuotaDep) -> QuotaOut:
 @router.get("/api/v1/users/{user_id}/usage", response_model=UsageOut)
 async def get_usage(
     user_id: UserId,
-    pool: PoolDep,
+    quota: QuotaDep,
     first: Annotated[str | None, Query(alias="from", max_length=10, description="first day, YYYY-MM-DD")] = None,
     last: Annotated[str | None, Query(alias="to", max_length=10, description="last day, YYYY-MM-DD")] = None,
 ) -> UsageOut:
@@ -141,8 +140,8 @@ async def get_usage(
     except DateRangeError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
     try:
-        rows = await store.daily_usage(pool, user_id, start, end)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        rows = await quota.daily_usage(user_id, start, end)
+    except QuotaUnavailable as exc:
         raise _unavailable(exc) from exc
     days = [DayUsageOut.model_validate(r) for r in rows]
     totals = UsageTotalsOut(

@@ -16,22 +16,22 @@ import asyncpg
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 from msgspec import json as msgspec_json
-from redis.exceptions import RedisError
 
+from events.request_rules import IDENTIFIER_PATTERN
 from events.status import TERMINAL_STATUSES
 from projections.queries import RequestView, get_request
-from projections.status_cache import StatusCache
+from projections.status_cache import StatusCache, StatusCacheUnavailable
 from read_api.deps import PoolDep, SettingsDep, StatusCacheDep, TerminalWaitsDep
 
 router = APIRouter()
 _encoder = msgspec_json.Encoder()
-RequestId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_\-:@]{1,128}$")]
+RequestId = Annotated[str, Path(pattern=IDENTIFIER_PATTERN)]
 
 
 async def load_view(cache: StatusCache, pool: asyncpg.Pool, request_id: str) -> RequestView | None:
     try:
         cached = await cache.get(request_id)
-    except RedisError:  # Redis down or restarting: Postgres, the truth, answers (fault test 4)
+    except StatusCacheUnavailable:  # Redis down or restarting: Postgres, the truth, answers (fault test 4)
         cached = None
     if cached is not None:
         return RequestView.from_cache(request_id, cached)

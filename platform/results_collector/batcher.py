@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
+
+from mlp.backoff import Backoff
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,21 +33,8 @@ class ItemFailed(RuntimeError):
     """This item cannot be written (a permanent error); the cause is chained."""
 
 
-@dataclass(frozen=True)
-class Backoff:
-    initial_s: float = 0.1
-    max_s: float = 5.0
-
-    def delays(self) -> Callable[[], float]:
-        current = self.initial_s
-
-        def next_delay() -> float:
-            nonlocal current
-            delay = current * (0.5 + random.random() / 2)  # jitter: collectors do not retry in lockstep
-            current = min(current * 2, self.max_s)
-            return delay
-
-        return next_delay
+# Half jitter: collectors do not retry in lockstep.
+WRITE_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0, jitter=0.5)
 
 
 class Batcher(Generic[T, R]):
@@ -58,7 +45,7 @@ class Batcher(Generic[T, R]):
         max_size: int,
         max_wait_s: float,
         is_transient: Callable[[BaseException], bool],
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = WRITE_BACKOFF,
         name: str = "batcher",
     ) -> None:
         self._write = write
@@ -145,7 +132,7 @@ class Batcher(Generic[T, R]):
             self._in_flight = []
 
     async def _write_with_retry(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        next_delay = self._backoff.delays()
+        delays = self._backoff.delays()
         while True:
             try:
                 results = await self._write([item for item, _ in batch])
@@ -157,7 +144,7 @@ class Batcher(Generic[T, R]):
                 self.retries += 1
                 if self._abandon.is_set():
                     return
-                delay = next_delay()
+                delay = next(delays)
                 log.warning("%s: write failed (%r), retrying %d item(s) in %.2fs", self._name, exc, len(batch), delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._abandon.wait(), delay)
@@ -182,7 +169,7 @@ class Batcher(Generic[T, R]):
 
     async def _write_with_retry_single(self, pair: tuple[T, asyncio.Future[R]]) -> None:
         item, future = pair
-        next_delay = self._backoff.delays()
+        delays = self._backoff.delays()
         while not self._abandon.is_set():
             try:
                 (result,) = await self._write([item])
@@ -191,7 +178,7 @@ class Batcher(Generic[T, R]):
                     raise
                 self.retries += 1
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._abandon.wait(), next_delay())
+                    await asyncio.wait_for(self._abandon.wait(), next(delays))
                 continue
             if not future.done():
                 future.set_result(result)

@@ -16,9 +16,9 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 
 from events.model import Event
+from mlp.backoff import Backoff
 from projections.status_cache import StatusCache, cache_update
 from results_collector import metrics
-from results_collector.batcher import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class CacheSync:
         *,
         max_backlog: int = 100_000,
         batch_size: int = 500,
-        backoff: Backoff = Backoff(initial_s=0.2, max_s=5.0),
+        backoff: Backoff = Backoff(base_s=0.2, cap_s=5.0, jitter=0.5),
     ) -> None:
         self._cache = cache
         self._backlog: deque[Update] = deque()
@@ -80,7 +80,7 @@ class CacheSync:
             log.warning("status cache: %d update(s) not written at shutdown (Postgres has them)", len(self._backlog))
 
     async def _run(self) -> None:
-        next_delay = self._backoff.delays()
+        delays = self._backoff.delays()
         while True:
             if not self._backlog:
                 if self._closing:
@@ -97,7 +97,7 @@ class CacheSync:
                 log.warning("status cache update failed (%r); %d update(s) kept for retry", exc, len(self._backlog))
                 if self._closing:
                     return
-                await asyncio.sleep(next_delay())
+                await asyncio.sleep(next(delays))
                 continue
-            next_delay = self._backoff.delays()
+            delays = self._backoff.delays()  # Redis answered: the next outage starts short again
             metrics.CACHE_BACKLOG.set(len(self._backlog))

@@ -16,12 +16,14 @@ import logging
 from collections.abc import Collection, Iterable
 
 from events.model import Event, InferenceCompleted
+from mlp.backoff import Backoff
 from mlp.bus import EventPublisher
 from quota.service import QuotaService
 from results_collector.guards import unserved_rejections
 
 log = logging.getLogger(__name__)
 _ATTEMPTS = 5
+_BACKOFF = Backoff(base_s=0.4, cap_s=5.0)  # 0.4, 0.8, 1.6, 3.2, 5 s
 # Events handled at once: their quota commits share Redis pipelines (quota.script_pipeline).
 _CONCURRENCY = 256
 
@@ -76,5 +78,5 @@ class FollowUp:
                 return
             except Exception as exc:
                 log.warning("follow-up of %s failed (attempt %d): %r", event.request_id, attempt, exc)
-                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+                await asyncio.sleep(_BACKOFF.delay(attempt - 1))
         log.error("follow-up of %s %s gave up", type(event).__name__, event.request_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 
 from events.model import Event, InferenceRejected, InferenceRequested, new_event_id, utc_now
+from events.request_rules import check_model
 from events.topology import routing_key
 
 
@@ -36,9 +37,9 @@ def unserved_rejections(new_events: Iterable[Event], served_models: Collection[s
             traceparent=e.traceparent,
             user_id=e.user_id,
             model=e.model,
-            reason="unknown_model",
-            detail=f"model {e.model!r} is not served; served: {', '.join(sorted(served_models))}",
+            reason=unserved.reason,
+            detail=unserved.message,
         )
         for e in new_events
-        if isinstance(e, InferenceRequested) and e.model not in served_models
+        if isinstance(e, InferenceRequested) and (unserved := check_model(e.model, served_models)) is not None
     ]

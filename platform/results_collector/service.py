@@ -24,10 +24,11 @@ from opentelemetry.trace import SpanContext
 
 from events.model import AnyEvent, EventDecodeError, decode_event
 from mlp import metrics as platform_metrics
-from projections.postgres import is_permanent, store_and_project
+from mlp.backoff import Backoff
+from projections.postgres import is_transient, store_and_project
 from projections.projector import invalid_reason
 from results_collector import metrics
-from results_collector.batcher import Backoff, Batcher, ItemFailed, ShuttingDown
+from results_collector.batcher import WRITE_BACKOFF, Batcher, ItemFailed, ShuttingDown
 from results_collector.cache_sync import CacheSync
 from results_collector.follow_up import FollowUp
 from results_collector.guards import routing_mismatch
@@ -44,13 +45,6 @@ class Incoming:
     trace_parent: SpanContext | None = None
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the database (or the way to it) failed, not the data."""
-    if is_permanent(exc):
-        return False
-    return isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError)
-
-
 class Collector:
     """Stores and projects events in batches; owns the batcher and the status cache sync."""
 
@@ -61,7 +55,7 @@ class Collector:
         *,
         batch_size: int,
         batch_wait_s: float,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = WRITE_BACKOFF,
         follow_up: FollowUp | None = None,
     ) -> None:
         self._pool = pool

@@ -131,6 +131,26 @@ async def test_usage_refuses_bad_ranges_with_a_clear_422(
     assert message in response.json()["detail"]
 
 
+async def test_usage_is_503_with_retry_after_when_postgres_cannot_answer(
+    client: redis.Redis, migrated: Settings
+) -> None:
+    # Nothing listens on port 1: the pool (min_size=0) connects only when asked, and fails then.
+    dead = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:1/mlp", min_size=0, max_size=1)
+    assert dead is not None
+    app = FastAPI()
+    app.include_router(router)
+    dead_quota = QuotaService(dead, client, migrated, lambda: NOW)
+    app.dependency_overrides[quota_of] = lambda: dead_quota
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            response = await http.get(f"/api/v1/users/{user()}/usage")
+    finally:
+        await dead.close()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "quota state unavailable" in response.json()["detail"]
+
+
 # --- mlp quota ---------------------------------------------------------------------------------------
 
 

@@ -304,6 +304,36 @@ async def test_redis_unreachable_is_reported_as_unavailable(pool: asyncpg.Pool, 
         await dead.aclose()
 
 
+async def test_every_worker_operation_reports_a_redis_outage_as_unavailable(
+    pool: asyncpg.Pool, migrated: Settings
+) -> None:
+    # The worker retries QuotaUnavailable in process; it no longer looks at redis-py's own errors.
+    broken = migrated.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    dead = create_redis(broken)
+    quota = QuotaService(pool, dead, broken)
+    rid = f"req-{uuid.uuid4().hex}"
+    try:
+        with pytest.raises(QuotaUnavailable):
+            await quota.commit(rid, 10, user_id=user())
+        with pytest.raises(QuotaUnavailable):
+            await quota.release(rid)
+        with pytest.raises(QuotaUnavailable):
+            await quota.view(user())
+    finally:
+        await dead.aclose()
+
+
+async def test_postgres_unreachable_is_reported_as_unavailable(client: redis.Redis, migrated: Settings) -> None:
+    # Nothing listens on port 1: the pool (min_size=0) connects only when asked, and fails then.
+    dead = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:1/mlp", min_size=0, max_size=1)
+    assert dead is not None
+    try:
+        with pytest.raises(QuotaUnavailable, match="cannot read quota limits"):
+            await QuotaService(dead, client, migrated).reserve(f"req-{uuid.uuid4().hex}", user(), 10)
+    finally:
+        await dead.close()
+
+
 # --- windows ---------------------------------------------------------------------------------------
 
 

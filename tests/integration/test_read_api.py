@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 import redis.asyncio as redis
 
-from events.model import new_event_id
+from events.model import InferenceRequested, new_event_id, utc_now
 from mlp.cache import Keys
 from mlp.settings import Settings
-from projections.status_cache import StatusCache
+from projections.postgres import store_and_project
+from projections.status_cache import StatusCache, StatusCacheUnavailable
 from read_api.main import create_app
+from read_api.requests_routes import load_view
 from tests.support.apps import running
 
 pytestmark = pytest.mark.integration
@@ -96,3 +99,25 @@ async def test_negative_wait_is_refused(module_settings: Settings) -> None:
     async with running(create_app(module_settings)) as client:
         answer = await client.get(f"/api/v1/inference/{new_event_id()}", params={"wait": -1})
     assert answer.status_code == 422
+
+
+async def test_with_redis_down_postgres_answers_the_status(module_settings: Settings) -> None:
+    dead = redis.Redis.from_url("redis://127.0.0.1:1/0", decode_responses=True)
+    cache = StatusCache(dead, Keys(module_settings.redis_prefix))
+    pool = await asyncpg.create_pool(module_settings.postgres_dsn, min_size=1, max_size=1)
+    assert pool is not None
+    request_id = new_event_id()
+    stored = InferenceRequested(
+        event_id=new_event_id(), request_id=request_id, occurred_at=utc_now(), user_id="reader",
+        model="basic-model", prompt="test prompt", max_tokens=4,
+    )  # fmt: skip
+    try:
+        await store_and_project(pool, [stored])
+        with pytest.raises(StatusCacheUnavailable):
+            await cache.get(request_id)
+        view = await load_view(cache, pool, request_id)
+        assert view is not None
+        assert (view.request_id, view.status) == (request_id, "queued")
+    finally:
+        await pool.close()
+        await dead.aclose()

@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
-from results_collector.batcher import Backoff, Batcher, ItemFailed, ShuttingDown
+from mlp.backoff import Backoff
+from results_collector.batcher import Batcher, ItemFailed, ShuttingDown
 
-FAST = Backoff(initial_s=0.001, max_s=0.01)
+FAST = Backoff(base_s=0.001, cap_s=0.01, jitter=0.5)
 
 
 def _transient(exc: BaseException) -> bool:

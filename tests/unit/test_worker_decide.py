@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 from events.model import InferenceCompleted, InferenceFailed, InferenceRejected, InferenceRequested, utc_now
+from events.request_rules import RequestLimits
 from events.topology import DELIVERY_LIMIT
 from ml_worker import decide
-from ml_worker.decide import Commit, Limits, Release, Succeeded, TritonFailed
+from ml_worker.decide import Commit, Release, Succeeded, TritonFailed
 
-LIMITS = Limits(models=frozenset({"basic-model"}), max_prompt_chars=100, max_tokens_limit=50)
+LIMITS = RequestLimits(
+    models=frozenset({"basic-model"}), max_prompt_chars=100, max_tokens_limit=50, default_max_tokens=16
+)
 
 
 def request(**changes: object) -> InferenceRequested:
