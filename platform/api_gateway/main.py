@@ -18,7 +18,8 @@ from mlp.db import create_pool
 from mlp.health import dependency_checks
 from mlp.http import BodySizeLimit, run_service, service_app
 from mlp.settings import Settings
-from quota.service import QuotaService
+from projections.status_cache import StatusCache, StatusKeys
+from quota.service import QuotaService, QuotaSettings
 
 SERVICE = "api-gateway"
 
@@ -34,7 +35,7 @@ def create_app(settings: Settings) -> FastAPI:
         await declare_topology(broker, settings.models)
         redis_client = create_redis(settings)
         pool = await create_pool(settings, max_size=5)
-        quota = QuotaService(pool, redis_client, settings)
+        quota = QuotaService(pool, redis_client, QuotaSettings.of(settings))
         app.state.settings = settings
         app.state.api_keys = parse_api_keys(settings.api_keys)
         app.state.submit = SubmitService(
@@ -42,6 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
             EventPublisher(broker, settings.publish_timeout_s),
             quota,
             redis_client,
+            StatusCache(redis_client, StatusKeys(settings.redis_prefix)),
         )
         app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
         try:

@@ -8,13 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mlp import telemetry
-from mlp.cache import Keys, create_redis
+from mlp.cache import create_redis
 from mlp.db import create_pool
 from mlp.health import dependency_checks
 from mlp.http import run_service, service_app
 from mlp.settings import Settings
-from projections.status_cache import StatusCache
-from quota.service import QuotaService
+from projections.status_cache import StatusCache, StatusKeys
+from quota.service import QuotaService, QuotaSettings
 from read_api import metrics_routes, quota_routes, requests_routes
 from read_api.terminal_waits import TerminalWaits
 
@@ -32,10 +32,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.pool = pool
         app.state.redis = redis_client
-        app.state.status_cache = StatusCache(redis_client, Keys(settings.redis_prefix))
+        app.state.status_cache = StatusCache(redis_client, StatusKeys(settings.redis_prefix))
         app.state.terminal_waits = TerminalWaits(redis_client, app.state.status_cache)
         app.state.terminal_waits.start()
-        app.state.quota = QuotaService(pool, redis_client, settings)
+        app.state.quota = QuotaService(pool, redis_client, QuotaSettings.of(settings))
         app.state.readiness = dependency_checks(pool=pool, redis_client=redis_client)
         try:
             yield

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from mlp.settings import Settings
 from quota.cli import main as quota_cli
-from quota.service import QuotaService
+from quota.service import QuotaService, QuotaSettings
 from read_api.quota_routes import router
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ NOW = datetime(2030, 5, 20, 12, 0, tzinfo=UTC)
 
 @pytest.fixture
 def quota(pool: asyncpg.Pool, client: redis.Redis, migrated: Settings) -> QuotaService:
-    return QuotaService(pool, client, migrated, lambda: NOW)
+    return QuotaService(pool, client, QuotaSettings.of(migrated), lambda: NOW)
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ import pytest
 import redis.asyncio as redis
 
 from events.model import new_event_id
-from mlp.cache import Keys
 from mlp.settings import Settings
-from projections.status_cache import StatusCache
+from projections.status_cache import StatusCache, StatusKeys
 from read_api.main import create_app
 from tests.support.apps import running
 
@@ -29,7 +28,7 @@ COMPLETED = {
 @pytest.fixture
 async def cache(module_settings: Settings) -> StatusCache:
     client = redis.Redis.from_url(module_settings.redis_url, decode_responses=True)
-    return StatusCache(client, Keys(module_settings.redis_prefix))
+    return StatusCache(client, StatusKeys(module_settings.redis_prefix))
 
 
 async def test_unknown_request_is_404_and_a_bad_id_is_422(module_settings: Settings) -> None:
