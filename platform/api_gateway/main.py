@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api_gateway.auth import parse_api_keys
 from api_gateway.routes import count_invalid_body, router
-from api_gateway.submit import SubmitService
+from api_gateway.submit import SubmitService, SubmitSettings
 from mlp import telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
@@ -39,7 +39,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.api_keys = parse_api_keys(settings.api_keys)
         app.state.submit = SubmitService(
-            settings,
+            SubmitSettings.of(settings),
             EventPublisher(broker, settings.publish_timeout_s),
             quota,
             redis_client,

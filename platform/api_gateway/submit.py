@@ -50,6 +50,27 @@ class IdempotencyConflict(SubmitError):
     """The same Idempotency-Key is being submitted concurrently; the client should retry shortly."""
 
 
+@dataclass(frozen=True, slots=True)
+class SubmitSettings:
+    """The settings a submit uses (built from the platform's ``Settings`` by the gateway's composition root)."""
+
+    redis_prefix: str
+    models: tuple[str, ...]  # the served models
+    max_prompt_chars: int
+    default_max_tokens: int
+    max_tokens_limit: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> SubmitSettings:
+        return cls(
+            settings.redis_prefix,
+            settings.models,
+            settings.max_prompt_chars,
+            settings.default_max_tokens,
+            settings.max_tokens_limit,
+        )
+
+
 @dataclass(frozen=True)
 class Accepted:
     request_id: str
@@ -59,7 +80,7 @@ class Accepted:
 class SubmitService:
     def __init__(
         self,
-        settings: Settings,
+        settings: SubmitSettings,
         publisher: EventPublisher,
         quota: QuotaService,
         redis_client: redis.Redis,
