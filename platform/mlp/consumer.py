@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.subscriber import RabbitSubscriber
 
-from mlp import telemetry
 from mlp.bus import declare_topology, make_broker
 from mlp.health import ReadinessCheck, dependency_checks, health_server
 from mlp.settings import Settings
+from mlp.telemetry import Telemetry, broker_middlewares, instrument_clients, setup_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ Resources = Callable[[], AbstractAsyncContextManager[Mapping[str, ReadinessCheck
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def consumer_broker(service: str, settings: Settings, *, app_id: str) -> tuple[RabbitBroker, telemetry.Telemetry]:
+def consumer_broker(service: str, settings: Settings, *, app_id: str) -> tuple[RabbitBroker, Telemetry]:
     """The service's telemetry and its broker, with client spans on before any Redis or gRPC client exists."""
-    tel = telemetry.setup_telemetry(service, settings)
-    telemetry.instrument_clients(tel)
-    return make_broker(settings, app_id=app_id, middlewares=telemetry.broker_middlewares(tel)), tel
+    tel = setup_telemetry(service, settings)
+    instrument_clients(tel)
+    return make_broker(settings, app_id=app_id, middlewares=broker_middlewares(tel)), tel
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,7 @@ class Consumer:
 
     service: str
     broker: RabbitBroker
-    telemetry: telemetry.Telemetry
+    telemetry: Telemetry
     models: Sequence[str]  # the served models, whose queues the topology declares
     health: HealthAddress
     resources: Resources
