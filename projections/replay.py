@@ -24,12 +24,12 @@ from typing import TextIO
 import asyncpg
 
 from events.model import AnyEvent, EventDecodeError, decode_event
-from mlp.cache import Keys, create_redis
+from mlp.cache import create_redis
 from mlp.settings import Settings
 from projections.postgres import LIVE, Connection, Tables, apply_plan
 from projections.projector import plan_events
 from projections.queries import cache_fields_of_row, select_view_sql
-from projections.status_cache import StatusCache
+from projections.status_cache import StatusCache, StatusKeys
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ async def replay(
             if with_cache:
                 redis_client = create_redis(settings)
                 try:
-                    cache = StatusCache(redis_client, Keys(settings.redis_prefix), ttl_s=CACHE_TTL_S)
+                    cache = StatusCache(redis_client, StatusKeys(settings.redis_prefix), ttl_s=CACHE_TTL_S)
                     cached = await repopulate_cache(conn, cache, out=out)
                 finally:
                     await redis_client.aclose()

@@ -1,9 +1,14 @@
 """The Redis projection: the request status cache (one hash per request, under the settings' key prefix).
 
-Written by the gateway ("queued", right after the broker confirmed the publish), by the results
-collector (every newly stored event) and by replay; read by the read API first, with Postgres as
-the fallback and the truth. Every write goes through ONE Lua script that applies the same
-convergence rules as the Postgres projection, so redelivery, reordering and replay are harmless:
+Written by the gateway ("queued", in the admission's round trip; removed again when the publish
+fails), by the results collector (every newly stored event) and by replay; read by the read API
+first, with Postgres as the fallback and the truth, and by the worker's reservation (is the outcome
+already there?). This module owns the cache's keys (:class:`StatusKeys`) and all of its Lua: its
+own scripts, and the functions the quota scripts compose (:data:`STATUS_LUA_FUNCTIONS`) so that
+the gateway's and the worker's status work rides in the quota round trip they make anyway.
+
+Every live write goes through ONE Lua script that applies the same convergence rules as the
+Postgres projection, so redelivery, reordering and replay are harmless:
 
 - ``status`` only advances by rank (``events.status.STATUS_RANK``); a terminal status is final;
 - the outcome fields are written only by the write that makes the status terminal;
@@ -18,6 +23,7 @@ total_tokens, latency_ms, error_code, error_message, reason, trace_id.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, cast
 
@@ -33,7 +39,6 @@ from events.model import (
     InferenceStarted,
 )
 from events.status import STATUS_RANK, TERMINAL_STATUSES, status_of
-from mlp.cache import Keys
 from mlp.redis_scripts import evalsha_pipelined
 
 # How long a request's entry lives (Postgres answers after that).
@@ -52,6 +57,39 @@ OUTCOME_FIELDS: Final = (
     "error_message",
     "reason",
 )
+
+
+class StatusKeys:
+    """The status cache's Redis names, under the platform's key prefix."""
+
+    def __init__(self, redis_prefix: str) -> None:
+        self.prefix = redis_prefix
+        self._status = f"{redis_prefix}status:"
+
+    def status(self, request_id: str) -> str:
+        """The request's hash."""
+        return self._status + request_id
+
+    def request_id_of(self, status_key: str) -> str:
+        return status_key.removeprefix(self._status)
+
+    def pattern(self) -> str:
+        """Every request's hash (for SCAN)."""
+        return self._status + "*"
+
+    @property
+    def terminal_channel(self) -> str:
+        """Pub/sub channel: the status key of each request the moment it becomes terminal."""
+        return self.prefix + "status-terminal"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedStatus:
+    """A new request's first entry, for ``status_put_queued``: its hash key, TTL and flat field/value pairs."""
+
+    key: str
+    ttl_s: int
+    fields: Sequence[str]
 
 
 def format_ts(value: datetime) -> str:
@@ -106,6 +144,25 @@ def _lua_ranks() -> str:
 _PRELUDE = f"""
 local rank = {_lua_ranks()}
 local terminal = {_lua_set(sorted(TERMINAL_STATUSES))}
+"""
+
+# Functions the quota scripts (quota.scripts) put in front of theirs: the worker's redelivery check and
+# the gateway's first entry run inside the quota script's own round trip. Keys come in ARGV there.
+STATUS_LUA_FUNCTIONS: Final = f"""
+local status_terminal = {_lua_set(sorted(TERMINAL_STATUSES))}
+-- true when the request's hash holds a terminal status
+local function status_is_terminal(key)
+  local status = redis.call('HGET', key, 'status')
+  return status ~= false and status_terminal[status] == true
+end
+-- a new request's first entry: 'queued', then the field/value pairs ARGV[first..]; never over an
+-- existing entry (a fresh request id, so there is no rank to respect yet)
+local function status_put_queued(key, ttl_s, first)
+  if redis.call('EXISTS', key) == 1 then return end
+  redis.call('HSET', key, 'status', 'queued')
+  for i = first, #ARGV, 2 do redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', key, ttl_s)
+end
 """
 
 # KEYS[1] = the hash, KEYS[2] = the channel announcing terminal states (long-polls wait on it);
@@ -180,7 +237,7 @@ class StatusCacheUnavailable(Exception):
 class StatusCache:
     """The request status cache. Every method is idempotent; ``advance`` never moves a status backwards."""
 
-    def __init__(self, redis: redis.Redis, keys: Keys, ttl_s: int = STATUS_TTL_S) -> None:
+    def __init__(self, redis: redis.Redis, keys: StatusKeys, ttl_s: int = STATUS_TTL_S) -> None:
         self._redis = redis
         self._keys = keys
         self._ttl_s = ttl_s
@@ -198,10 +255,20 @@ class StatusCache:
     @property
     def terminal_channel(self) -> str:
         """Pub/sub channel: the status key of each request the moment it becomes terminal."""
-        return self._keys.prefix + "status-terminal"
+        return self._keys.terminal_channel
 
     def request_id_of(self, status_key: str) -> str:
-        return status_key.removeprefix(self._keys.status(""))
+        return self._keys.request_id_of(status_key)
+
+    def queued(self, event: InferenceRequested) -> QueuedStatus:
+        """The request's first entry, for the admission to write (``status_put_queued``) when it admits. Pure."""
+        _, _, fields = cache_update(event)
+        flat = [part for pair in fields.items() for part in pair]
+        return QueuedStatus(self._keys.status(event.request_id), self._ttl_s, flat)
+
+    async def forget(self, request_id: str) -> None:
+        """Remove the request's entry (the gateway's, when the broker did not confirm the publish)."""
+        await self._redis.delete(self._keys.status(request_id))
 
     async def get(self, request_id: str) -> dict[str, str] | None:
         """The request's entry, or None; ``StatusCacheUnavailable`` when Redis cannot answer."""

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from api_gateway.auth import parse_api_keys
 from api_gateway.deps import GatewayDeps
 from api_gateway.routes import count_invalid_body, router
-from api_gateway.submit import SubmitService
+from api_gateway.submit import SubmitService, SubmitSettings
 from mlp import telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
@@ -19,7 +19,8 @@ from mlp.db import create_pool
 from mlp.health import dependency_checks
 from mlp.http import BodySizeLimit, run_service, service_app
 from mlp.settings import Settings
-from quota.service import QuotaService
+from projections.status_cache import StatusCache, StatusKeys
+from quota.service import QuotaService, QuotaSettings
 
 SERVICE = "api-gateway"
 
@@ -35,10 +36,16 @@ def create_app(settings: Settings) -> FastAPI:
         await declare_topology(broker, settings.models)
         redis_client = create_redis(settings)
         pool = await create_pool(settings, max_size=5)
-        quota = QuotaService(pool, redis_client, settings)
+        quota = QuotaService(pool, redis_client, QuotaSettings.of(settings))
         app.state.deps = GatewayDeps(
             settings=settings,
-            submit=SubmitService(settings, EventPublisher(broker, settings.publish_timeout_s), quota, redis_client),
+            submit=SubmitService(
+                SubmitSettings.of(settings),
+                EventPublisher(broker, settings.publish_timeout_s),
+                quota,
+                redis_client,
+                StatusCache(redis_client, StatusKeys(settings.redis_prefix)),
+            ),
             api_keys=parse_api_keys(settings.api_keys),
         )
         app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)

@@ -12,12 +12,11 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from events.model import InferenceRequested, new_event_id, utc_now
-from events.request_rules import Rejection, check_request
+from events.request_rules import Rejection, RequestLimits, check_request
 from mlp.bus import EventPublisher, PublishError
 from mlp.cache import Keys
 from mlp.settings import Settings
-from projections.status_cache import STATUS_TTL_S, cache_update
-from quota.ledger import QueuedStatus
+from projections.status_cache import StatusCache
 from quota.plans import reservation_estimate
 from quota.service import Admission, QuotaService
 
@@ -55,6 +54,18 @@ class StateUnavailable(SubmitError):
     """Redis (idempotency keys, the first status entry) cannot answer now: nothing was accepted."""
 
 
+@dataclass(frozen=True, slots=True)
+class SubmitSettings:
+    """The settings a submit uses (built from the platform's ``Settings`` by the gateway's composition root)."""
+
+    redis_prefix: str
+    limits: RequestLimits  # the request rules' bounds (events.request_rules)
+
+    @classmethod
+    def of(cls, settings: Settings) -> SubmitSettings:
+        return cls(settings.redis_prefix, settings.request_limits())
+
+
 @dataclass(frozen=True)
 class Accepted:
     request_id: str
@@ -64,16 +75,18 @@ class Accepted:
 class SubmitService:
     def __init__(
         self,
-        settings: Settings,
+        settings: SubmitSettings,
         publisher: EventPublisher,
         quota: QuotaService,
         redis_client: redis.Redis,
+        status_cache: StatusCache,
     ) -> None:
         self._publisher = publisher
         self._quota = quota
         self._redis = redis_client
+        self._status_cache = status_cache
         self._keys = Keys(settings.redis_prefix)
-        self._limits = settings.request_limits()
+        self._limits = settings.limits
 
     async def submit(
         self,
@@ -141,14 +154,14 @@ class SubmitService:
             # Status first: a GET right after the 202 must find the request. The admission writes it
             # (only when it admits) in its own Redis round trip; if the publish then fails, the entry
             # is removed again before the client hears 503.
-            queued = QueuedStatus(self._keys.status(request_id), STATUS_TTL_S, _queued_fields(event))
+            queued = self._status_cache.queued(event)
             admission = await self._quota.admit(user_id, tokens, reservation_estimate(prompt, tokens), queued=queued)
             if not admission.allowed:
                 raise QuotaExceeded(admission)
             try:
                 await self._publisher.publish(event)
             except PublishError as exc:
-                await self._forget(request_id)
+                await self._status_cache.forget(request_id)
                 raise BrokerUnavailable(str(exc)) from exc
         except BaseException:
             if idem_key is not None:
@@ -157,12 +170,3 @@ class SubmitService:
         if idem_key is not None:
             await self._redis.set(idem_key, request_id, ex=IDEMPOTENCY_TTL_S)
         return Accepted(request_id=request_id, replayed=False)
-
-    async def _forget(self, request_id: str) -> None:
-        await self._redis.delete(self._keys.status(request_id))
-
-
-def _queued_fields(event: InferenceRequested) -> list[str]:
-    """The queued entry's field/value pairs, flat: the status cache's own projection of the event."""
-    _, _, fields = cache_update(event)
-    return [part for pair in fields.items() for part in pair]

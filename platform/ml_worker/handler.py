@@ -33,8 +33,8 @@ from ml_worker.tracing import record_outcome, request_span, with_worker_tracepar
 from mlp import metrics
 from mlp.backoff import Backoff
 from mlp.bus import PublishError
-from mlp.cache import Keys
 from mlp.logs import bind_request_id
+from projections.status_cache import StatusKeys
 from quota.ledger import QuotaUnavailable
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Draining(Exception):
 class WorkerDeps:
     publisher: Publisher
     quota: Quota
-    keys: Keys  # the status cache's key of a request, checked by the reservation (see quota.scripts.RESERVE)
+    status_keys: StatusKeys  # the request's status-cache hash, checked by the reservation (quota.scripts.RESERVE)
     triton: Inferer
 
 
@@ -157,7 +157,7 @@ class RequestHandler:
             return
         estimate = decide.reservation_estimate(request)
         # The redelivery check (is the outcome already cached?) rides in the reservation's Redis round trip.
-        status_key = self._deps.keys.status(request.request_id)
+        status_key = self._deps.status_keys.status(request.request_id)
         reservation = await self._deps.quota.reserve(
             request.request_id, request.user_id, estimate, status_key=status_key
         )

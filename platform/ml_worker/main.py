@@ -1,7 +1,8 @@
-"""Composition root of the ML worker (``mlp worker``): one FastStream app, one subscriber per served model.
+"""Composition root of the ML worker (``mlp worker``): one subscriber per served model, on the shared
+consumer lifecycle (``mlp.consumer``: broker, resources, health side server, drain on SIGTERM).
 
-Pools and clients are created in the lifespan and injected into the handler; the topology is
-declared at start-up; a health side server answers /healthz, /readyz and /metrics.
+Pools and clients are created in the consumer's resources and injected into the handler; the
+topology is declared at start-up; a health side server answers /healthz, /readyz and /metrics.
 
 Concurrency: aiormq runs every delivery in its own task, and FastStream 0.7.8 does not
 serialize a subscriber's handler calls, so up to ``prefetch`` messages are handled at once;
@@ -19,12 +20,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from faststream import AckPolicy, FastStream
+from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker, RabbitMessage
 from faststream.rabbit.subscriber import RabbitSubscriber
 
@@ -32,13 +32,15 @@ from events.topology import requests_queue
 from ml_service.client import TritonClient
 from ml_worker.handler import RequestHandler, WorkerDeps
 from ml_worker.inference import TritonCaller
-from mlp import logs, telemetry
-from mlp.bus import EVENTS, EventPublisher, consumer_channel, declare_topology, make_broker, rabbit_queue
-from mlp.cache import Keys, create_redis
+from mlp import logs
+from mlp.bus import EVENTS, EventPublisher, consumer_channel, rabbit_queue
+from mlp.cache import create_redis
+from mlp.consumer import Consumer, HealthAddress, consumer_broker, run_consumer
 from mlp.db import create_pool
-from mlp.health import ReadinessCheck, dependency_checks, health_server
+from mlp.health import ReadinessCheck, dependency_checks
 from mlp.settings import Settings, get_settings
-from quota.service import QuotaService
+from projections.status_cache import StatusKeys
+from quota.service import QuotaService, QuotaSettings
 
 log = logging.getLogger("ml_worker")
 
@@ -51,17 +53,20 @@ def worker_id() -> str:
 
 @dataclass
 class Worker:
-    """The assembled worker: its broker, its app, and (once the lifespan ran) its handler."""
+    """The worker's own parts: its broker and subscribers, and (once its resources exist) its handler.
 
-    settings: Settings
+    ``consumer`` runs it (``mlp.consumer``); ``drain`` is the worker's part of a graceful stop.
+    """
+
     models: tuple[str, ...]
     broker: RabbitBroker
-    app: FastStream = field(init=False, repr=False)
+    graceful_timeout_s: float
+    consumer: Consumer = field(init=False, repr=False)
     subscribers: list[RabbitSubscriber] = field(default_factory=list)
     handler: RequestHandler | None = None
 
     async def on_request(self, message: RabbitMessage) -> None:
-        assert self.handler is not None, "the lifespan creates the handler before the broker starts"
+        assert self.handler is not None, "the resources create the handler before the broker starts"
         await self.handler.handle(message)
 
     async def drain(self) -> None:
@@ -75,8 +80,8 @@ class Worker:
         handler.draining.set()
         pending = set(handler.in_flight)
         if pending:
-            log.info("draining %d in-flight messages (up to %.0fs)", len(pending), self.settings.graceful_timeout_s)
-            await asyncio.wait(pending, timeout=self.settings.graceful_timeout_s)
+            log.info("draining %d in-flight messages (up to %.0fs)", len(pending), self.graceful_timeout_s)
+            await asyncio.wait(pending, timeout=self.graceful_timeout_s)
         leftovers = dict(handler.in_flight)
         for task in leftovers:
             task.cancel()
@@ -103,10 +108,8 @@ async def _message_itself(message: RabbitMessage) -> RabbitMessage:
 
 def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Worker:
     served = tuple(models or settings.models)
-    tel = telemetry.setup_telemetry(SERVICE, settings)
-    telemetry.instrument_clients(tel)  # before the Redis client and the gRPC channel exist
-    broker = make_broker(settings, app_id="mlp-worker", middlewares=telemetry.broker_middlewares(tel))
-    worker = Worker(settings=settings, models=served, broker=broker)
+    broker, tel = consumer_broker(SERVICE, settings, app_id="mlp-worker")
+    worker = Worker(models=served, broker=broker, graceful_timeout_s=settings.graceful_timeout_s)
 
     async def handle_request(message: RabbitMessage) -> None:
         await worker.on_request(message)
@@ -126,7 +129,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
         worker.subscribers.append(subscriber)
 
     @contextlib.asynccontextmanager
-    async def lifespan() -> AsyncIterator[None]:
+    async def resources() -> AsyncIterator[Mapping[str, ReadinessCheck]]:
         pool = await create_pool(settings)
         redis = create_redis(settings)
         triton = TritonClient(settings.triton_url, settings.triton_timeout_s)
@@ -140,8 +143,8 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
             )
             deps = WorkerDeps(
                 publisher=EventPublisher(broker, settings.publish_timeout_s),
-                quota=QuotaService(pool, redis, settings),
-                keys=Keys(settings.redis_prefix),
+                quota=QuotaService(pool, redis, QuotaSettings.of(settings)),
+                status_keys=StatusKeys(settings.redis_prefix),
                 triton=caller,
             )
             worker.handler = RequestHandler(
@@ -154,36 +157,22 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
             async def triton_ready() -> bool:
                 return all([await triton.is_ready(m) for m in served])
 
-            checks: Mapping[str, ReadinessCheck] = {
-                **dependency_checks(broker=broker, pool=pool, redis_client=redis),
-                "triton": triton_ready,
-            }
-            async with health_server(settings.health_host, settings.worker_health_port, checks):
-                yield
+            yield {**dependency_checks(pool=pool, redis_client=redis), "triton": triton_ready}
         finally:
             await triton.close()
             await redis.aclose()
             await pool.close()
-            tel.shutdown()  # flushes the last spans (bounded)
 
-    async def declare() -> None:
-        await broker.connect()
-        await declare_topology(broker, served)
-
-    worker.app = FastStream(broker, lifespan=lifespan, on_startup=[declare], on_shutdown=[worker.drain])
+    worker.consumer = Consumer(
+        SERVICE,
+        broker,
+        tel,
+        served,
+        HealthAddress(settings.health_host, settings.worker_health_port),
+        resources=resources,
+        drain=worker.drain,
+    )
     return worker
-
-
-async def serve(worker: Worker, stop: asyncio.Event) -> None:
-    """Run the app until ``stop`` is set: FastStream's lifecycle, without its signal handlers."""
-    app = worker.app
-    async with app.lifespan_context():
-        await app.start()
-        log.info("worker %s consuming %s", worker_id(), ", ".join(worker.models))
-        try:
-            await stop.wait()
-        finally:
-            await app.stop()
 
 
 def _parse(argv: Sequence[str], settings: Settings) -> argparse.Namespace:
@@ -204,17 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mlp worker: --models names no model")
         return 2
     logs.setup_logging(SERVICE, settings)
-    worker = build_worker(settings, models)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(worker, stop)
-
-    asyncio.run(run())
-    return 0
+    return run_consumer(build_worker(settings, models).consumer)
 
 
 if __name__ == "__main__":

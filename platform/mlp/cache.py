@@ -24,13 +24,11 @@ def create_redis(settings: Settings, max_connections: int = 64) -> redis.Redis:
 
 
 class Keys:
-    """Every Redis key the platform uses, under one prefix."""
+    """Redis keys under the platform's prefix, except those with an owner of their own: the status
+    cache's (``projections.status_cache.StatusKeys``) and the quota ledger's (``quota.ledger.QuotaKeys``)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-
-    def status(self, request_id: str) -> str:
-        return f"{self.prefix}status:{request_id}"
 
     def seen(self, event_id: str) -> str:
         return f"{self.prefix}seen:{event_id}"

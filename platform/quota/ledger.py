@@ -21,6 +21,7 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from projections.status_cache import QueuedStatus
 from quota import scripts
 from quota.plans import LimitName, Limits, QuotaError, Window, day_window, month_window, to_ms
 from quota.script_pipeline import ScriptPipeline
@@ -112,15 +113,6 @@ class UsageSnapshot:
     used_day: int
     used_month: int
     reserved: int
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedStatus:
-    """A new request's first status-cache entry: its hash key, TTL and flat field/value pairs."""
-
-    key: str
-    ttl_s: int
-    fields: Sequence[str]
 
 
 @dataclass(frozen=True, slots=True)

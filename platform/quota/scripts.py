@@ -27,10 +27,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from events.status import TERMINAL_STATUSES
-
-# Lua condition: ``status`` (a status-cache value) is terminal; generated so it cannot drift from events.status.
-_IS_TERMINAL: Final = " or ".join(f"status == '{name}'" for name in sorted(TERMINAL_STATUSES))
+from projections.status_cache import STATUS_LUA_FUNCTIONS
 
 _PRELUDE: Final = r"""
 local P = ARGV[1]
@@ -103,16 +100,13 @@ end
 # -> {'FINISHED'} | {'GRANTED', tokens} | {'ALREADY', tokens} | {'COMMITTED', charged}
 #    | {'REFUSED', limit} | {'NOT_BUILT'}
 # status_key: the request's status-cache hash; when it already holds a terminal status the request
-# needs no work and no quota (FINISHED): the worker's redelivery check, in the round trip it makes anyway.
+# needs no work and no quota (FINISHED): the worker's redelivery check, in the round trip it makes anyway
+# (the check is the status cache's own function, projections.status_cache.STATUS_LUA_FUNCTIONS).
 RESERVE: Final = (
     _PRELUDE
+    + STATUS_LUA_FUNCTIONS
     + r"""
-if ARGV[13] and ARGV[13] ~= '' then
-  local status = redis.call('HGET', ARGV[13], 'status')
-  if """
-    + _IS_TERMINAL
-    + r""" then return {'FINISHED'} end
-end
+if ARGV[13] and ARGV[13] ~= '' and status_is_terminal(ARGV[13]) then return {'FINISHED'} end
 if not built() then return {'NOT_BUILT'} end
 local rid, user, tokens = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local now, exp, grace = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[11])
@@ -213,9 +207,10 @@ return {'OK', get_num(P .. 'ud:' .. user .. ':' .. ARGV[4]),
 #       status_key ('' = none), status_ttl_s, then the status hash's field/value pairs
 # -> {'OK'} | {'REFUSED', limit, retry_ms, used, reserved} | {'NOT_BUILT'}
 # status_key: on OK, the new request's status-cache entry is written as 'queued' in the same round trip
-# (the gateway's first status; a fresh request id, so there is no rank to respect yet).
+# (the gateway's first status, written by the status cache's own function, STATUS_LUA_FUNCTIONS).
 ADMIT: Final = (
     _PRELUDE
+    + STATUS_LUA_FUNCTIONS
     + r"""
 if not built() then return {'NOT_BUILT'} end
 local user, now, want = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[8])
@@ -242,12 +237,7 @@ local seq = redis.call('INCR', seq_key)
 redis.call('PEXPIRE', seq_key, 61000)
 redis.call('ZADD', r, ARGV[3], ARGV[3] .. '-' .. seq)
 redis.call('PEXPIRE', r, 61000)
-local status_key = ARGV[10]
-if status_key and status_key ~= '' and redis.call('EXISTS', status_key) == 0 then
-  redis.call('HSET', status_key, 'status', 'queued')
-  for i = 12, #ARGV, 2 do redis.call('HSET', status_key, ARGV[i], ARGV[i + 1]) end
-  redis.call('EXPIRE', status_key, tonumber(ARGV[11]))
-end
+if ARGV[10] and ARGV[10] ~= '' then status_put_queued(ARGV[10], tonumber(ARGV[11]), 12) end
 return {'OK'}
 """
 )

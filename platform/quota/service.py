@@ -22,8 +22,9 @@ import redis.asyncio as redis
 from events.model import utc_now
 from events.request_rules import check_max_tokens_per_request
 from mlp.settings import Settings
+from projections.status_cache import QueuedStatus
 from quota import store
-from quota.ledger import QueuedStatus, QuotaUnavailable, RedisLedger
+from quota.ledger import QuotaUnavailable, RedisLedger
 from quota.plans import (
     LimitName,
     Limits,
@@ -39,6 +40,19 @@ from quota.plans import (
 LIMITS_CACHE_S = 5.0
 LIMITS_CACHE_SIZE = 10_000
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSettings:
+    """The settings the quota service uses (built from the platform's ``Settings`` by a composition root)."""
+
+    redis_prefix: str
+    default_plan: str  # the plan of a user without one of their own
+    reservation_ttl_s: float  # how long a worker's hold lives unless committed or released
+
+    @classmethod
+    def of(cls, settings: Settings) -> QuotaSettings:
+        return cls(settings.redis_prefix, settings.default_plan, settings.reservation_ttl_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +121,7 @@ class QuotaService:
         self,
         pool: asyncpg.Pool,
         redis: redis.Redis,
-        settings: Settings,
+        settings: QuotaSettings,
         clock: Callable[[], datetime] = utc_now,
         *,
         limits_cache_s: float = LIMITS_CACHE_S,

@@ -8,13 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mlp import telemetry
-from mlp.cache import Keys, create_redis
+from mlp.cache import create_redis
 from mlp.db import create_pool
 from mlp.health import dependency_checks
 from mlp.http import run_service, service_app
 from mlp.settings import Settings
-from projections.status_cache import StatusCache
-from quota.service import QuotaService
+from projections.status_cache import StatusCache, StatusKeys
+from quota.service import QuotaService, QuotaSettings
 from read_api import metrics_routes, quota_routes, requests_routes
 from read_api.deps import ReadApiDeps
 from read_api.terminal_waits import TerminalWaits
@@ -30,7 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis_client = create_redis(settings)
         pool = await create_pool(settings, max_size=10)
-        status_cache = StatusCache(redis_client, Keys(settings.redis_prefix))
+        status_cache = StatusCache(redis_client, StatusKeys(settings.redis_prefix))
         terminal_waits = TerminalWaits(redis_client, status_cache)
         terminal_waits.start()
         app.state.deps = ReadApiDeps(
@@ -38,7 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
             pool=pool,
             status_cache=status_cache,
             terminal_waits=terminal_waits,
-            quota=QuotaService(pool, redis_client, settings),
+            quota=QuotaService(pool, redis_client, QuotaSettings.of(settings)),
         )
         app.state.readiness = dependency_checks(pool=pool, redis_client=redis_client)
         try:

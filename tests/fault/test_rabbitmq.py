@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from mlp.cache import Keys
+from projections.status_cache import StatusKeys
 from quota.ledger import QuotaKeys
 from tests.support.faults import (
     FaultTable,
@@ -66,7 +66,7 @@ async def _recorded_for(ns: Namespace, user: str) -> dict[str, int]:
     try:
         statuses = sum(
             1
-            for key in client.scan_iter(match=Keys(ns.redis_prefix).pattern("status"))
+            for key in client.scan_iter(match=StatusKeys(ns.redis_prefix).pattern())
             if client.hget(key, "user_id") == user
         )
         reserved = int(client.get(QuotaKeys(ns.redis_prefix).reserved_sum(user)) or 0)

@@ -19,12 +19,12 @@ from faststream.rabbit import RabbitBroker
 from events.model import AnyEvent, encode_event
 from events.topology import DLQ_SUFFIX, PROJECTIONS_QUEUE
 from mlp.bus import EVENTS, EventPublisher, declare_topology, make_broker
-from mlp.cache import Keys, create_redis
+from mlp.cache import create_redis
 from mlp.settings import Settings
 from projections.projector import UpsertRequest, plan_events
 from projections.queries import RequestView, get_request
 from projections.sample_events import Outcome, request_stream
-from projections.status_cache import StatusCache
+from projections.status_cache import StatusCache, StatusKeys
 from results_collector.main import build_app
 from tests.support.services import free_port
 from tests.support.waiting import eventually
@@ -72,7 +72,7 @@ async def collector(migrated: Settings) -> AsyncIterator[Running]:
             pool,
             broker,
             EventPublisher(broker, timeout_s=5),
-            StatusCache(redis_client, Keys(settings.redis_prefix)),
+            StatusCache(redis_client, StatusKeys(settings.redis_prefix)),
         )
     finally:
         app.exit()

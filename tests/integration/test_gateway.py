@@ -13,8 +13,8 @@ import redis.asyncio as redis
 from api_gateway.main import create_app
 from events import InferenceRequested, decode_event
 from events.topology import requests_queue
-from mlp.cache import Keys
 from mlp.settings import Settings
+from projections.status_cache import StatusKeys
 from tests.support.apps import running
 from tests.support.isolation import isolated_namespace
 
@@ -61,7 +61,7 @@ async def test_the_seed_request_is_accepted_published_and_visible(gateway: tuple
         settings.default_max_tokens,
     )
     cache = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    status = await cache.hgetall(Keys(settings.redis_prefix).status(body["request_id"]))
+    status = await cache.hgetall(StatusKeys(settings.redis_prefix).status(body["request_id"]))
     await cache.aclose()
     assert status["status"] == "queued"
 
@@ -133,7 +133,7 @@ async def test_broker_gone_at_submit_answers_503_and_records_nothing(module_sett
             assert response.status_code == 503, response.text
             assert response.headers["Retry-After"]
             cache = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-            leftovers = [k async for k in cache.scan_iter(match=Keys(settings.redis_prefix).pattern("status"))]
+            leftovers = [k async for k in cache.scan_iter(match=StatusKeys(settings.redis_prefix).pattern())]
             await cache.aclose()
             assert leftovers == []
             subprocess.run(["rabbitmqctl", "-q", "add_vhost", ns.name], check=True, capture_output=True)

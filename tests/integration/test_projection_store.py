@@ -15,13 +15,13 @@ import redis.asyncio as redis
 
 from events.model import AnyEvent, InferenceFailed, InferenceRequested, encode_event, new_event_id
 from events.status import STATUS_RANK
-from mlp.cache import Keys, create_redis
+from mlp.cache import create_redis
 from mlp.settings import Settings
 from projections.postgres import apply_batch, is_permanent, store_and_project
 from projections.projector import UpsertRequest, plan_events
 from projections.queries import RequestView, get_request
 from projections.sample_events import Outcome, request_stream
-from projections.status_cache import StatusCache, cache_update
+from projections.status_cache import StatusCache, StatusKeys, cache_update
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ async def redis_client(settings: Settings) -> AsyncIterator[redis.Redis]:
 
 @pytest.fixture(scope="module")
 def cache(redis_client: redis.Redis, settings: Settings) -> StatusCache:
-    return StatusCache(redis_client, Keys(settings.redis_prefix), ttl_s=600)
+    return StatusCache(redis_client, StatusKeys(settings.redis_prefix), ttl_s=600)
 
 
 def _rid(label: str) -> str:
@@ -201,7 +201,7 @@ async def test_advance_reports_changes_and_is_idempotent(
     assert after["status"] == "completed"
     assert "error_code" not in after
     assert after["finished_at"] == got["finished_at"]
-    assert 0 < await redis_client.ttl(Keys(settings.redis_prefix).status(rid)) <= 600
+    assert 0 < await redis_client.ttl(StatusKeys(settings.redis_prefix).status(rid)) <= 600
     assert await cache.get(_rid("missing")) is None
 
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from mlp.settings import Settings
 from ops.quota import main as quota_cli
-from quota.service import QuotaService
+from quota.service import QuotaService, QuotaSettings
 from read_api.deps import pool_of, quota_of
 from read_api.quota_routes import router
 
@@ -26,7 +26,7 @@ NOW = datetime(2030, 5, 20, 12, 0, tzinfo=UTC)
 
 @pytest.fixture
 def quota(pool: asyncpg.Pool, client: redis.Redis, migrated: Settings) -> QuotaService:
-    return QuotaService(pool, client, migrated, lambda: NOW)
+    return QuotaService(pool, client, QuotaSettings.of(migrated), lambda: NOW)
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ async def test_usage_is_503_with_retry_after_when_postgres_cannot_answer(
     assert dead is not None
     app = FastAPI()
     app.include_router(router)
-    dead_quota = QuotaService(dead, client, migrated, lambda: NOW)
+    dead_quota = QuotaService(dead, client, QuotaSettings.of(migrated), lambda: NOW)
     app.dependency_overrides[quota_of] = lambda: dead_quota
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:

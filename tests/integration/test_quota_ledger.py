@@ -20,7 +20,7 @@ from mlp.settings import Settings
 from quota import store
 from quota.ledger import QuotaUnavailable
 from quota.plans import Overrides
-from quota.service import QuotaService
+from quota.service import QuotaService, QuotaSettings
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def quota(pool: asyncpg.Pool, client: redis.Redis, migrated: Settings, clock: Clock) -> QuotaService:
-    return QuotaService(pool, client, migrated, clock)
+    return QuotaService(pool, client, QuotaSettings.of(migrated), clock)
 
 
 def user() -> str:
@@ -285,7 +285,7 @@ async def test_only_one_process_rebuilds_and_nothing_is_admitted_before_it_finis
     # Another process holds the rebuild lock and has not finished: we wait, then give up (503), never admit.
     await flush_quota_keys(client, migrated)
     await client.set(f"{migrated.redis_prefix}quota:rebuild-lock", "someone-else", px=60_000)
-    impatient = QuotaService(pool, client, migrated, clock, rebuild_timeout_s=0.3)
+    impatient = QuotaService(pool, client, QuotaSettings.of(migrated), clock, rebuild_timeout_s=0.3)
     with pytest.raises(QuotaUnavailable, match="being rebuilt"):
         await impatient.admit(user(), 10)
     with pytest.raises(QuotaUnavailable):
@@ -299,7 +299,7 @@ async def test_redis_unreachable_is_reported_as_unavailable(pool: asyncpg.Pool, 
     dead = create_redis(broken)
     try:
         with pytest.raises(QuotaUnavailable):
-            await QuotaService(pool, dead, broken).reserve(f"req-{uuid.uuid4().hex}", user(), 10)
+            await QuotaService(pool, dead, QuotaSettings.of(broken)).reserve(f"req-{uuid.uuid4().hex}", user(), 10)
     finally:
         await dead.aclose()
 
@@ -310,7 +310,7 @@ async def test_every_worker_operation_reports_a_redis_outage_as_unavailable(
     # The worker retries QuotaUnavailable in process; it no longer looks at redis-py's own errors.
     broken = migrated.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     dead = create_redis(broken)
-    quota = QuotaService(pool, dead, broken)
+    quota = QuotaService(pool, dead, QuotaSettings.of(broken))
     rid = f"req-{uuid.uuid4().hex}"
     try:
         with pytest.raises(QuotaUnavailable):
@@ -329,7 +329,7 @@ async def test_postgres_unreachable_is_reported_as_unavailable(client: redis.Red
     assert dead is not None
     try:
         with pytest.raises(QuotaUnavailable, match="cannot read quota limits"):
-            await QuotaService(dead, client, migrated).reserve(f"req-{uuid.uuid4().hex}", user(), 10)
+            await QuotaService(dead, client, QuotaSettings.of(migrated)).reserve(f"req-{uuid.uuid4().hex}", user(), 10)
     finally:
         await dead.close()
 

@@ -9,10 +9,9 @@ import pytest
 import redis.asyncio as redis
 
 from events.model import InferenceRequested, new_event_id, utc_now
-from mlp.cache import Keys
 from mlp.settings import Settings
 from projections.postgres import store_and_project
-from projections.status_cache import StatusCache, StatusCacheUnavailable
+from projections.status_cache import StatusCache, StatusCacheUnavailable, StatusKeys
 from read_api.main import create_app
 from read_api.requests_routes import load_view
 from tests.support.apps import running
@@ -32,7 +31,7 @@ COMPLETED = {
 @pytest.fixture
 async def cache(module_settings: Settings) -> StatusCache:
     client = redis.Redis.from_url(module_settings.redis_url, decode_responses=True)
-    return StatusCache(client, Keys(module_settings.redis_prefix))
+    return StatusCache(client, StatusKeys(module_settings.redis_prefix))
 
 
 async def test_unknown_request_is_404_and_a_bad_id_is_422(module_settings: Settings) -> None:
@@ -103,7 +102,7 @@ async def test_negative_wait_is_refused(module_settings: Settings) -> None:
 
 async def test_with_redis_down_postgres_answers_the_status(module_settings: Settings) -> None:
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", decode_responses=True)
-    cache = StatusCache(dead, Keys(module_settings.redis_prefix))
+    cache = StatusCache(dead, StatusKeys(module_settings.redis_prefix))
     pool = await asyncpg.create_pool(module_settings.postgres_dsn, min_size=1, max_size=1)
     assert pool is not None
     request_id = new_event_id()

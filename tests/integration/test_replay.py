@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from events.model import AnyEvent
-from mlp.cache import Keys, create_redis
+from mlp.cache import create_redis
 from mlp.db import drop_database
 from mlp.settings import Settings, get_settings
 from ops.replay import main
@@ -22,7 +22,7 @@ from projections.postgres import LIVE, apply_batch
 from projections.projector import UpsertRequest, plan_events
 from projections.replay import replay
 from projections.sample_events import Outcome, request_stream
-from projections.status_cache import StatusCache, cache_update
+from projections.status_cache import StatusCache, StatusKeys, cache_update
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,7 @@ async def test_replay_equals_live_and_repairs_damaged_models_and_cache(own_db: S
     pool = await asyncpg.create_pool(own_db.postgres_dsn, min_size=1, max_size=4)
     assert pool is not None
     redis_client = create_redis(own_db)
-    cache = StatusCache(redis_client, Keys(own_db.redis_prefix))
+    cache = StatusCache(redis_client, StatusKeys(own_db.redis_prefix))
     try:
         half = len(events) // 2
         await asyncio.gather(_live_traffic(pool, events[:half], 1), _live_traffic(pool, events[half:], 2))
@@ -95,7 +95,7 @@ async def test_replay_equals_live_and_repairs_damaged_models_and_cache(own_db: S
         await pool.execute("UPDATE inference_requests SET status = 'queued', prompt = NULL WHERE request_id = $1", some)
         await pool.execute("DELETE FROM token_usage")
         await pool.execute("UPDATE token_usage_daily SET total_tokens = 0")
-        await redis_client.delete(Keys(own_db.redis_prefix).status(some))
+        await redis_client.delete(StatusKeys(own_db.redis_prefix).status(some))
 
         out = io.StringIO()
         report = await replay(own_db, chunk=64, out=out)

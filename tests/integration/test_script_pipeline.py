@@ -10,10 +10,9 @@ import pytest
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
-from mlp.cache import Keys
 from mlp.redis_scripts import evalsha_pipelined
 from mlp.settings import Settings
-from projections.status_cache import StatusCache
+from projections.status_cache import StatusCache, StatusKeys
 from quota.script_pipeline import ScriptPipeline
 
 pytestmark = pytest.mark.integration
@@ -89,7 +88,7 @@ async def test_pipelined_scripts_take_keys_raise_the_first_error_and_survive_a_f
 async def test_the_status_cache_writes_batches_after_its_scripts_were_flushed(
     client: redis.Redis, migrated: Settings
 ) -> None:
-    cache = StatusCache(client, Keys(f"{migrated.redis_prefix}sp4:"))
+    cache = StatusCache(client, StatusKeys(f"{migrated.redis_prefix}sp4:"))
     await client.script_flush()  # what a restarted Redis looks like to the collector
     await cache.advance_many([("r-1", "queued", {"user_id": "u"}), ("r-2", "completed", {"user_id": "u"})])
     assert (await cache.get("r-1") or {}).get("status") == "queued"

@@ -19,7 +19,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from mlp.cache import Keys, create_redis
+from mlp.cache import create_redis
 from mlp.db import admin_dsn
 from mlp.settings import Settings
 from mlp.telemetry import (
@@ -32,6 +32,7 @@ from mlp.telemetry import (
     span,
     uninstrument_clients,
 )
+from projections.status_cache import StatusKeys
 from tests.support.otlp import CollectedSpan, OtlpReceiver, one
 
 pytestmark = pytest.mark.integration
@@ -108,7 +109,7 @@ async def test_redis_commands_are_client_spans(
     instrumented: Telemetry, receiver: OtlpReceiver, settings: Settings
 ) -> None:
     client = create_redis(settings)  # created after instrument_clients, as a service does
-    key = Keys(settings.redis_prefix).status("otel-test")
+    key = StatusKeys(settings.redis_prefix).status("otel-test")
     try:
         with span("parent", tracer=instrumented.tracer):
             trace_id = current_trace_id()

@@ -22,11 +22,11 @@ from events.model import (
 from events.topology import requested_routing_key, requests_queue
 from ml_service.launcher import TritonProcess
 from mlp.bus import EventPublisher, declare_topology, make_broker
-from mlp.cache import Keys, create_redis
+from mlp.cache import create_redis
 from mlp.db import create_pool
 from mlp.settings import Settings
-from projections.status_cache import StatusCache
-from quota.service import QuotaService
+from projections.status_cache import StatusCache, StatusKeys
+from quota.service import QuotaService, QuotaSettings
 from tests.integration.test_worker_harness import (
     free_port,
     observed,
@@ -74,7 +74,7 @@ async def quota(wsettings: Settings) -> AsyncIterator[QuotaService]:
     pool = await create_pool(wsettings)
     client = create_redis(wsettings)
     try:
-        yield QuotaService(pool, client, wsettings)
+        yield QuotaService(pool, client, QuotaSettings.of(wsettings))
     finally:
         await client.aclose()
         await pool.close()
@@ -257,7 +257,7 @@ async def test_a_request_whose_outcome_is_cached_is_acked_without_work(
     request = requested(user_id="done-user")
     client: redis.Redis = create_redis(wsettings)
     try:
-        await StatusCache(client, Keys(wsettings.redis_prefix)).advance(request.request_id, "completed", {})
+        await StatusCache(client, StatusKeys(wsettings.redis_prefix)).advance(request.request_id, "completed", {})
     finally:
         await client.aclose()
     before = await triton_inferences(triton_server.http_url, "basic-model")

@@ -27,7 +27,7 @@ from events.model import (
     utc_now,
 )
 from events.topology import EVENTS_EXCHANGE
-from ml_worker.main import Worker, build_worker, serve
+from ml_worker.main import Worker, build_worker
 from mlp.settings import Settings
 
 # Safety bound of every wait (never an assertion on speed): the shared 2-core machine can be slow.
@@ -57,10 +57,10 @@ def requested(model: str = "basic-model", user_id: str = "alice", **changes: Any
 
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings, models: tuple[str, ...] = ("basic-model",)) -> AsyncIterator[Worker]:
-    """The worker's FastStream app, in process, until the block ends (then a graceful stop)."""
+    """The worker, in process, until the block ends (then a graceful stop)."""
     worker = build_worker(settings.model_copy(update={"worker_health_port": free_port()}), models)
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(worker, stop))
+    task = asyncio.create_task(worker.consumer.serve(stop))
     try:
         async with asyncio.timeout(WAIT_S):
             while not (worker.handler is not None and all(s.running for s in worker.subscribers)):

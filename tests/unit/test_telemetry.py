@@ -219,7 +219,7 @@ def test_pool_reset_is_housekeeping_but_queries_are_not() -> None:
 def test_the_sdk_reads_sampler_exporter_and_service_name_from_otel_variables(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from mlp.telemetry import _build_provider
+    from mlp.telemetry.sdk import _build_provider
 
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
