@@ -76,5 +76,5 @@ async def test_a_deleted_vhost_refuses_connections() -> None:
     await connection.close()
     admin.delete_vhost(name)
     # The broker answers Connection.Open for a vhost that is gone with Connection.Close.
-    with pytest.raises(aiormq.exceptions.InvalidFrameError, match="Connection.Close"):
+    with pytest.raises(aiormq.exceptions.InvalidFrameError, match=r"Connection\.Close"):
         await aio_pika.connect(_url(user, password, name))

@@ -106,15 +106,15 @@ class ManagementApi:
 
     def __init__(self, url: str, transport: httpx.BaseTransport | None = None) -> None:
         parts = urlsplit(url)
-        base = urlunsplit((parts.scheme, f"{parts.hostname}:{parts.port or MANAGEMENT_PORT}", "", "", ""))
-        auth = (parts.username or "guest", parts.password or "guest")
-        self._client = httpx.Client(base_url=base, auth=auth, timeout=TIMEOUT_S, transport=transport)
+        self._base = urlunsplit((parts.scheme, f"{parts.hostname}:{parts.port or MANAGEMENT_PORT}", "", "", ""))
+        self._auth = (parts.username or "guest", parts.password or "guest")
+        self._transport = transport
 
     def _send(self, method: str, *path: str, body: Mapping[str, Any] | None = None) -> None:
         # Each segment quoted whole: the default vhost "/" is "%2F" in a path.
         url = "/api/" + "/".join(quote(segment, safe="") for segment in path)
-        response = self._client.request(method, url, json=body)
-        response.raise_for_status()
+        with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
+            client.request(method, url, json=body).raise_for_status()
 
     def add_vhost(self, vhost: str) -> None:
         self._send("PUT", "vhosts", vhost)
