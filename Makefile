@@ -19,7 +19,9 @@ services:
 up: $(STAMP) services
 	$(BIN)/mlp up
 
-test: $(STAMP) services
+# --tests: where only Docker could run a missing service, the tests start it with testcontainers.
+test: $(STAMP)
+	@scripts/ensure-services --tests
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -9,9 +9,16 @@ import pytest
 from ml_service.launcher import TritonProcess
 from mlp.settings import Settings
 from tests.support.isolation import Namespace, isolated_namespace
+from tests.support.provision import stop_started_containers
 
 # One real Triton per test session (free ports), shared by every test that needs one.
 pytest_plugins = ["tests.support.triton"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish() -> None:
+    """Stop the containers that tests.support.provision started for this session, if any."""
+    stop_started_containers()
 
 
 @pytest.fixture(scope="session")

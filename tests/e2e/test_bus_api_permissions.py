@@ -1,15 +1,14 @@
 """The external-publisher RabbitMQ user, with the permissions of examples/rabbitmq/, against the real RabbitMQ.
 
-The user is created in this run's vhost with ``rabbitmqctl add_user/set_permissions/set_topic_permissions``
-from the definitions file users deploy (names substituted), and deleted afterwards. It needs only
-RabbitMQ, hence the ``integration`` marker.
+The user is created in this run's vhost (``add_user/set_permissions/set_topic_permissions``, by rabbitmqctl
+or the management API: tests.support.rabbitmq_admin) from the definitions file users deploy (names
+substituted), and deleted afterwards. It needs only RabbitMQ, hence the ``integration`` marker.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -31,17 +30,13 @@ from events.topology import (
 )
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.settings import Settings
-from tests.support.isolation import Namespace
+from tests.support.isolation import Namespace, broker_admin
 
 pytestmark = pytest.mark.integration
 
 DEFINITIONS = Path(__file__).resolve().parents[2] / "examples" / "rabbitmq" / "external-publisher.definitions.json"
 TEMPLATE_USER = "mlp-external"
 MODEL = "basic-model"
-
-
-def _ctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 @dataclass(frozen=True)
@@ -56,22 +51,19 @@ def apply_definitions(definitions: dict[str, Any], user: str, vhost: str) -> Non
     def named(regex: str) -> str:
         return regex.replace(TEMPLATE_USER, user)
 
+    admin = broker_admin()
     for p in definitions["permissions"]:
-        _ctl("set_permissions", "-p", vhost, user, named(p["configure"]), named(p["write"]), named(p["read"]))
+        admin.set_permissions(vhost, user, named(p["configure"]), named(p["write"]), named(p["read"]))
     for t in definitions["topic_permissions"]:
-        _ctl("set_topic_permissions", "-p", vhost, user, t["exchange"], named(t["write"]), named(t["read"]))
+        admin.set_topic_permissions(vhost, user, t["exchange"], named(t["write"]), named(t["read"]))
     for policy in definitions["policies"]:
-        _ctl(
-            "set_policy",
-            "-p",
+        admin.set_policy(
             vhost,
-            "--apply-to",
-            policy["apply-to"],
-            "--priority",
-            str(policy["priority"]),
             policy["name"],
             policy["pattern"],
-            json.dumps(policy["definition"]),
+            policy["definition"],
+            priority=int(policy["priority"]),
+            apply_to=policy["apply-to"],
         )
 
 
@@ -93,14 +85,14 @@ def external_user(namespace: Namespace, topology: Settings) -> Iterator[External
     assert definitions["users"][0]["password_hash"] == ""  # no credential in the repository
     name = f"ext-test-{uuid.uuid4().hex[:8]}"
     password = secrets.token_hex(18)  # hex: never starts with "-" (rabbitmqctl would read an option)
-    _ctl("add_user", name, password)
+    broker_admin().add_user(name, password)
     try:
         apply_definitions(definitions, name, namespace.name)
         parts = urlsplit(namespace.rabbitmq_url)
         netloc = f"{name}:{password}@{parts.hostname}:{parts.port or 5672}"
         yield ExternalUser(name=name, url=urlunsplit(parts._replace(netloc=netloc)))
     finally:
-        _ctl("delete_user", name)
+        broker_admin().delete_user(name)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -16,7 +15,7 @@ from events.topology import requests_queue
 from mlp.settings import Settings
 from projections.status_cache import StatusKeys
 from tests.support.apps import running
-from tests.support.isolation import isolated_namespace
+from tests.support.isolation import broker_admin, isolated_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +127,7 @@ async def test_broker_gone_at_submit_answers_503_and_records_nothing(module_sett
         )
         async with running(create_app(settings)) as client:
             # Deleting the vhost closes the gateway's connection from the broker side: the publish cannot be confirmed.
-            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", ns.name], check=True, capture_output=True)
+            broker_admin().delete_vhost(ns.name)
             response = await client.post("/api/v1/inference", json=SEED)
             assert response.status_code == 503, response.text
             assert response.headers["Retry-After"]
@@ -136,7 +135,7 @@ async def test_broker_gone_at_submit_answers_503_and_records_nothing(module_sett
             leftovers = [k async for k in cache.scan_iter(match=StatusKeys(settings.redis_prefix).pattern())]
             await cache.aclose()
             assert leftovers == []
-            subprocess.run(["rabbitmqctl", "-q", "add_vhost", ns.name], check=True, capture_output=True)
+            broker_admin().add_vhost(ns.name)
 
 
 async def test_redis_unreachable_at_submit_answers_503_not_500(module_settings: Settings) -> None:

@@ -1,26 +1,38 @@
 """Per-run isolation on the shared machine services: a RabbitMQ vhost, a Postgres database, a Redis prefix.
 
 The services outlive every test run (CI runs on the same machine), so each run gets its
-own namespace in each and removes it afterwards, also on failure.
+own namespace in each and removes it afterwards, also on failure. Where the services are is
+``tests.support.provision``'s business: the URLs are read when a namespace is made, after it has
+exported those of any container it started.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-BASE_RABBITMQ_URL = os.environ.get("MLP_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
-BASE_POSTGRES_DSN = os.environ.get("MLP_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-BASE_REDIS_URL = os.environ.get("MLP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.support.provision import ensure_services, service_url
+from tests.support.rabbitmq_admin import RabbitmqAdmin, rabbitmq_admin
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+def base_rabbitmq_url() -> str:
+    return service_url("rabbitmq")
+
+
+def base_postgres_dsn() -> str:
+    return service_url("postgres")
+
+
+def base_redis_url() -> str:
+    return service_url("redis")
+
+
+def broker_admin() -> RabbitmqAdmin:
+    """Vhosts, users and permissions on the tests' broker (rabbitmqctl here, its HTTP API in a container)."""
+    return rabbitmq_admin(base_rabbitmq_url())
 
 
 @dataclass(frozen=True)
@@ -48,15 +60,18 @@ def _with_path(url: str, path: str) -> str:
 
 @contextmanager
 def isolated_namespace(label: str = "t") -> Iterator[Namespace]:
+    ensure_services()
     name = f"mlp_{label}_{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", name)
+    rabbitmq_url = base_rabbitmq_url()
+    admin = broker_admin()
+    admin.add_vhost(name)
     try:
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        admin.set_permissions(name, urlsplit(rabbitmq_url).username or "guest", ".*", ".*", ".*")
         yield Namespace(
             name=name,
-            rabbitmq_url=_with_path(BASE_RABBITMQ_URL, "/" + name),
-            postgres_dsn=_with_path(BASE_POSTGRES_DSN, "/" + name),
-            redis_url=BASE_REDIS_URL,
+            rabbitmq_url=_with_path(rabbitmq_url, "/" + name),
+            postgres_dsn=_with_path(base_postgres_dsn(), "/" + name),
+            redis_url=base_redis_url(),
             redis_prefix=f"{name}:",
         )
     finally:
@@ -72,18 +87,18 @@ def _cleanup(name: str) -> None:
     from mlp.db import drop_database
 
     try:
-        _rabbitmqctl("delete_vhost", name)
+        broker_admin().delete_vhost(name)
     except Exception as exc:  # keep cleaning the others
         print(f"cleanup: delete_vhost {name}: {exc}")
     try:
         # In a thread of its own: the caller may be inside a running event loop (async tests).
-        dsn = _with_path(BASE_POSTGRES_DSN, "/" + name)
+        dsn = _with_path(base_postgres_dsn(), "/" + name)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pool.submit(asyncio.run, drop_database(dsn)).result(timeout=60)
     except Exception as exc:
         print(f"cleanup: drop database {name}: {exc}")
     try:
-        client = redis.Redis.from_url(BASE_REDIS_URL)
+        client = redis.Redis.from_url(base_redis_url())
         keys = list(client.scan_iter(match=f"{name}:*", count=1000))
         for i in range(0, len(keys), 500):
             client.delete(*keys[i : i + 500])

@@ -1,0 +1,149 @@
+"""RabbitMQ administration for the tests (vhosts, users, permissions, policies), by one of two routes.
+
+``rabbitmqctl`` works where the broker is this machine's own node and the tests run as root (CI, the
+shared development machines). A broker in a container, or on another host, is administered through its
+management HTTP API instead: testcontainers' RabbitMQ exports ``MLP_TEST_RABBITMQ_MANAGEMENT_URL``.
+``choose_admin`` decides which; ``rabbitmq_admin()`` builds it from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+
+MANAGEMENT_URL_VARIABLE = "MLP_TEST_RABBITMQ_MANAGEMENT_URL"
+MANAGEMENT_PORT = 15672
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+TIMEOUT_S = 60.0
+
+
+class RabbitmqAdmin(Protocol):
+    def add_vhost(self, vhost: str) -> None: ...
+    def delete_vhost(self, vhost: str) -> None: ...
+    def add_user(self, user: str, password: str) -> None: ...
+    def delete_user(self, user: str) -> None: ...
+    def set_permissions(self, vhost: str, user: str, configure: str, write: str, read: str) -> None: ...
+    def set_topic_permissions(self, vhost: str, user: str, exchange: str, write: str, read: str) -> None: ...
+    def set_policy(
+        self, vhost: str, name: str, pattern: str, definition: Mapping[str, Any], priority: int, apply_to: str
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class UseRabbitmqctl:
+    pass
+
+
+@dataclass(frozen=True)
+class UseManagementApi:
+    url: str  # http://user:password@host:port
+
+
+def choose_admin(
+    amqp_url: str, management_url: str | None, rabbitmqctl_on_path: bool
+) -> UseRabbitmqctl | UseManagementApi:
+    """The management API where one is named; else ``rabbitmqctl`` for a broker on this machine; else the
+    management API on its default port of the broker's host, with the AMQP URL's credentials."""
+    if management_url:
+        return UseManagementApi(management_url)
+    amqp = urlsplit(amqp_url)
+    if rabbitmqctl_on_path and (amqp.hostname or "127.0.0.1") in LOOPBACK_HOSTS:
+        return UseRabbitmqctl()
+    netloc = f"{amqp.username or 'guest'}:{amqp.password or 'guest'}@{amqp.hostname or '127.0.0.1'}:{MANAGEMENT_PORT}"
+    return UseManagementApi(urlunsplit(("http", netloc, "", "", "")))
+
+
+class Rabbitmqctl:
+    def _run(self, *args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=TIMEOUT_S)
+
+    def add_vhost(self, vhost: str) -> None:
+        self._run("add_vhost", vhost)
+
+    def delete_vhost(self, vhost: str) -> None:
+        self._run("delete_vhost", vhost)
+
+    def add_user(self, user: str, password: str) -> None:
+        self._run("add_user", user, password)
+
+    def delete_user(self, user: str) -> None:
+        self._run("delete_user", user)
+
+    def set_permissions(self, vhost: str, user: str, configure: str, write: str, read: str) -> None:
+        self._run("set_permissions", "-p", vhost, user, configure, write, read)
+
+    def set_topic_permissions(self, vhost: str, user: str, exchange: str, write: str, read: str) -> None:
+        self._run("set_topic_permissions", "-p", vhost, user, exchange, write, read)
+
+    def set_policy(
+        self, vhost: str, name: str, pattern: str, definition: Mapping[str, Any], priority: int, apply_to: str
+    ) -> None:
+        import json
+
+        self._run(
+            "set_policy",
+            "-p",
+            vhost,
+            "--apply-to",
+            apply_to,
+            "--priority",
+            str(priority),
+            name,
+            pattern,
+            json.dumps(definition),
+        )
+
+
+class ManagementApi:
+    """The same operations over the management plugin's HTTP API (``/api/...``)."""
+
+    def __init__(self, url: str, transport: httpx.BaseTransport | None = None) -> None:
+        parts = urlsplit(url)
+        self._base = urlunsplit((parts.scheme, f"{parts.hostname}:{parts.port or MANAGEMENT_PORT}", "", "", ""))
+        self._auth = (parts.username or "guest", parts.password or "guest")
+        self._transport = transport
+
+    def _send(self, method: str, *path: str, body: Mapping[str, Any] | None = None) -> None:
+        # Each segment quoted whole: the default vhost "/" is "%2F" in a path.
+        url = "/api/" + "/".join(quote(segment, safe="") for segment in path)
+        with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
+            client.request(method, url, json=body).raise_for_status()
+
+    def add_vhost(self, vhost: str) -> None:
+        self._send("PUT", "vhosts", vhost)
+
+    def delete_vhost(self, vhost: str) -> None:
+        self._send("DELETE", "vhosts", vhost)
+
+    def add_user(self, user: str, password: str) -> None:
+        self._send("PUT", "users", user, body={"password": password, "tags": ""})
+
+    def delete_user(self, user: str) -> None:
+        self._send("DELETE", "users", user)
+
+    def set_permissions(self, vhost: str, user: str, configure: str, write: str, read: str) -> None:
+        self._send("PUT", "permissions", vhost, user, body={"configure": configure, "write": write, "read": read})
+
+    def set_topic_permissions(self, vhost: str, user: str, exchange: str, write: str, read: str) -> None:
+        self._send("PUT", "topic-permissions", vhost, user, body={"exchange": exchange, "write": write, "read": read})
+
+    def set_policy(
+        self, vhost: str, name: str, pattern: str, definition: Mapping[str, Any], priority: int, apply_to: str
+    ) -> None:
+        body = {"pattern": pattern, "definition": dict(definition), "priority": priority, "apply-to": apply_to}
+        self._send("PUT", "policies", vhost, name, body=body)
+
+
+def rabbitmq_admin(amqp_url: str) -> RabbitmqAdmin:
+    """The admin for the broker at ``amqp_url`` (read the environment now: provisioning may have just set it)."""
+    choice = choose_admin(amqp_url, os.environ.get(MANAGEMENT_URL_VARIABLE), shutil.which("rabbitmqctl") is not None)
+    if isinstance(choice, UseManagementApi):
+        return ManagementApi(choice.url)
+    return Rabbitmqctl()
