@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     worker_health_port: int = 8083
 
     # Messaging.
+    # declare: create the exchanges, queues and bindings at start-up (idempotent; any service may start
+    # first). verify: only check that they exist, so the service's RabbitMQ user needs no configure
+    # right (the gateway in Kubernetes; honoured by the gateway).
+    topology: Literal["declare", "verify"] = "declare"
     prefetch: int = Field(default=200, ge=1, le=1000)
     # Triton calls a worker has in flight per model; requests arriving meanwhile form the next call's
     # batch (up to triton_max_batch rows). Two: one executing while the next is on its way.

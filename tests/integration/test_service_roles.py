@@ -27,10 +27,11 @@ from projections.sample_events import request_stream
 from quota.plans import day_window, month_window
 from quota.store import PostgresLedgerSource, daily_usage, fetch_limits
 from read_api.metrics_routes import token_rate
+from tests.support.postgres_roles import SERVICE_ROLES, login_users
 
 pytestmark = pytest.mark.integration
 
-ROLES = ("mlp_gateway", "mlp_worker", "mlp_collector", "mlp_read_api")
+ROLES = SERVICE_ROLES
 QUOTA_READS = {"SELECT"}
 
 # The decision for every table: which service role holds which privileges on it. A table that a later
@@ -77,34 +78,17 @@ WHERE table_schema = 'public' AND grantee = ANY($1::text[])
 _TABLES = "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'"
 
 
-def _as_user(dsn: str, user: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(netloc=f"{user}@{parts.hostname}:{parts.port or 5432}"))
+@pytest.fixture(scope="module")
+async def login_settings(module_settings: Settings) -> AsyncIterator[dict[str, Settings]]:
+    """Per role, Settings that connect as a LOGIN member of it."""
+    async with login_users(module_settings.postgres_dsn) as dsns:
+        yield {role: module_settings.model_copy(update={"postgres_dsn": dsn}) for role, dsn in dsns.items()}
 
 
 @pytest.fixture(scope="module")
-async def login_users(module_settings: Settings) -> AsyncIterator[dict[str, Settings]]:
-    """Per role, Settings that connect as a LOGIN member of it (local connections here are trusted)."""
-    suffix = uuid.uuid4().hex[:8]
-    users = {role: f"{role}_t{suffix}" for role in ROLES}
-    admin = await asyncpg.connect(module_settings.postgres_dsn)
-    try:
-        for role, user in users.items():
-            await admin.execute(f"CREATE ROLE {user} LOGIN IN ROLE {role}")
-        yield {
-            role: module_settings.model_copy(update={"postgres_dsn": _as_user(module_settings.postgres_dsn, user)})
-            for role, user in users.items()
-        }
-    finally:
-        for user in users.values():
-            await admin.execute(f"DROP ROLE IF EXISTS {user}")
-        await admin.close()
-
-
-@pytest.fixture(scope="module")
-async def pools(login_users: dict[str, Settings]) -> AsyncIterator[dict[str, asyncpg.Pool]]:
+async def pools(login_settings: dict[str, Settings]) -> AsyncIterator[dict[str, asyncpg.Pool]]:
     """The services' own pool factory, one pool per role."""
-    opened = {role: await create_pool(settings, max_size=2) for role, settings in login_users.items()}
+    opened = {role: await create_pool(settings, max_size=2) for role, settings in login_settings.items()}
     yield opened
     for pool in opened.values():
         await pool.close()
