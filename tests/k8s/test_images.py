@@ -147,8 +147,10 @@ def test_build_context_excludes_secrets_and_tooling() -> None:
         if line.strip() and not line.startswith("#")
     ]
     for path in (
-        "k8s/overlays/kind/secrets/platform.env",
+        "k8s/overlays/kind/secrets/gateway.env",
         "k8s/overlays/kind/data/secrets/rabbitmq-definitions.json",
+        "k8s/overlays/kind/data/secrets/redis-auth.conf",
+        "k8s/overlays/kind/data/secrets/postgres.env",
         ".env",
         ".venv/bin/python",
         "tests/conftest.py",
