@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: up test lint typecheck check services clean
+.PHONY: up test lint typecheck policy-scan check services clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +33,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy platform events projections tests
 
-check: lint typecheck test
+# checkov (a third-party policy scanner) over every rendered overlay, against k8s/checkov-skips.yaml.
+# Its own virtualenv: its pins would downgrade the project's dependencies (.ci/checkov-requirements.txt).
+$(CHECKOV_STAMP): .ci/checkov-requirements.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install --quiet -r .ci/checkov-requirements.txt
+	touch $(CHECKOV_STAMP)
+
+policy-scan: $(STAMP) $(CHECKOV_STAMP)
+	MLP_CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m tests.k8s.policy_scan
+
+check: lint typecheck policy-scan test
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .mypy_cache .ruff_cache .pytest_cache

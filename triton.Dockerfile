@@ -13,8 +13,12 @@ RUN python3 -m pip install --no-cache-dir --disable-pip-version-check "numpy==1.
 # Owned by root and read-only for the server: a compromised model cannot rewrite the repository.
 COPY --chown=0:0 --chmod=0755 triton_models/ /models/
 
-# `triton-server` (uid 1000): the unprivileged user of the official image.
-USER 1000:1000
+# A user of its own with a high UID (10001, as the platform image's): above the range of the node's own
+# users (checkov CKV_K8S_40). The server needs nothing of the image's `triton-server` (uid 1000): the
+# model repository and the backends are readable by all, and it writes only under /tmp and /dev/shm.
+RUN groupadd --system --gid 10001 mlp-triton \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mlp-triton
+USER 10001:10001
 ENV HOME=/tmp
 EXPOSE 8000 8001 8002
 ENTRYPOINT ["tritonserver"]

@@ -7,8 +7,9 @@
 3. One transaction swaps them in: it locks ``event_store`` against writers (readers go on), projects
    the events committed since the scan (positions above the scan's end, or in the gaps it saw: a
    bigserial position is taken at insert but becomes visible at commit, so a gap may fill later),
-   then renames the tables and restores the index and constraint names. Readers see the old models
-   or the new ones, never a half-built one; collectors wait on the lock, then carry on.
+   then renames the tables and restores the index and constraint names, the owner and the grants
+   (the services' roles, migration 0005). Readers see the old models or the new ones, never a
+   half-built one; collectors wait on the lock, then carry on.
 4. The status cache is re-populated from the rebuilt tables (requests updated within its TTL).
 """
 
@@ -152,11 +153,35 @@ async def _project_rows(conn: Connection, rows: Sequence[asyncpg.Record], target
     return skipped
 
 
+# The old table's owner, and its grants as statements for the new one (the owner's own rights aside).
+_OWNER = "SELECT relowner::regrole::text FROM pg_class WHERE oid = $1::regclass"
+_GRANTS = """
+SELECT format('GRANT %s ON %I TO %s%s', a.privilege_type, $2::text,
+              CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
+              CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+LEFT JOIN pg_roles AS r ON r.oid = a.grantee
+WHERE c.oid = $1::regclass AND a.grantee <> c.relowner
+ORDER BY 1
+"""
+
+
+async def _take_owner_and_grants(conn: Connection, old: str, new: str) -> None:
+    """The new table gets the old one's owner (the migrations' role, whoever runs the replay) and grants:
+    without them the services' roles would lose their access to the read models at the swap."""
+    owner = await conn.fetchval(_OWNER, old)
+    if owner != await conn.fetchval(_OWNER, new):
+        await conn.execute(f"ALTER TABLE {new} OWNER TO {owner}")
+    for grant in await conn.fetch(_GRANTS, old, new):
+        await conn.execute(grant[0])
+
+
 async def _swap(conn: Connection, live: Tables, indexes: dict[str, list[_Index]]) -> None:
     """Inside the swap transaction: rebuild tables become the live ones, with the live names."""
     for table in live.all():
         await conn.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
         await conn.execute(f"ALTER TABLE {table}{REBUILD_SUFFIX} RENAME TO {table}")
+        await _take_owner_and_grants(conn, f"{table}_old", table)
         await conn.execute(f"DROP TABLE {table}_old")
         for index in indexes[table]:
             temporary = index.name + _INDEX_SUFFIX

@@ -33,7 +33,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await broker.connect()
-        await declare_topology(broker, settings.models)
+        await declare_topology(broker, settings.models, verify_only=settings.topology == "verify")
         redis_client = create_redis(settings)
         pool = await create_pool(settings, max_size=5)
         quota = QuotaService(pool, redis_client, QuotaSettings.of(settings))

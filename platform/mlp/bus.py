@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import aiormq.exceptions
 from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.schemas.queue import QueueType
 
@@ -31,12 +32,19 @@ class PublishError(RuntimeError):
     """The broker did not confirm a publish (down, nacked, returned as unroutable, or timed out)."""
 
 
+class TopologyMissingError(RuntimeError):
+    """An exchange or queue of the topology does not exist (``declare_topology(verify_only=True)``)."""
+
+
 EVENTS = RabbitExchange(EVENTS_EXCHANGE, type=ExchangeType.TOPIC, durable=True)
 DEAD_LETTERS = RabbitExchange(DEAD_LETTER_EXCHANGE, type=ExchangeType.DIRECT, durable=True)
 
 
-def rabbit_queue(spec: QueueSpec, binding_key: str | None = None) -> RabbitQueue:
-    """The FastStream queue object for a topology entry (same arguments everywhere, or RabbitMQ refuses)."""
+def rabbit_queue(spec: QueueSpec, binding_key: str | None = None, *, declare: bool = True) -> RabbitQueue:
+    """The FastStream queue object for a topology entry (same arguments everywhere, or RabbitMQ refuses).
+
+    ``declare=False``: a passive declare, which only checks that the queue exists.
+    """
     # QuorumQueueArgs (a TypedDict) lacks x-dead-letter-strategy; RabbitMQ takes any x- argument.
     arguments: Any = dict(spec.arguments)
     return RabbitQueue(
@@ -45,6 +53,7 @@ def rabbit_queue(spec: QueueSpec, binding_key: str | None = None) -> RabbitQueue
         durable=True,
         arguments=arguments,
         routing_key=binding_key if binding_key is not None else spec.binding_keys[0],
+        declare=declare,
     )
 
 
@@ -78,12 +87,20 @@ def make_broker(
     )
 
 
-async def declare_topology(broker: RabbitBroker, models: Sequence[str]) -> None:
+async def declare_topology(broker: RabbitBroker, models: Sequence[str], *, verify_only: bool = False) -> None:
     """Declare exchanges, work queues, DLQs and bindings (idempotent).
 
     Publishers call this at start-up too: a publish to a routing key with no bound queue
     would be returned, so the queues must exist before the first request is accepted.
+
+    ``verify_only`` (``MLP_TOPOLOGY=verify``): declare nothing, only check that the exchanges and
+    queues exist, with passive declares, which need no RabbitMQ permission: a service whose user may
+    not configure (the gateway's, in Kubernetes) starts once a service that declares has started.
+    Raises TopologyMissingError otherwise.
     """
+    if verify_only:
+        await _verify_topology(broker, models)
+        return
     events = await broker.declare_exchange(EVENTS)
     dead_letters = await broker.declare_exchange(DEAD_LETTERS)
     for spec in all_queues(tuple(models)):
@@ -91,6 +108,22 @@ async def declare_topology(broker: RabbitBroker, models: Sequence[str]) -> None:
         exchange = events if spec.exchange == EVENTS_EXCHANGE else dead_letters
         for key in spec.binding_keys:
             await queue.bind(exchange, routing_key=key)
+
+
+async def _verify_topology(broker: RabbitBroker, models: Sequence[str]) -> None:
+    passive_exchanges = [
+        RabbitExchange(e.name, type=e.type, durable=e.durable, declare=False) for e in (EVENTS, DEAD_LETTERS)
+    ]
+    for exchange in passive_exchanges:
+        try:
+            await broker.declare_exchange(exchange)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyMissingError(f"exchange {exchange.name} does not exist: {exc}") from exc
+    for spec in all_queues(tuple(models)):
+        try:
+            await broker.declare_queue(rabbit_queue(spec, declare=False))
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyMissingError(f"queue {spec.name} does not exist: {exc}") from exc
 
 
 class EventPublisher:

@@ -1,17 +1,27 @@
 """One settings object, read from the environment only (``MLP_*`` plus the standard ``OTEL_*``).
 
-Outside development, placeholder credentials are refused at start-up (fail fast).
+Secrets may come as files instead: ``MLP_SECRETS_DIR`` names a directory of files named like the
+variables (``MLP_POSTGRES_DSN``, ...), as a mounted Kubernetes Secret is; a variable set in the
+environment wins over its file. Outside development, placeholder credentials are refused at start-up
+(fail fast).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 
 from events.request_rules import RequestLimits
 
@@ -22,6 +32,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLP_", extra="ignore", frozen=True)
 
     environment: Literal["development", "test", "production"] = "development"
+    # A directory of secret files named like the variables (a mounted Kubernetes Secret). It chooses the
+    # sources, so settings_customise_sources reads it from the environment before any field; a field too,
+    # so that it is a known setting.
+    secrets_dir: str = ""
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/mlp"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -56,6 +70,10 @@ class Settings(BaseSettings):
     worker_health_port: int = 8083
 
     # Messaging.
+    # declare: create the exchanges, queues and bindings at start-up (idempotent; any service may start
+    # first). verify: only check that they exist, so the service's RabbitMQ user needs no configure
+    # right (the gateway in Kubernetes; honoured by the gateway).
+    topology: Literal["declare", "verify"] = "declare"
     prefetch: int = Field(default=200, ge=1, le=1000)
     # Triton calls a worker has in flight per model; requests arriving meanwhile form the next call's
     # batch (up to triton_max_batch rows). Two: one executing while the next is on its way.
@@ -88,6 +106,21 @@ class Settings(BaseSettings):
 
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Read here, not a field: the sources are chosen before any field is.
+        secrets_dir = os.environ.get("MLP_SECRETS_DIR")
+        if secrets_dir:
+            file_secret_settings = SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     @field_validator("models", mode="before")
     @classmethod

@@ -7,14 +7,8 @@ substituted), and deleted afterwards. It needs only RabbitMQ, hence the ``integr
 
 from __future__ import annotations
 
-import json
-import secrets
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -30,41 +24,14 @@ from events.topology import (
 )
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.settings import Settings
-from tests.support.isolation import Namespace, broker_admin
+from tests.support.isolation import Namespace
+from tests.support.rabbitmq_users import BrokerUser, load_definitions, user_like
 
 pytestmark = pytest.mark.integration
 
-DEFINITIONS = Path(__file__).resolve().parents[2] / "examples" / "rabbitmq" / "external-publisher.definitions.json"
+DEFINITIONS = "external-publisher.definitions.json"
 TEMPLATE_USER = "mlp-external"
 MODEL = "basic-model"
-
-
-@dataclass(frozen=True)
-class ExternalUser:
-    name: str
-    url: str
-
-
-def apply_definitions(definitions: dict[str, Any], user: str, vhost: str) -> None:
-    """The definitions' permissions, topic permissions and policies, for ``user`` in ``vhost``."""
-
-    def named(regex: str) -> str:
-        return regex.replace(TEMPLATE_USER, user)
-
-    admin = broker_admin()
-    for p in definitions["permissions"]:
-        admin.set_permissions(vhost, user, named(p["configure"]), named(p["write"]), named(p["read"]))
-    for t in definitions["topic_permissions"]:
-        admin.set_topic_permissions(vhost, user, t["exchange"], named(t["write"]), named(t["read"]))
-    for policy in definitions["policies"]:
-        admin.set_policy(
-            vhost,
-            policy["name"],
-            policy["pattern"],
-            policy["definition"],
-            priority=int(policy["priority"]),
-            apply_to=policy["apply-to"],
-        )
 
 
 @pytest.fixture(scope="module")
@@ -79,24 +46,16 @@ async def topology(settings: Settings) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def external_user(namespace: Namespace, topology: Settings) -> Iterator[ExternalUser]:
-    definitions = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
+def external_user(namespace: Namespace, topology: Settings) -> Iterator[BrokerUser]:
+    definitions = load_definitions(DEFINITIONS)
     assert [u["name"] for u in definitions["users"]] == [TEMPLATE_USER]
     assert definitions["users"][0]["password_hash"] == ""  # no credential in the repository
-    name = f"ext-test-{uuid.uuid4().hex[:8]}"
-    password = secrets.token_hex(18)  # hex: never starts with "-" (rabbitmqctl would read an option)
-    broker_admin().add_user(name, password)
-    try:
-        apply_definitions(definitions, name, namespace.name)
-        parts = urlsplit(namespace.rabbitmq_url)
-        netloc = f"{name}:{password}@{parts.hostname}:{parts.port or 5672}"
-        yield ExternalUser(name=name, url=urlunsplit(parts._replace(netloc=netloc)))
-    finally:
-        broker_admin().delete_user(name)
+    with user_like(definitions, TEMPLATE_USER, namespace.rabbitmq_url, "ext-test") as user:
+        yield user
 
 
 @pytest.fixture
-async def connection(external_user: ExternalUser) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+async def connection(external_user: BrokerUser) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
     conn = await aio_pika.connect(external_user.url)
     async with conn:
         yield conn
@@ -130,7 +89,7 @@ async def _exchange(channel: aio_pika.abc.AbstractChannel, name: str) -> aio_pik
 
 
 async def test_external_user_submits_and_receives_its_own_outcomes(
-    connection: aio_pika.abc.AbstractConnection, external_user: ExternalUser, settings: Settings
+    connection: aio_pika.abc.AbstractConnection, external_user: BrokerUser, settings: Settings
 ) -> None:
     channel = await connection.channel(on_return_raises=True)
     queue = await channel.declare_queue(f"ext.{external_user.name}.outcomes", exclusive=True, auto_delete=True)
@@ -180,7 +139,7 @@ async def _refused(connection: aio_pika.abc.AbstractConnection, action: Callable
 
 
 async def test_external_user_cannot_publish_for_another_user_or_forge_outcomes(
-    connection: aio_pika.abc.AbstractConnection, external_user: ExternalUser
+    connection: aio_pika.abc.AbstractConnection, external_user: BrokerUser
 ) -> None:
     other = _request("someone-else")
 
@@ -205,7 +164,7 @@ async def test_external_user_cannot_publish_for_another_user_or_forge_outcomes(
 
 
 async def test_external_user_reads_and_configures_only_its_own_queues(
-    connection: aio_pika.abc.AbstractConnection, external_user: ExternalUser
+    connection: aio_pika.abc.AbstractConnection, external_user: BrokerUser
 ) -> None:
     own = f"ext.{external_user.name}.refusals"  # a fresh channel per action: a refusal closes it
 

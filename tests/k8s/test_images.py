@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s.manifests import REPO, Rendered
+from tests.k8s.manifests import REPO, Rendered, ident, namespace_of, workloads
 from tests.k8s.test_policies import PINNED_TAG
 
 pytestmark = pytest.mark.k8s
@@ -147,8 +147,10 @@ def test_build_context_excludes_secrets_and_tooling() -> None:
         if line.strip() and not line.startswith("#")
     ]
     for path in (
-        "k8s/overlays/kind/secrets/platform.env",
+        "k8s/overlays/kind/secrets/gateway.env",
         "k8s/overlays/kind/data/secrets/rabbitmq-definitions.json",
+        "k8s/overlays/kind/data/secrets/redis-auth.conf",
+        "k8s/overlays/kind/data/secrets/postgres.env",
         ".env",
         ".venv/bin/python",
         "tests/conftest.py",
@@ -192,3 +194,22 @@ def test_compose_and_kind_run_the_same_data_service_images(rendered_all: dict[st
         for c in w["spec"]["template"]["spec"]["containers"]
     }
     assert kind_images == compose_images
+
+
+def _image_uid(dockerfile: str) -> int:
+    users = [a for i, a in _instructions(REPO / dockerfile) if i == "USER"]
+    return int(users[-1].split(":")[0])
+
+
+def test_pods_run_as_their_images_own_high_uid(rendered_all: dict[str, Rendered]) -> None:
+    """The pod's runAsUser is the image's USER (files the image made for it are its own), and a high
+    UID, above the node's own users (checkov CKV_K8S_40)."""
+    images = {"inference-platform": _image_uid("Dockerfile"), "triton": _image_uid("triton.Dockerfile")}
+    assert all(uid >= 10000 for uid in images.values()), images
+    for overlay in ("overlays/kind", "overlays/production"):
+        for workload, template in workloads(rendered_all[overlay].objects):
+            if namespace_of(workload) != "mlp":
+                continue
+            (container,) = template["spec"]["containers"]
+            expected = images["triton"] if "triton" in container["image"] else images["inference-platform"]
+            assert template["spec"]["securityContext"]["runAsUser"] == expected, f"{overlay} {ident(workload)}"

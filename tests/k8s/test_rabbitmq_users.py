@@ -2,8 +2,10 @@
 
 The external publisher's user must have exactly the permissions of the definitions users deploy
 (examples/rabbitmq/external-publisher.definitions.json, tested against the real broker in
-tests/e2e/test_bus_api_permissions.py); the platform services and KEDA have users of their own; no
-password is in a committed file, and RabbitMQ refuses to start on the template's placeholders.
+tests/e2e/test_bus_api_permissions.py); so must each platform service's user
+(examples/rabbitmq/platform-services.definitions.json, tested in
+tests/integration/test_service_rabbitmq_users.py); KEDA has a monitoring-only user; no password is in
+a committed file, and RabbitMQ refuses to start on the template's placeholders.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from mlp.settings import Settings
-from tests.k8s.manifests import K8S_DIR, REPO, Manifest, Rendered, is_placeholder
+from tests.k8s.manifests import K8S_DIR, REPO, Manifest, Rendered, env_value, is_placeholder
 
 pytestmark = pytest.mark.k8s
 
 EXAMPLES_FILE = REPO / "examples" / "rabbitmq" / "external-publisher.definitions.json"
+SERVICES_FILE = REPO / "examples" / "rabbitmq" / "platform-services.definitions.json"
+# The services with a RabbitMQ user (the read API has none: it reads Postgres and Redis).
+BUS_SERVICES = ("gateway", "worker", "collector")
 KIND_DATA = K8S_DIR / "overlays" / "kind" / "data"
 KIND_TEMPLATE = KIND_DATA / "secrets" / "rabbitmq-definitions.json.example"
 DEFINITIONS_SECRET = "mlp-rabbitmq-definitions"
@@ -52,16 +57,16 @@ def _for_users(entries: list[dict[str, Any]], users: set[str]) -> list[dict[str,
     return [entry for entry in entries if entry["user"] in users]
 
 
-def _platform_url(overlay: str) -> str:
-    template = K8S_DIR / "overlays" / overlay / "secrets" / "platform.env.example"
+def _service_url(overlay: str, service: str) -> str:
+    template = K8S_DIR / "overlays" / overlay / "secrets" / f"{service}.env.example"
     for line in template.read_text(encoding="utf-8").splitlines():
         if line.startswith("MLP_RABBITMQ_URL="):
             return line.partition("=")[2]
     raise AssertionError(f"{template}: no MLP_RABBITMQ_URL")
 
 
-def _platform_url_user(overlay: str) -> str:
-    return unquote(urlsplit(_platform_url(overlay)).username or "")
+def _service_url_user(overlay: str, service: str) -> str:
+    return unquote(urlsplit(_service_url(overlay, service)).username or "")
 
 
 def _keda_url_user(overlay: str) -> str:
@@ -105,8 +110,8 @@ def test_kind_definitions_create_every_vhost_they_use() -> None:
     declared = {vhost["name"] for vhost in kind["vhosts"]}
     used = {entry["vhost"] for section in ("permissions", "topic_permissions", "policies") for entry in kind[section]}
     # The AMQP URL's path is the vhost; an empty one (`.../`) means the default vhost `/`.
-    platform_vhost = unquote(urlsplit(_platform_url("kind")).path[1:]) or "/"
-    assert used | {platform_vhost} <= declared
+    service_vhosts = {unquote(urlsplit(_service_url("kind", s)).path[1:]) or "/" for s in BUS_SERVICES}
+    assert used | service_vhosts <= declared
     users = {user["name"] for user in kind["users"]}
     granted = {entry["user"] for section in ("permissions", "topic_permissions") for entry in kind[section]}
     assert granted <= users, f"permissions for undefined users: {granted - users}"
@@ -114,22 +119,51 @@ def test_kind_definitions_create_every_vhost_they_use() -> None:
 
 @pytest.mark.parametrize("overlay", ["kind", "production"])
 def test_platform_services_user_is_not_the_external_user(overlay: str) -> None:
-    platform, keda = _platform_url_user(overlay), _keda_url_user(overlay)
-    assert platform
+    services = {_service_url_user(overlay, service) for service in BUS_SERVICES}
+    keda = _keda_url_user(overlay)
+    assert all(services)
     assert keda
-    assert platform not in _external_users()
+    assert len(services) == len(BUS_SERVICES), "each service a user of its own"
+    assert not services & _external_users()
     assert keda not in _external_users()
-    assert platform != keda, "KEDA's user should be monitoring-only, not the platform's"
+    assert keda not in services, "KEDA's user should be monitoring-only, not a service's"
+    # Each service's URL names the user that the platform-services definitions give its permissions.
+    assert services == {user["name"] for user in _json(SERVICES_FILE)["users"]}
+    for service in BUS_SERVICES:
+        assert _service_url_user(overlay, service) == f"mlp-{service}"
 
 
-def test_kind_platform_user_has_full_rights_on_its_vhost_and_no_admin_tag() -> None:
-    kind = _json(KIND_TEMPLATE)
-    platform = _platform_url_user("kind")
-    (user,) = [u for u in kind["users"] if u["name"] == platform]
-    assert user["tags"] == []
-    (permission,) = _for_users(kind["permissions"], {platform})
-    assert (permission["configure"], permission["write"], permission["read"]) == (".*", ".*", ".*")
-    assert not _for_users(kind["topic_permissions"], {platform})
+def test_kind_service_users_have_exactly_the_permissions_of_the_examples_file() -> None:
+    examples, kind = _json(SERVICES_FILE), _json(KIND_TEMPLATE)
+    services = {user["name"] for user in examples["users"]}
+    kind_users = {user["name"]: user for user in kind["users"]}
+    for user in examples["users"]:
+        assert kind_users[user["name"]]["tags"] == user["tags"] == []  # no management access
+        assert not user["password_hash"]
+    for section in ("permissions", "topic_permissions"):
+        assert _for_users(kind[section], services) == examples[section], section
+
+
+def test_gateway_user_publishes_requests_and_declares_nothing() -> None:
+    """The internet-facing service's user: no configure or read rights (it verifies the topology,
+    MLP_TOPOLOGY=verify on its Deployment), writes only InferenceRequested to mlp.events."""
+    examples = _json(SERVICES_FILE)
+    (permission,) = _for_users(examples["permissions"], {"mlp-gateway"})
+    assert (permission["configure"], permission["write"], permission["read"]) == (
+        NO_RIGHTS,
+        "^mlp\\.events$",
+        NO_RIGHTS,
+    )
+    (topic,) = _for_users(examples["topic_permissions"], {"mlp-gateway"})
+    assert topic["exchange"] == "mlp.events"
+    assert re.match(topic["write"], "inference.requested.basic-model.alice")
+    assert not re.match(topic["write"], "inference.completed.basic-model.alice")
+
+
+def test_gateway_deployment_verifies_the_topology(rendered_all: dict[str, Rendered]) -> None:
+    for overlay in ("overlays/kind", "overlays/production"):
+        (container,) = rendered_all[overlay].one("Deployment", "mlp-gateway")["spec"]["template"]["spec"]["containers"]
+        assert env_value(container, "MLP_TOPOLOGY") == "verify"
 
 
 def test_kind_keda_user_is_monitoring_only() -> None:

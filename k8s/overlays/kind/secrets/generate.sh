@@ -1,14 +1,25 @@
 #!/bin/sh
 # Writes the kind overlay's git-ignored secret files from their committed .example templates,
-# replacing each `changeme-<service>` placeholder with one random password per data service and
-# per RabbitMQ user, the same in every file (the platform's URLs must match the data services' own
-# credentials): platform.env, keda-rabbitmq.env, ../data/secrets/data-services.env and
-# ../data/secrets/rabbitmq-definitions.json (RabbitMQ's users, imported at boot).
+# replacing each `changeme-<name>` placeholder with one random value per name, the same in every file
+# (the services' URLs must match the data services' own credentials):
+#   secrets/{gateway,worker,collector,read-api,migrate}.env   one Secret per service
+#   secrets/keda-rabbitmq.env                                  KEDA's monitoring-only RabbitMQ user
+#   ../data/secrets/postgres.env                               the PostgreSQL users' passwords
+#   ../data/secrets/redis-auth.conf                            Redis's password
+#   ../data/secrets/rabbitmq-definitions.json                  RabbitMQ's users, imported at boot
 # Refuses to overwrite existing files: delete them (and the PostgreSQL PVC) to rotate.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 data="$here/../data/secrets"
-outputs="$here/platform.env $here/keda-rabbitmq.env $data/data-services.env $data/rabbitmq-definitions.json"
+outputs=""
+for service in gateway worker collector read-api migrate keda-rabbitmq; do
+  outputs="$outputs $here/$service.env"
+done
+outputs="$outputs $data/postgres.env $data/redis-auth.conf $data/rabbitmq-definitions.json"
+# No name is the prefix of another: each sed expression replaces whole placeholders only.
+names="rabbitmq-admin rabbitmq-gateway rabbitmq-worker rabbitmq-collector rabbitmq-keda rabbitmq-external
+postgres-superuser postgres-migrate postgres-gateway postgres-worker postgres-collector postgres-read-api
+redis key-pepper"
 
 for f in $outputs; do
   if [ -e "$f" ]; then
@@ -17,23 +28,17 @@ for f in $outputs; do
   fi
 done
 
-# Hex only: safe inside URLs, JSON strings and sed replacements.
+# Hex only: safe inside URLs, JSON strings, config files and sed replacements.
 random() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }
-rabbitmq_admin=$(random)
-rabbitmq_platform=$(random)
-rabbitmq_keda=$(random)
-rabbitmq_external=$(random)
-postgres=$(random)
-redis=$(random)
+substitutions=""
+for name in $names; do
+  substitutions="$substitutions -e s/changeme-$name/$(random)/g"
+done
 
 umask 077
 for dst in $outputs; do
-  sed -e "s/changeme-rabbitmq-admin/$rabbitmq_admin/g" \
-      -e "s/changeme-rabbitmq-platform/$rabbitmq_platform/g" \
-      -e "s/changeme-rabbitmq-keda/$rabbitmq_keda/g" \
-      -e "s/changeme-rabbitmq-external/$rabbitmq_external/g" \
-      -e "s/changeme-postgres/$postgres/g" \
-      -e "s/changeme-redis/$redis/g" "$dst.example" > "$dst"
+  # shellcheck disable=SC2086  # one word per sed argument
+  sed $substitutions "$dst.example" > "$dst"
   if grep -v '^#' "$dst" | grep -q changeme; then  # a template placeholder this script does not know
     echo "generate.sh: $dst still holds a placeholder" >&2
     exit 1
