@@ -58,7 +58,7 @@ async def count_refused_auth(request: Request, exc: Exception) -> Response:
     """tenancy.http's refusal (no key, a bad key, keys unavailable), counted as a refused submit."""
     assert isinstance(exc, AuthRefused)
     if _is_submit(request):
-        metrics.REQUESTS_REJECTED.labels(reason=exc.error).inc()
+        metrics.REQUESTS_REJECTED.labels(reason="auth_unavailable" if exc.status == 503 else exc.error).inc()
     return refusal_response(exc)
 
 

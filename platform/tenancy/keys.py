@@ -208,3 +208,18 @@ def parse_bootstrap_keys(raw: str) -> list[BootstrapKey]:
     if len({b.key for b in found}) != len(found):
         raise InvalidKeyInput("MLP_API_KEYS names the same key twice")
     return found
+
+
+def runs_open(settings: Settings, bootstrap_keys: int, stored_keys: int) -> bool:
+    """Open mode: development or test without any key configured (the authenticator's rule, counted)."""
+    return settings.environment != "production" and not bootstrap_keys and not stored_keys
+
+
+def auth_mode(settings: Settings, bootstrap_keys: int, stored_keys: int) -> str:
+    """One line saying how the services authenticate (``mlp up`` prints it)."""
+    if not runs_open(settings, bootstrap_keys, stored_keys):
+        return f"keys required ({stored_keys} stored, {bootstrap_keys} from MLP_API_KEYS; docs/auth.md)"
+    return (
+        f"open ({settings.environment}: no API key configured, every caller sees everything; "
+        "`mlp keys create USER` ends it)"
+    )

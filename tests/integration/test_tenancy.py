@@ -26,6 +26,7 @@ from api_gateway.main import create_app as create_gateway
 from events.model import new_event_id
 from mlp.settings import Settings
 from ops.keys import main as keys_cli
+from ops.up import describe_auth
 from projections.migrate import migrate
 from read_api.main import create_app as create_read_api
 from tenancy.authenticator import Authenticator, AuthUnavailable, Unauthorized
@@ -297,6 +298,9 @@ async def test_development_is_open_until_a_key_exists_then_never_without_one(
             rabbitmq_url=ns.rabbitmq_url,
         )
         await migrate(settings.postgres_dsn)
+        opened, said = await describe_auth(settings)  # what `mlp up` prints
+        assert opened
+        assert said.startswith("open (development")
         async with running(create_read_api(settings, clock)) as api:
             assert (await api.get("/api/v1/users/anyone/quota")).status_code == 200  # open: the seed's curl works
             assert (await api.get("/api/v1/users/anyone/quota", headers=bearer("nonsense"))).status_code == 401
@@ -307,6 +311,7 @@ async def test_development_is_open_until_a_key_exists_then_never_without_one(
             assert (closed.status_code, closed.json()["error"]) == (401, "unauthorized")
             june = out.strip().splitlines()[-1]
             assert (await api.get("/api/v1/users/june/quota", headers=bearer(june))).status_code == 200
+        assert await describe_auth(settings) == (False, "keys required (1 stored, 0 from MLP_API_KEYS; docs/auth.md)")
 
 
 async def test_production_is_never_open_and_refuses_to_start_without_a_pepper(module_settings: Settings) -> None:
