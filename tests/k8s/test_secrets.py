@@ -17,13 +17,23 @@ import pytest
 import yaml
 
 from mlp.settings import Settings
-from tests.k8s.manifests import K8S_DIR, REPO, Rendered, ident, is_placeholder, prepare_tree
+from tenancy.keys import AuthNotConfigured, pepper_of
+from tests.k8s.manifests import (
+    K8S_DIR,
+    REPO,
+    Rendered,
+    containers,
+    ident,
+    is_placeholder,
+    prepare_tree,
+    workloads,
+)
 
 pytestmark = pytest.mark.k8s
 
 # user:password@ inside a URL.
 URL_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]*:([^@\s/]+)@", re.IGNORECASE)
-SECRET_KEY_NAMES = re.compile(r"pass|secret|token|credential|api_?key", re.IGNORECASE)
+SECRET_KEY_NAMES = re.compile(r"pass|secret|token|credential|api_?key|pepper", re.IGNORECASE)
 
 
 def _env_file(path: Path) -> dict[str, str]:
@@ -175,3 +185,49 @@ def test_kind_generate_script_writes_consistent_random_secrets(tmp_path: Path) -
     again = subprocess.run(["sh", str(secrets / "generate.sh")], capture_output=True, check=False, timeout=60)
     assert again.returncode != 0
     assert _env_file(secrets / "platform.env") == platform
+
+
+API_AUTH_SECRET = "mlp-api-auth"
+
+
+def test_only_the_two_apis_get_the_key_pepper(overlay: Rendered) -> None:
+    """The pepper authenticates keys: the gateway and the read API need it, no other workload gets it."""
+    mounting = {
+        workload["metadata"]["name"]
+        for workload, template in workloads(overlay.objects)
+        for container in containers(template["spec"])
+        for source in container.get("envFrom", [])
+        if source.get("secretRef", {}).get("name", "").startswith(API_AUTH_SECRET)
+    }
+    assert mounting == {"mlp-gateway", "mlp-read-api"}
+    secrets = [s for s in overlay.of_kind("Secret") if s["metadata"]["name"].startswith(API_AUTH_SECRET)]
+    assert [sorted(s["data"]) for s in secrets] == [["MLP_KEY_PEPPER"]]
+
+
+@pytest.mark.parametrize("overlay_name", ["kind", "production"])
+def test_the_key_pepper_template_is_refused_in_production(overlay_name: str) -> None:
+    template = _env_file(K8S_DIR / "overlays" / overlay_name / "secrets" / "api-auth.env.example")
+    assert set(template) == {"MLP_KEY_PEPPER"}
+    assert is_placeholder(template["MLP_KEY_PEPPER"])
+    with pytest.raises(pydantic.ValidationError, match="MLP_KEY_PEPPER"):
+        Settings.model_validate({"environment": "production", "key_pepper": template["MLP_KEY_PEPPER"]})
+    placeholder = pydantic.SecretStr(template["MLP_KEY_PEPPER"])
+    unvalidated = Settings(environment="production").model_copy(update={"key_pepper": placeholder})
+    with pytest.raises(AuthNotConfigured):
+        pepper_of(unvalidated)  # also when the settings were built without validation
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
+def test_kind_generate_script_writes_a_random_key_pepper(tmp_path: Path) -> None:
+    tree = prepare_tree(tmp_path)
+    for template in (tree / "overlays" / "kind").rglob("*.example"):
+        template.with_suffix("").unlink()
+    secrets = tree / "overlays" / "kind" / "secrets"
+    subprocess.run(["sh", str(secrets / "generate.sh")], check=True, capture_output=True, timeout=60)
+    pepper = _env_file(secrets / "api-auth.env")["MLP_KEY_PEPPER"]
+    platform = _env_file(secrets / "platform.env")
+    assert not is_placeholder(pepper)
+    assert pepper not in " ".join(platform.values())  # a value of its own
+    settings = Settings.model_validate({"environment": "production", "key_pepper": pepper})
+    assert pepper_of(settings) == pepper.encode()
+    assert (secrets / "api-auth.env").stat().st_mode & 0o077 == 0

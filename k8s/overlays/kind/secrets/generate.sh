@@ -3,12 +3,13 @@
 # replacing each `changeme-<service>` placeholder with one random password per data service and
 # per RabbitMQ user, the same in every file (the platform's URLs must match the data services' own
 # credentials): platform.env, keda-rabbitmq.env, ../data/secrets/data-services.env and
-# ../data/secrets/rabbitmq-definitions.json (RabbitMQ's users, imported at boot).
+# ../data/secrets/rabbitmq-definitions.json (RabbitMQ's users, imported at boot); and api-auth.env,
+# the API key pepper of the gateway and the read API.
 # Refuses to overwrite existing files: delete them (and the PostgreSQL PVC) to rotate.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 data="$here/../data/secrets"
-outputs="$here/platform.env $here/keda-rabbitmq.env $data/data-services.env $data/rabbitmq-definitions.json"
+outputs="$here/platform.env $here/keda-rabbitmq.env $here/api-auth.env $data/data-services.env $data/rabbitmq-definitions.json"
 
 for f in $outputs; do
   if [ -e "$f" ]; then
@@ -25,6 +26,7 @@ rabbitmq_keda=$(random)
 rabbitmq_external=$(random)
 postgres=$(random)
 redis=$(random)
+key_pepper=$(random)
 
 umask 077
 for dst in $outputs; do
@@ -33,7 +35,8 @@ for dst in $outputs; do
       -e "s/changeme-rabbitmq-keda/$rabbitmq_keda/g" \
       -e "s/changeme-rabbitmq-external/$rabbitmq_external/g" \
       -e "s/changeme-postgres/$postgres/g" \
-      -e "s/changeme-redis/$redis/g" "$dst.example" > "$dst"
+      -e "s/changeme-redis/$redis/g" \
+      -e "s/changeme-key-pepper/$key_pepper/g" "$dst.example" > "$dst"
   if grep -v '^#' "$dst" | grep -q changeme; then  # a template placeholder this script does not know
     echo "generate.sh: $dst still holds a placeholder" >&2
     exit 1
