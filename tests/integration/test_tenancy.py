@@ -359,3 +359,36 @@ async def test_known_keys_keep_working_while_postgres_is_unreachable_unknown_one
     with pytest.raises(AuthUnavailable):
         await authenticator.authenticate(kim)
     await authenticator.close()  # its last-use write fails quietly: bookkeeping, not auth
+
+
+async def test_last_use_is_written_at_most_once_a_minute_per_key(
+    module_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = Clock()
+    code, out = await cli(capsys, module_settings, clock, "create", "lena")
+    assert code == 0, out
+    lena = out.strip().splitlines()[-1]
+    pool = await asyncpg.create_pool(module_settings.postgres_dsn, min_size=1, max_size=2)
+    assert pool is not None
+    store = KeyStore(pool, pepper_of(module_settings))
+    authenticator = Authenticator(module_settings, store, clock)
+    key_id = lena.split("_")[1]
+
+    async def last_used() -> datetime | None:
+        await authenticator.flush_last_used()
+        record = await store.find(key_id)
+        assert record is not None
+        return record.last_used_at
+
+    try:
+        await authenticator.authenticate(lena)
+        assert await last_used() == START
+        clock.advance(seconds=59)  # the answer is re-read from the store (TTL), the use is not re-written
+        await authenticator.authenticate(lena)
+        assert await last_used() == START
+        clock.advance(seconds=1)
+        await authenticator.authenticate(lena)
+        assert await last_used() == START + timedelta(minutes=1)
+    finally:
+        await authenticator.close()
+        await pool.close()
