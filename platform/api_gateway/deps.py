@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -10,13 +9,19 @@ from fastapi import Depends, Request
 
 from api_gateway.submit import SubmitService
 from mlp.settings import Settings
+from tenancy.authenticator import Authenticator
+from tenancy.key_store import KeyStore
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayDeps:
     settings: Settings
     submit: SubmitService
-    api_keys: Mapping[str, str]
+    authenticator: Authenticator  # read by tenancy.http's CallerDep
+
+    @property
+    def keys(self) -> KeyStore:
+        return self.authenticator.store
 
 
 def get_deps(request: Request) -> GatewayDeps:
@@ -32,10 +37,15 @@ def submit_of(request: Request) -> SubmitService:
     return get_deps(request).submit
 
 
-def api_keys_of(request: Request) -> Mapping[str, str]:
-    return get_deps(request).api_keys
+def keys_of(request: Request) -> KeyStore:
+    return get_deps(request).keys
+
+
+def authenticator_of(request: Request) -> Authenticator:
+    return get_deps(request).authenticator
 
 
 SettingsDep = Annotated[Settings, Depends(settings_of)]
 SubmitDep = Annotated[SubmitService, Depends(submit_of)]
-ApiKeysDep = Annotated[Mapping[str, str], Depends(api_keys_of)]
+KeyStoreDep = Annotated[KeyStore, Depends(keys_of)]
+AuthenticatorDep = Annotated[Authenticator, Depends(authenticator_of)]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from api_gateway.auth import parse_api_keys
+from api_gateway import keys_routes
 from api_gateway.deps import GatewayDeps
-from api_gateway.routes import count_invalid_body, router
+from api_gateway.routes import count_invalid_body, count_refused_auth, router
 from api_gateway.submit import SubmitService, SubmitSettings
+from events.model import utc_now
 from mlp import telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
@@ -21,11 +23,17 @@ from mlp.http import BodySizeLimit, run_service, service_app
 from mlp.settings import Settings
 from projections.status_cache import StatusCache, StatusKeys
 from quota.service import QuotaService, QuotaSettings
+from tenancy.authenticator import Authenticator
+from tenancy.http import AuthRefused
+from tenancy.key_store import KeyStore
+from tenancy.keys import pepper_of
 
 SERVICE = "api-gateway"
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> FastAPI:
+    """``clock`` dates key checks and changes (tests move it to pass an expiry or a grace period)."""
+    pepper = pepper_of(settings)  # production without a usable pepper stops here, saying how to fix it
     tel = telemetry.setup_telemetry(SERVICE, settings)
     telemetry.instrument_clients(tel)  # before the Redis client exists
     broker = make_broker(settings, middlewares=telemetry.broker_middlewares(tel), app_id=SERVICE)
@@ -37,6 +45,8 @@ def create_app(settings: Settings) -> FastAPI:
         redis_client = create_redis(settings)
         pool = await create_pool(settings, max_size=5)
         quota = QuotaService(pool, redis_client, QuotaSettings.of(settings))
+        authenticator = Authenticator(settings, KeyStore(pool, pepper), clock)
+        await authenticator.start()
         app.state.deps = GatewayDeps(
             settings=settings,
             submit=SubmitService(
@@ -46,20 +56,23 @@ def create_app(settings: Settings) -> FastAPI:
                 redis_client,
                 StatusCache(redis_client, StatusKeys(settings.redis_prefix)),
             ),
-            api_keys=parse_api_keys(settings.api_keys),
+            authenticator=authenticator,
         )
         app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
         try:
             yield
         finally:
             await broker.stop()
+            await authenticator.close()
             await redis_client.aclose()
             await pool.close()
             tel.shutdown()
 
     app = service_app("inference-platform gateway", lifespan, tel)
     app.include_router(router)
+    app.include_router(keys_routes.router)
     app.add_exception_handler(RequestValidationError, count_invalid_body)
+    app.add_exception_handler(AuthRefused, count_refused_auth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 

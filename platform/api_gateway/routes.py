@@ -10,8 +10,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from api_gateway.auth import AuthError, resolve_user
-from api_gateway.deps import ApiKeysDep, SettingsDep, SubmitDep
+from api_gateway.deps import SettingsDep, SubmitDep
 from api_gateway.schemas import ErrorBody, InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
     BrokerUnavailable,
@@ -22,6 +21,7 @@ from api_gateway.submit import (
 )
 from mlp import metrics, telemetry
 from quota.ledger import QuotaUnavailable
+from tenancy.http import AuthRefused, CallerDep, refusal_response
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -49,10 +49,22 @@ def _refused(reason: str, status: int, error: str, detail: str, headers: dict[st
     return _error(status, error, detail, headers)
 
 
+def _is_submit(request: Request) -> bool:
+    return request.url.path == SUBMIT_PATH and request.method == "POST"
+
+
+async def count_refused_auth(request: Request, exc: Exception) -> Response:
+    """tenancy.http's refusal (no key, a bad key, keys unavailable), counted as a refused submit."""
+    assert isinstance(exc, AuthRefused)
+    if _is_submit(request):
+        metrics.REQUESTS_REJECTED.labels(reason="auth_unavailable" if exc.status == 503 else exc.error).inc()
+    return refusal_response(exc)
+
+
 async def count_invalid_body(request: Request, exc: Exception) -> Response:
     """FastAPI's own 422 for a body that fails validation, counted as a refused submit."""
     assert isinstance(exc, RequestValidationError)
-    if request.url.path == SUBMIT_PATH and request.method == "POST":
+    if _is_submit(request):
         metrics.REQUESTS_REJECTED.labels(reason="invalid_request").inc()
     return await request_validation_exception_handler(request, exc)
 
@@ -62,14 +74,13 @@ async def submit_inference(
     body: InferenceSubmit,
     service: SubmitDep,
     settings: SettingsDep,
-    api_keys: ApiKeysDep,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
 ) -> InferenceAccepted | JSONResponse:
-    presented = x_api_key or (authorization.removeprefix("Bearer ").strip() if authorization else None)
+    user_id = caller.submits_as(body.user_id)
+    if user_id is None:  # never let one user spend another's quota
+        return _refused("forbidden", 403, "forbidden", "user_id in the body does not match the API key's user")
     try:
-        user_id = resolve_user(api_keys, presented, body.user_id)
         accepted = await service.submit(
             user_id=user_id,
             model=body.model,
@@ -79,9 +90,6 @@ async def submit_inference(
             trace_id=telemetry.current_trace_id(),
             traceparent=telemetry.current_traceparent(),
         )
-    except AuthError as exc:
-        error = "unauthorized" if exc.status == 401 else "forbidden"
-        return _refused(error, exc.status, error, exc.detail)
     except RequestRefused as exc:  # counted by the rule's reason: unknown_model, prompt_too_large, ...
         return _refused(exc.rejection.reason, 422, "invalid_request", exc.rejection.message)
     except QuotaExceeded as exc:

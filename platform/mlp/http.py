@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from fastapi.telemetry import TelemetryConfig
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlp.health import add_health_routes, lifespan_checks
-from mlp.settings import Settings, get_settings
+from mlp.settings import ConfigurationError, Settings, get_settings
 from mlp.telemetry import Telemetry, instrument_fastapi
 
 
@@ -111,7 +112,11 @@ def run_service(
     args = parser.parse_args(argv)
     settings = get_settings()
     logs.setup_logging(service, settings)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigurationError as exc:  # a clear sentence, not a traceback
+        print(f"{prog}: cannot start: {exc}", file=sys.stderr)
+        return 2
     host, port = address(settings)
     return serve(app, args.host or host, args.port or port, settings.graceful_timeout_s)
 

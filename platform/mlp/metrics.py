@@ -24,7 +24,8 @@ REQUESTS_ACCEPTED: Final = Counter(
 REQUESTS_REJECTED: Final = Counter(
     "mlp_requests_rejected",
     "Inference requests refused by the gateway, by reason (quota_exceeded, invalid_request, "
-    "unknown_model, prompt_too_large, max_tokens_too_large, publish_failed).",
+    "unknown_model, prompt_too_large, max_tokens_too_large, publish_failed, quota_unavailable; "
+    "unauthorized, forbidden, auth_unavailable: the API key's checks).",
     ["reason"],
 )
 

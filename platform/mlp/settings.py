@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -26,6 +26,10 @@ from pydantic_settings import (
 from events.request_rules import RequestLimits
 
 _PLACEHOLDERS = ("changeme", "change-me", "placeholder", "<", "${")
+
+
+class ConfigurationError(RuntimeError):
+    """A service cannot run with these settings (checked at start-up); the message says how to fix it."""
 
 
 class Settings(BaseSettings):
@@ -48,8 +52,14 @@ class Settings(BaseSettings):
     # Served models: one request queue (and one worker Deployment in Kubernetes) per model.
     models: Annotated[tuple[str, ...], NoDecode] = ("basic-model",)
 
-    # API keys (a Secret): "key1=user1,key2=user2". Empty: the body's user_id is trusted (development).
+    # Bootstrap API keys (a Secret): "key1=user1,key2=user2/admin", treated like stored keys (docs/auth.md).
+    # With none here and none stored (`mlp keys create`), development and test run open; production never.
     api_keys: str = ""
+    # Pepper of the stored keys' HMAC (a Secret, required in production; development uses a fixed one).
+    key_pepper: SecretStr = SecretStr("")
+    # How long a replica trusts a key lookup (and the "are there keys at all" answer): a revoked key
+    # stops working within this bound everywhere. At most 30 s (the promise in docs/auth.md).
+    auth_cache_ttl_s: float = Field(default=5.0, gt=0, le=30)
     # Largest accepted HTTP request body, in bytes.
     max_body_bytes: int = Field(default=262_144, ge=1024)
 
@@ -138,6 +148,8 @@ class Settings(BaseSettings):
             password = urlsplit(getattr(self, name)).password or ""
             if any(p in password.lower() for p in _PLACEHOLDERS):
                 raise ValueError(f"MLP_{name.upper()} holds a placeholder password; set the real secret")
+        if any(p in self.key_pepper.get_secret_value().lower() for p in _PLACEHOLDERS):
+            raise ValueError("MLP_KEY_PEPPER holds a placeholder; set a random value (e.g. `openssl rand -hex 32`)")
         return self
 
     @property

@@ -20,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 
-from mlp.settings import Settings, get_settings
+from events.model import utc_now
+from mlp.settings import ConfigurationError, Settings, get_settings
 from projections.migrate import migrate
+from tenancy.key_store import KeyStore
+from tenancy.keys import auth_mode, parse_bootstrap_keys, pepper_of, runs_open
 
 _START_HINTS = {
     "RabbitMQ": "rabbitmq-server -detached   (or: docker compose up -d rabbitmq)",
@@ -187,7 +191,19 @@ def plan(settings: Settings, start_triton: bool) -> list[Child]:
     return children
 
 
-def _summary(settings: Settings, children: list[Child], tracing: dict[str, str]) -> str:
+async def describe_auth(settings: Settings) -> tuple[bool, str]:
+    """How the services will authenticate: open (development without any key) or keys required."""
+    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=1, timeout=10)
+    assert pool is not None
+    try:
+        stored = await KeyStore(pool, pepper_of(settings)).count_active(utc_now())
+    finally:
+        await pool.close()
+    bootstrap = len(parse_bootstrap_keys(settings.api_keys))
+    return runs_open(settings, bootstrap, stored), auth_mode(settings, bootstrap, stored)
+
+
+def _summary(settings: Settings, children: list[Child], tracing: dict[str, str], auth: tuple[bool, str]) -> str:
     gw = f"http://{settings.gateway_host}:{settings.gateway_port}"
     api = f"http://{settings.read_api_host}:{settings.read_api_port}"
     lines = [
@@ -201,9 +217,11 @@ def _summary(settings: Settings, children: list[Child], tracing: dict[str, str])
         f"  triton     grpc {settings.triton_url}"
         + (f"   (log {TRITON_LOG})" if any(c.name == "triton" for c in children) else "   (already running)"),
         f"  tracing    {_tracing_summary(tracing)}",
+        f"  auth       {auth[1]}",
         "",
         "try:",
         f"  curl -s -X POST {gw}/api/v1/inference -H 'Content-Type: application/json' \\",
+        *([] if auth[0] else ["    -H 'Authorization: Bearer <your key>' \\"]),
         """    -d '{"prompt": "test prompt", "user_id": "test-user", "model": "basic-model"}'""",
         "",
         "Ctrl-C stops everything.",
@@ -220,6 +238,12 @@ async def run(settings: Settings, *, start_triton: bool | None, ready_timeout_s:
 
     applied = await migrate(settings.postgres_dsn)
     print(f"migrations: database {settings.redacted(settings.postgres_dsn)} up to date ({len(applied)} applied)")
+    try:
+        auth = await describe_auth(settings)
+    except ConfigurationError as exc:  # production without a pepper: the services would refuse too
+        print(f"mlp up: cannot start: {exc}", file=sys.stderr)
+        return 1
+    print(f"auth: {auth[1]}")
     if start_triton is None:
         start_triton = not _reachable(*_endpoint(settings.triton_url, 8001))
     tracing = _tracing_env()
@@ -245,7 +269,7 @@ async def run(settings: Settings, *, start_triton: bool | None, ready_timeout_s:
                 return 130
             starting.result()
             print(f"started {child.name} (pid {child.process.pid if child.process else '?'})")
-        print(_summary(settings, children, tracing))
+        print(_summary(settings, children, tracing, auth))
         exits: list[asyncio.Task[object]] = [
             asyncio.create_task(c.process.wait()) for c in children if c.process is not None
         ]

@@ -16,6 +16,7 @@ from mlp.settings import Settings
 from projections.status_cache import StatusCache
 from quota.service import QuotaService
 from read_api.terminal_waits import TerminalWaits
+from tenancy.authenticator import Authenticator
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class ReadApiDeps:
     status_cache: StatusCache
     terminal_waits: TerminalWaits
     quota: QuotaService
+    authenticator: Authenticator  # read by tenancy.http's CallerDep
 
 
 def get_deps(request: Request) -> ReadApiDeps:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 
 from fastapi import FastAPI
 
+from events.model import utc_now
 from mlp import telemetry
 from mlp.cache import create_redis
 from mlp.db import create_pool
@@ -18,11 +20,17 @@ from quota.service import QuotaService, QuotaSettings
 from read_api import metrics_routes, quota_routes, requests_routes
 from read_api.deps import ReadApiDeps
 from read_api.terminal_waits import TerminalWaits
+from tenancy.authenticator import Authenticator
+from tenancy.http import add_auth_handlers
+from tenancy.key_store import KeyStore
+from tenancy.keys import pepper_of
 
 SERVICE = "read-api"
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> FastAPI:
+    """``clock`` dates key checks (tests move it to pass an expiry or a grace period)."""
+    pepper = pepper_of(settings)  # production without a usable pepper stops here, saying how to fix it
     tel = telemetry.setup_telemetry(SERVICE, settings)
     telemetry.instrument_clients(tel)  # before the Redis client exists
 
@@ -30,6 +38,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis_client = create_redis(settings)
         pool = await create_pool(settings, max_size=10)
+        authenticator = Authenticator(settings, KeyStore(pool, pepper), clock)
+        await authenticator.start()
         status_cache = StatusCache(redis_client, StatusKeys(settings.redis_prefix))
         terminal_waits = TerminalWaits(redis_client, status_cache)
         terminal_waits.start()
@@ -39,12 +49,14 @@ def create_app(settings: Settings) -> FastAPI:
             status_cache=status_cache,
             terminal_waits=terminal_waits,
             quota=QuotaService(pool, redis_client, QuotaSettings.of(settings)),
+            authenticator=authenticator,
         )
         app.state.readiness = dependency_checks(pool=pool, redis_client=redis_client)
         try:
             yield
         finally:
             await terminal_waits.close()
+            await authenticator.close()
             await redis_client.aclose()
             await pool.close()
             tel.shutdown()
@@ -53,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(requests_routes.router)
     app.include_router(quota_routes.router)
     app.include_router(metrics_routes.router)
+    add_auth_handlers(app)
     return app
 
 

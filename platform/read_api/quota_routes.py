@@ -23,6 +23,7 @@ from quota.ledger import QuotaUnavailable
 from quota.plans import day_of
 from quota.service import QuotaView
 from read_api.deps import QuotaDep
+from tenancy.http import CallerDep, require_user
 
 router = APIRouter(tags=["quota"])
 
@@ -120,7 +121,8 @@ def _unavailable(exc: Exception) -> HTTPException:
 
 
 @router.get("/api/v1/users/{user_id}/quota", response_model=QuotaOut)
-async def get_quota(user_id: UserId, quota: QuotaDep) -> QuotaOut:
+async def get_quota(user_id: UserId, quota: QuotaDep, caller: CallerDep) -> QuotaOut:
+    require_user(caller, user_id)
     try:
         view = await quota.view(user_id)
     except QuotaUnavailable as exc:
@@ -132,9 +134,11 @@ async def get_quota(user_id: UserId, quota: QuotaDep) -> QuotaOut:
 async def get_usage(
     user_id: UserId,
     quota: QuotaDep,
+    caller: CallerDep,
     first: Annotated[str | None, Query(alias="from", max_length=10, description="first day, YYYY-MM-DD")] = None,
     last: Annotated[str | None, Query(alias="to", max_length=10, description="last day, YYYY-MM-DD")] = None,
 ) -> UsageOut:
+    require_user(caller, user_id)
     try:
         start, end = date_range(first, last, day_of(utc_now()))
     except DateRangeError as exc:

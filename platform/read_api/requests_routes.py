@@ -22,6 +22,7 @@ from events.status import TERMINAL_STATUSES
 from projections.queries import RequestView, get_request
 from projections.status_cache import StatusCache, StatusCacheUnavailable
 from read_api.deps import PoolDep, SettingsDep, StatusCacheDep, TerminalWaitsDep
+from tenancy.http import CallerDep
 
 router = APIRouter()
 _encoder = msgspec_json.Encoder()
@@ -49,12 +50,15 @@ async def get_inference(
     pool: PoolDep,
     cache: StatusCacheDep,
     waits: TerminalWaitsDep,
+    caller: CallerDep,
     wait: Annotated[float, Query(ge=0, description="seconds to wait for a terminal state")] = 0.0,
 ) -> Response:
     deadline = time.monotonic() + min(wait, settings.max_wait_s)
     with waits.watching(request_id) as turned_terminal:
         while True:
             view = await load_view(cache, pool, request_id)
+            if view is not None and not caller.may_see_user(view.user_id or ""):
+                view = None  # another user's request is answered as an unknown one, also in timing
             left = deadline - time.monotonic()
             if view is not None and (view.status in TERMINAL_STATUSES or left <= 0):
                 break

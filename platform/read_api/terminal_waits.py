@@ -19,6 +19,7 @@ import redis.asyncio as redis
 from projections.status_cache import StatusCache
 
 log = logging.getLogger(__name__)
+_CLOSE_WAIT_S = 2.0
 
 
 class TerminalWaits:
@@ -34,8 +35,10 @@ class TerminalWaits:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: cancelled while its subscription is still being set up, redis-py's listen() can
+            # swallow the cancellation and never return (the read API then never finished stopping).
+            # Closing the Redis client afterwards ends the connection it waits on.
+            await asyncio.wait({self._task}, timeout=_CLOSE_WAIT_S)
 
     @contextlib.contextmanager
     def watching(self, request_id: str) -> Iterator[asyncio.Event]:

@@ -12,7 +12,7 @@ Scope = Literal["user", "admin", "open"]
 class Caller:
     """Who is calling. ``open``: development with no key configured anywhere (everyone sees everything)."""
 
-    user_id: str | None  # None for an admin key without a user of its own, or open mode
+    user_id: str | None  # None in open mode; a key always belongs to a user (an admin key too)
     scope: Scope
     key_id: str | None = None  # the key's public id, for logs; None in open mode
 
@@ -25,8 +25,9 @@ class Caller:
         return self.is_admin or self.user_id == user_id
 
     def submits_as(self, body_user_id: str) -> str | None:
-        """The user a submit is charged to, or None when the body names another user than the key's."""
-        if self.scope == "open" or (self.scope == "admin" and self.user_id is None):
+        """The user a submit is charged to, or None when the body names another user than the key's.
+        An admin key (and open mode) may submit for any user: the body names whom to charge."""
+        if self.is_admin:
             return body_user_id
         return self.user_id if body_user_id == self.user_id else None
 

@@ -57,21 +57,9 @@ GRANT SELECT ON token_usage_daily TO mlp_collector;
 -- The read API: the request views, results, usage reports and a request's event history.
 GRANT SELECT ON event_store, inference_results, token_usage_daily TO mlp_read_api;
 
--- The API key store (another migration, when present): both APIs authenticate callers, and record
--- when a key was last used, which is the one column they may change.
-DO $$
-DECLARE
-    used_column text;
-BEGIN
-    IF to_regclass('api_keys') IS NOT NULL THEN
-        GRANT SELECT ON api_keys TO mlp_gateway, mlp_read_api;
-        FOR used_column IN
-            SELECT column_name FROM information_schema.columns
-            WHERE table_schema = current_schema() AND table_name = 'api_keys'
-              AND column_name IN ('last_used_at', 'last_used')
-        LOOP
-            EXECUTE format('GRANT UPDATE (%I) ON api_keys TO mlp_gateway, mlp_read_api', used_column);
-        END LOOP;
-    END IF;
-END
-$$;
+-- The API key store (0003): both APIs authenticate callers and record when a key was last used; the
+-- gateway's admin routes also create, revoke and rotate keys (never delete them, never change a hash).
+GRANT SELECT ON api_keys TO mlp_gateway, mlp_read_api;
+GRANT INSERT ON api_keys TO mlp_gateway;
+GRANT UPDATE (revoked_at, replaced_by, last_used_at) ON api_keys TO mlp_gateway;
+GRANT UPDATE (last_used_at) ON api_keys TO mlp_read_api;

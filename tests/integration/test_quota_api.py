@@ -18,6 +18,8 @@ from ops.quota import main as quota_cli
 from quota.service import QuotaService, QuotaSettings
 from read_api.deps import pool_of, quota_of
 from read_api.quota_routes import router
+from tenancy.caller import OPEN
+from tenancy.http import add_auth_handlers, current_caller
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +37,8 @@ async def http(quota: QuotaService, pool: asyncpg.Pool) -> AsyncIterator[httpx.A
     app.include_router(router)
     app.dependency_overrides[quota_of] = lambda: quota
     app.dependency_overrides[pool_of] = lambda: pool
+    app.dependency_overrides[current_caller] = lambda: OPEN  # auth itself: tests/integration/test_tenancy.py
+    add_auth_handlers(app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         yield http
 

@@ -55,11 +55,13 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
     "token_usage_daily": {"mlp_collector": {"SELECT", "INSERT", "UPDATE"}, "mlp_read_api": {"SELECT"}},
     "quota_plans": {role: {"SELECT"} for role in ROLES},
     "user_quotas": {role: {"SELECT"} for role in ROLES},
-    # The key store, once its migration is in: read by both APIs, which record a key's last use.
-    "api_keys": {"mlp_gateway": {"SELECT"}, "mlp_read_api": {"SELECT"}},
+    # The key store: read by both APIs (which record a key's last use); the gateway's admin routes write keys.
+    "api_keys": {"mlp_gateway": {"SELECT", "INSERT"}, "mlp_read_api": {"SELECT"}},
 }
 EXPECTED_COLUMN_GRANTS: dict[tuple[str, str], dict[str, set[str]]] = {
     ("api_keys", "last_used_at"): {"mlp_gateway": {"UPDATE"}, "mlp_read_api": {"UPDATE"}},
+    ("api_keys", "revoked_at"): {"mlp_gateway": {"UPDATE"}},
+    ("api_keys", "replaced_by"): {"mlp_gateway": {"UPDATE"}},
 }
 
 _TABLE_GRANTS = """

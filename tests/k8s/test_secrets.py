@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from mlp.settings import Settings
+from tenancy.keys import AuthNotConfigured, pepper_of
 from tests.k8s.manifests import (
     K8S_DIR,
     REPO,
@@ -319,3 +320,16 @@ def test_kind_generate_script_writes_consistent_random_secrets(tmp_path: Path) -
     again = subprocess.run(["sh", str(secrets / "generate.sh")], capture_output=True, check=False, timeout=60)
     assert again.returncode != 0
     assert _env_file(secrets / "gateway.env") == services["gateway"]
+
+
+@pytest.mark.parametrize("overlay_name", OVERLAY_NAMES)
+@pytest.mark.parametrize("service", ["gateway", "read-api"])
+def test_the_key_pepper_template_is_refused_in_production(overlay_name: str, service: str) -> None:
+    template = _env_file(K8S_DIR / "overlays" / overlay_name / "secrets" / f"{service}.env.example")
+    assert is_placeholder(template["MLP_KEY_PEPPER"])
+    with pytest.raises(pydantic.ValidationError, match="MLP_KEY_PEPPER"):
+        Settings.model_validate({"environment": "production", "key_pepper": template["MLP_KEY_PEPPER"]})
+    placeholder = pydantic.SecretStr(template["MLP_KEY_PEPPER"])
+    unvalidated = Settings(environment="production").model_copy(update={"key_pepper": placeholder})
+    with pytest.raises(AuthNotConfigured):
+        pepper_of(unvalidated)  # also when the settings were built without validation
