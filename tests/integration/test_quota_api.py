@@ -145,6 +145,7 @@ async def test_usage_is_503_with_retry_after_when_postgres_cannot_answer(
     app.include_router(router)
     dead_quota = QuotaService(dead, client, QuotaSettings.of(migrated), lambda: NOW)
     app.dependency_overrides[quota_of] = lambda: dead_quota
+    app.dependency_overrides[current_caller] = lambda: OPEN
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
             response = await http.get(f"/api/v1/users/{user()}/usage")
