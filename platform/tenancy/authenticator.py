@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
@@ -31,7 +31,15 @@ from events.model import utc_now
 from mlp.settings import Settings
 from tenancy.caller import OPEN, Caller
 from tenancy.key_store import KeyStore
-from tenancy.keys import AuthNotConfigured, hash_key, key_id_of, parse_bootstrap_keys, pepper_of, same_hash
+from tenancy.keys import (
+    AuthNotConfigured,
+    KeyRecord,
+    hash_key,
+    key_id_of,
+    parse_bootstrap_keys,
+    pepper_of,
+    same_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ class _Answer:
     refusal: str
     fetched_at: datetime
     fresh_until: datetime  # trusted without asking the store until then
-    ends_at: datetime | None  # the key's own end (expiry, grace): never trusted past it
+    record: KeyRecord | None = None  # the key that works: never trusted past its own end (expiry, grace)
 
 
 class Authenticator:
@@ -117,6 +125,7 @@ class Authenticator:
                 if self._any_stored is None:
                     raise AuthUnavailable("API keys cannot be looked up") from exc
                 log.warning("key store unavailable, keeping the last open-mode answer: %r", exc)
+                self._any_stored = (self._any_stored[0], now + self._ttl)  # asked again after another TTL
         assert self._any_stored is not None
         return not self._any_stored[0]
 
@@ -138,32 +147,33 @@ class Authenticator:
         answer = self._answers.get(digest)
         if answer is None or answer.fresh_until <= now:
             answer = await self._look_up(presented, digest, now, answer)
+        ended = None if answer.record is None else answer.record.refusal(now)
+        if ended is not None:  # expired or out of its grace period within the TTL: known without asking
+            answer = self._remember(digest, _Answer(None, ended, now, now + self._ttl))
         if answer.caller is None:
             raise Unauthorized(answer.refusal)
-        if answer.ends_at is not None and answer.ends_at <= now:  # expired or out of grace within the TTL
-            self._answers.pop(digest, None)
-            return await self.authenticate(presented)
         self._note_use(answer.caller, now)
         return answer.caller
 
     async def _look_up(self, presented: str, digest: bytes, now: datetime, known: _Answer | None) -> _Answer:
         key_id = key_id_of(presented)
         if key_id is None:  # not a stored key's format: no query needed
-            return self._remember(digest, _Answer(None, UNKNOWN, now, now + self._ttl, None))
+            return self._remember(digest, _Answer(None, UNKNOWN, now, now + self._ttl))
         try:
             record = await self._store.find(key_id)
         except STORE_ERRORS as exc:
             if known is not None and now - known.fetched_at < STALE_IF_ERROR:
                 log.warning("key store unavailable, using the answer of %s for %s: %r", known.fetched_at, key_id, exc)
-                return known
+                # Asked again after another TTL, not on every request of the outage.
+                return self._remember(digest, replace(known, fresh_until=now + self._ttl))
             raise AuthUnavailable("API keys cannot be looked up") from exc
         if record is None or not same_hash(record.key_hash, digest):
-            return self._remember(digest, _Answer(None, UNKNOWN, now, now + self._ttl, None))
+            return self._remember(digest, _Answer(None, UNKNOWN, now, now + self._ttl))
         refusal = record.refusal(now)
         if refusal is not None:
-            return self._remember(digest, _Answer(None, refusal, now, now + self._ttl, None))
+            return self._remember(digest, _Answer(None, refusal, now, now + self._ttl))
         caller = Caller(user_id=record.user_id, scope=record.scope, key_id=record.key_id)
-        return self._remember(digest, _Answer(caller, "", now, now + self._ttl, record.ends_at()))
+        return self._remember(digest, _Answer(caller, "", now, now + self._ttl, record))
 
     def _remember(self, digest: bytes, answer: _Answer) -> _Answer:
         self._answers.pop(digest, None)  # re-inserted last: the dict's order is the eviction order
