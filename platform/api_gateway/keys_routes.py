@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api_gateway.deps import AuthenticatorDep
 from api_gateway.schemas import ErrorBody, UserId
+from events.request_rules import IDENTIFIER_PATTERN
 from tenancy.authenticator import STORE_ERRORS
 from tenancy.http import CallerDep, require_admin
 from tenancy.key_store import CreatedKey, KeyNotRotatable, UnknownKey
@@ -137,7 +138,7 @@ async def create_key(body: KeyCreate, caller: CallerDep, auth: AuthenticatorDep)
 async def list_keys(
     caller: CallerDep,
     auth: AuthenticatorDep,
-    user_id: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_\-:@]{1,128}$")] = None,
+    user_id: Annotated[str | None, Query(pattern=IDENTIFIER_PATTERN)] = None,
 ) -> KeyList | JSONResponse:
     require_admin(caller)
     try:

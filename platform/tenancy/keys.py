@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final, Literal
 
+from events.request_rules import IDENTIFIER
 from mlp.settings import ConfigurationError, Settings
 
 KeyScope = Literal["user", "admin"]
@@ -28,8 +29,6 @@ KEY_ID_PATTERN: Final = r"^[0-9a-f]{12}$"
 KEY_ID: Final = re.compile(KEY_ID_PATTERN)
 _KEY: Final = re.compile(r"^mlp_([0-9a-f]{12})_([A-Za-z0-9_\-]{32,128})$")
 _SECRET_BYTES: Final = 32
-# The same alphabet as every identifier of the platform (events' Identifier, quota.plans.USER_ID).
-USER_ID: Final = re.compile(r"^[A-Za-z0-9_\-:@]{1,128}$")
 
 # Development and test only: a fixed pepper, so `mlp up` works without configuration. Production
 # refuses it (and a missing or placeholder one): whoever reads this file could forge nothing with it
@@ -138,8 +137,8 @@ def pepper_of(settings: Settings) -> bytes:
 
 
 def check_user_id(user_id: str) -> str:
-    if not USER_ID.fullmatch(user_id):
-        raise InvalidKeyInput(f"user id must match {USER_ID.pattern}, got {user_id!r}")
+    if not IDENTIFIER.fullmatch(user_id):
+        raise InvalidKeyInput(f"user id must match {IDENTIFIER.pattern}, got {user_id!r}")
     return user_id
 
 
