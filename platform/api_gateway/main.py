@@ -12,6 +12,7 @@ from api_gateway.auth import parse_api_keys
 from api_gateway.deps import GatewayDeps
 from api_gateway.routes import count_invalid_body, router
 from api_gateway.submit import SubmitService, SubmitSettings
+from ml_service.tokens import TokenCounter
 from mlp import telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
@@ -45,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
                 quota,
                 redis_client,
                 StatusCache(redis_client, StatusKeys(settings.redis_prefix)),
+                TokenCounter(settings.model_specs()),
             ),
             api_keys=parse_api_keys(settings.api_keys),
         )
