@@ -263,6 +263,21 @@ class TritonClient:
         text, prompt_tokens, completion_tokens = (result.as_numpy(name) for name in OUTPUTS)
         return parse_outputs(text, prompt_tokens, completion_tokens, rows=len(rows))
 
+    async def execution_counts(self, model: str) -> tuple[int, int] | None:
+        """(requests, executions) Triton has counted for the model since it loaded it: their ratio is the
+        size of the batches Triton's dynamic batcher formed. None when Triton cannot tell."""
+        spec = self.spec(model)
+        try:
+            stats = await self._grpc().get_inference_statistics(
+                spec.triton_name, spec.triton_version_label, as_json=True, client_timeout=self.timeout_s
+            )
+        except InferenceServerException:
+            return None
+        found = stats.get("model_stats", [])
+        if not found:
+            return None
+        return int(found[0].get("inference_count", 0)), int(found[0].get("execution_count", 0))
+
     async def is_ready(self, model: str | None = None) -> bool:
         """Server readiness, or one model's; never raises (readiness probes call it)."""
         client = self._grpc()
