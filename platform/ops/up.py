@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from events.registry import DEFAULT_MODELS, QUICKSTART_MODELS
+from ml_service.client import TritonClient
 from mlp.settings import Settings, get_settings
 from projections.migrate import migrate
 
@@ -76,6 +77,15 @@ def served_models(env: Mapping[str, str], installed: Callable[[str], bool] = _in
     served = tuple(m for m in QUICKSTART_MODELS if m not in missing) or DEFAULT_MODELS
     skipped = ", ".join(f"{m} (needs {', '.join(p)})" for m, p in missing.items())
     return served, f"not serving {skipped}: pip install -e '.[models]' (or make up) installs it"
+
+
+async def models_triton_serves(triton_url: str, models: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``models`` the (already running) Triton at ``triton_url`` has ready."""
+    client = TritonClient(triton_url, 5.0)
+    try:
+        return tuple([m for m in models if await client.is_ready(m)])
+    finally:
+        await client.close()
 
 
 @dataclass
@@ -274,6 +284,14 @@ async def run(settings: Settings, *, start_triton: bool | None, ready_timeout_s:
     print(f"migrations: database {settings.redacted(settings.postgres_dsn)} up to date ({len(applied)} applied)")
     if start_triton is None:
         start_triton = not _reachable(*_endpoint(settings.triton_url, 8001))
+    if not start_triton and not os.environ.get("MLP_MODELS", "").strip():
+        # A Triton of someone else's: serve the default models it has (MLP_MODELS is served as it is).
+        ready = await models_triton_serves(settings.triton_url, models) or DEFAULT_MODELS
+        if ready != models:
+            missing = ", ".join(m for m in models if m not in ready)
+            print(f"mlp up: the Triton at {settings.triton_url} does not serve {missing}; not serving it")
+            models = ready
+            settings = settings.model_copy(update={"models": models})
     tracing = _tracing_env()
     TRITON_LOG.parent.mkdir(parents=True, exist_ok=True)
     children = plan(settings, start_triton)
