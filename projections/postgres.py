@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
+import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from events.model import Event, encode_event
@@ -41,6 +42,7 @@ class Tables:
 
 
 LIVE = Tables()
+_json = msgspec.json.Encoder()
 
 # A connection of its own or one borrowed from a pool.
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -81,9 +83,14 @@ ON CONFLICT (request_id) DO UPDATE SET
     started_at = LEAST(r.started_at, EXCLUDED.started_at)
 """
 
+# Embeddings travel as JSON text (unnest would flatten an array of arrays) and are stored as jsonb.
 _INSERT_RESULTS = """
-INSERT INTO {table} (request_id, completion, prompt_tokens, completion_tokens, total_tokens, latency_ms, completed_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int[], $6::float8[], $7::timestamptz[])
+INSERT INTO {table} (
+    request_id, completion, prompt_tokens, completion_tokens, total_tokens, latency_ms, completed_at, embedding)
+SELECT x.request_id, x.completion, x.prompt_tokens, x.completion_tokens, x.total_tokens, x.latency_ms,
+       x.completed_at, x.embedding::jsonb
+FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int[], $6::float8[], $7::timestamptz[], $8::text[])
+    AS x(request_id, completion, prompt_tokens, completion_tokens, total_tokens, latency_ms, completed_at, embedding)
 ON CONFLICT (request_id) DO NOTHING
 """
 
@@ -178,6 +185,7 @@ async def apply_plan(conn: Connection, batch: BatchPlan, tables: Tables = LIVE) 
             [w.total_tokens for w in res],
             [w.latency_ms for w in res],
             [w.completed_at for w in res],
+            [None if w.embedding is None else _json.encode(w.embedding).decode() for w in res],
         )
     if batch.usage:
         use = batch.usage

@@ -68,6 +68,7 @@ class RecordResult(msgspec.Struct, frozen=True, kw_only=True):
     total_tokens: int
     latency_ms: float
     completed_at: datetime
+    embedding: list[float] | None = None  # an embed model's answer
 
 
 class ChargeUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,6 +131,7 @@ def project(event: Event) -> list[Write]:
                     total_tokens=event.total_tokens,
                     latency_ms=event.latency_ms,
                     completed_at=event.occurred_at,
+                    embedding=event.embedding,
                 ),
                 ChargeUsage(
                     request_id=event.request_id,

@@ -20,8 +20,20 @@ from projections.status_cache import format_ts, parse_ts
 Row = asyncpg.Record | Mapping[str, Any]
 
 
-class ResultView(msgspec.Struct, frozen=True, kw_only=True):
-    completion: str
+class ResultView(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A generate model's ``{"completion": ...}`` or an embed model's ``{"embedding": [...]}``."""
+
+    completion: str | None = None
+    embedding: list[float] | None = None
+
+    @classmethod
+    def of(cls, completion: str, embedding_json: str | None) -> ResultView:
+        if embedding_json is None:
+            return cls(completion=completion)
+        return cls(embedding=_embedding.decode(embedding_json))
+
+
+_embedding = msgspec.json.Decoder(list[float])
 
 
 class UsageView(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,7 +70,7 @@ class RequestView(msgspec.Struct, frozen=True, kw_only=True):
         status = fields["status"]
         result = usage = error = None
         if status == "completed" and "completion" in fields:
-            result = ResultView(completion=fields["completion"])
+            result = ResultView.of(fields["completion"], fields.get("embedding"))
             usage = UsageView(
                 prompt_tokens=int(fields["prompt_tokens"]),
                 completion_tokens=int(fields["completion_tokens"]),
@@ -89,7 +101,7 @@ class RequestView(msgspec.Struct, frozen=True, kw_only=True):
         status = row["status"]
         result = usage = error = None
         if status == "completed" and row["completion"] is not None:
-            result = ResultView(completion=row["completion"])
+            result = ResultView.of(row["completion"], row["embedding"])
             usage = UsageView(
                 prompt_tokens=row["prompt_tokens"],
                 completion_tokens=row["completion_tokens"],
@@ -126,6 +138,8 @@ def cache_fields_of_row(row: Row) -> dict[str, str]:
         fields["trace_id"] = row["trace_id"]
     if row["status"] == "completed" and row["completion"] is not None:
         fields["completion"] = row["completion"]
+        if row["embedding"] is not None:
+            fields["embedding"] = row["embedding"]
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
             fields[name] = str(row[name])
         fields["latency_ms"] = repr(row["latency_ms"])
@@ -146,7 +160,7 @@ def select_view_sql(tables: Tables = LIVE) -> str:
     return f"""
 SELECT r.request_id, r.status, r.user_id, r.model, r.created_at, r.started_at, r.finished_at, r.updated_at,
        r.trace_id, r.error_code, r.error_message, r.reject_reason,
-       x.completion, x.prompt_tokens, x.completion_tokens, x.total_tokens, x.latency_ms
+       x.completion, x.prompt_tokens, x.completion_tokens, x.total_tokens, x.latency_ms, x.embedding::text
 FROM {tables.requests} r LEFT JOIN {tables.results} x USING (request_id)
 """
 

@@ -16,8 +16,9 @@ Postgres projection, so redelivery, reordering and replay are harmless:
 - any other field is filled once (a late ``InferenceRequested`` still fills in ``created_at``).
 
 Hash fields (strings; timestamps ISO-8601 UTC, microsecond precision): user_id, model, status,
-created_at, started_at, finished_at, updated_at, completion, prompt_tokens, completion_tokens,
-total_tokens, latency_ms, error_code, error_message, reason, trace_id.
+created_at, started_at, finished_at, updated_at, completion, embedding (an embed model's answer, a JSON
+array), prompt_tokens, completion_tokens, total_tokens, latency_ms, error_code, error_message, reason,
+trace_id.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, cast
 
+import msgspec
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
@@ -41,6 +43,7 @@ from events.model import (
 from events.status import STATUS_RANK, TERMINAL_STATUSES, status_of
 from mlp.redis_scripts import evalsha_pipelined
 
+_json = msgspec.json.Encoder()
 # How long a request's entry lives (Postgres answers after that).
 STATUS_TTL_S: Final = 86_400
 TIMESTAMP_FIELDS: Final = ("created_at", "started_at", "finished_at", "updated_at")
@@ -49,6 +52,7 @@ LATEST_FIELDS: Final = ("updated_at",)
 OUTCOME_FIELDS: Final = (
     "finished_at",
     "completion",
+    "embedding",
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
@@ -117,6 +121,8 @@ def cache_update(event: Event) -> tuple[str, str, dict[str, str]]:
         case InferenceCompleted():
             fields["finished_at"] = format_ts(event.occurred_at)
             fields["completion"] = event.completion
+            if event.embedding is not None:
+                fields["embedding"] = _json.encode(event.embedding).decode()
             fields["prompt_tokens"] = str(event.prompt_tokens)
             fields["completion_tokens"] = str(event.completion_tokens)
             fields["total_tokens"] = str(event.total_tokens)

@@ -14,6 +14,7 @@ from api_gateway.deps import GatewayDeps
 from api_gateway.routes import count_invalid_body, count_refused_auth, router
 from api_gateway.submit import SubmitService, SubmitSettings
 from events.model import utc_now
+from ml_service.tokens import TokenCounter
 from mlp import telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
@@ -55,6 +56,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
                 quota,
                 redis_client,
                 StatusCache(redis_client, StatusKeys(settings.redis_prefix)),
+                TokenCounter(settings.model_specs()),
             ),
             authenticator=authenticator,
         )

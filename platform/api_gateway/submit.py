@@ -7,6 +7,7 @@ less is an error the client sees (503), and nothing is left half-accepted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -66,6 +67,12 @@ class SubmitSettings:
         return cls(settings.redis_prefix, settings.request_limits())
 
 
+class PromptTokens(Protocol):
+    """Counts a prompt with its model's tokenizer (``ml_service.tokens.TokenCounter``)."""
+
+    def count(self, model: str, prompt: str) -> int | None: ...
+
+
 @dataclass(frozen=True)
 class Accepted:
     request_id: str
@@ -80,8 +87,11 @@ class SubmitService:
         quota: QuotaService,
         redis_client: redis.Redis,
         status_cache: StatusCache,
+        tokens: PromptTokens | None = None,
     ) -> None:
         self._publisher = publisher
+        # None: no model's input is limited in tokens here (only in characters).
+        self._tokens = tokens
         self._quota = quota
         self._redis = redis_client
         self._status_cache = status_cache
@@ -99,8 +109,10 @@ class SubmitService:
         trace_id: str | None,
         traceparent: str | None,
     ) -> Accepted:
-        tokens = self._limits.effective_max_tokens(max_tokens)
-        rejection = check_request(model=model, prompt=prompt, max_tokens=tokens, limits=self._limits)
+        tokens = self._limits.effective_max_tokens(max_tokens, model)
+        rejection = check_request(
+            model=model, prompt=prompt, max_tokens=tokens, limits=self._limits, prompt_tokens=self._count(model, prompt)
+        )
         if rejection is not None:
             raise RequestRefused(rejection)
         try:
@@ -115,6 +127,12 @@ class SubmitService:
             )
         except RedisError as exc:  # the admission translates its own (QuotaUnavailable); these are ours
             raise StateUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    def _count(self, model: str, prompt: str) -> int | None:
+        # Only a model with an input limit in tokens is counted, and only a prompt within the character limit.
+        if self._tokens is None or len(prompt) > self._limits.max_prompt_chars:
+            return None
+        return self._tokens.count(model, prompt)
 
     async def _submit(
         self,
@@ -155,7 +173,8 @@ class SubmitService:
             # (only when it admits) in its own Redis round trip; if the publish then fails, the entry
             # is removed again before the client hears 503.
             queued = self._status_cache.queued(event)
-            admission = await self._quota.admit(user_id, tokens, reservation_estimate(prompt, tokens), queued=queued)
+            estimate = reservation_estimate(prompt, tokens, self._limits.specs.get(model))
+            admission = await self._quota.admit(user_id, tokens, estimate, queued=queued)
             if not admission.allowed:
                 raise QuotaExceeded(admission)
             try:

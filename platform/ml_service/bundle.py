@@ -4,7 +4,9 @@ Recipe (DESIGN.md section 7): the binary finds its shared libraries in ``nvidia_
 the Python backend is a folder ``python/`` holding ``libtriton_python.so``,
 ``triton_python_backend_utils.py`` and the stub for this interpreter's Python version; the stub's
 Python finds the virtualenv's packages (numpy, tokenizers) only when that venv's ``bin`` is
-first on ``PATH``.
+first on ``PATH``. The stub embeds a ``libpython3.X``: it must be this interpreter's (found first on
+``LD_LIBRARY_PATH``), else it loads the system's, whose older symbols the venv's standard-library
+extension modules (``_ssl``, which ``transformers`` imports) do not load against.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -138,14 +141,27 @@ def prepare_backend_dir(bundle: TritonBundle, cache_dir: Path | None = None) -> 
     return target
 
 
+def python_library_dir() -> Path | None:
+    """The folder of this interpreter's shared ``libpython`` (None for a statically linked Python)."""
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if not libdir or not soname or not (Path(libdir) / soname).is_file():
+        return None
+    return Path(libdir)
+
+
 def server_env(
-    bundle: TritonBundle, base: Mapping[str, str] | None = None, python_bin: Path | None = None
+    bundle: TritonBundle,
+    base: Mapping[str, str] | None = None,
+    python_bin: Path | None = None,
+    python_lib: Path | None = None,
 ) -> dict[str, str]:
     """The environment tritonserver and its Python stubs need."""
     env = dict(os.environ if base is None else base)
     bin_dir = str(python_bin or Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(p for p in (bin_dir, env.get("PATH", "")) if p)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(bundle.library_dir), env.get("LD_LIBRARY_PATH", "")) if p)
+    lib_dir = python_lib or python_library_dir()
+    libraries = (str(bundle.library_dir), str(lib_dir) if lib_dir else "", env.get("LD_LIBRARY_PATH", ""))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libraries if p)
     return env
 
 

@@ -4,12 +4,17 @@ One client (one HTTP/2 channel) per process, created in the worker's lifespan an
 Every call carries a client timeout (tritonclient has none by default). gRPC failures are
 translated into this context's errors, split into transient (retry may help) and permanent;
 retrying is the worker's decision (see ``ml_worker.inference``), not the client's.
+
+What a call sends and how its answer reads come from the model's registry entry
+(``events.registry``): Triton's model name and version, and the tensor contract of its task
+(``generate``: text in, text and token counts out; ``embed``: text in, an embedding and its
+token count out). A name the registry does not hold is called with the generate contract.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import msgspec
 import numpy as np
@@ -17,8 +22,24 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
+from events.registry import (
+    EMBEDDING_OUTPUT,
+    MAX_TOKENS_INPUT,
+    PROMPT_TOKENS_OUTPUT,
+    REGISTRY,
+    TEXT_INPUT,
+    ModelSpec,
+    TensorContract,
+    TokenizerSpec,
+    generate_contract,
+)
+
 INT32_MAX = 2**31 - 1
-OUTPUTS = ("text_output", "prompt_tokens", "completion_tokens")
+GENERATE: Final = generate_contract()
+OUTPUTS = GENERATE.output_names
+# An embedding's floats go into events and JSON answers: float32 carries about 7 significant digits,
+# and 8 decimal places halve the JSON of a 384-float vector (cosine to the exact one: 1 - 1e-12).
+EMBEDDING_DECIMALS: Final = 8
 # Bounded messages, and a short reconnect backoff: gRPC's default backoff grows to 120 s, which
 # would keep failing calls long after a restarted Triton is back.
 CHANNEL_ARGS: list[tuple[str, Any]] = [
@@ -36,6 +57,7 @@ class InferenceOutput(msgspec.Struct, frozen=True):
     text: str
     prompt_tokens: int
     completion_tokens: int
+    embedding: list[float] | None = None  # embed models: the vector (text is "", completion_tokens 0)
 
 
 class TritonError(Exception):
@@ -101,17 +123,20 @@ class Row(msgspec.Struct, frozen=True):
     max_tokens: int
 
 
-def build_inputs(rows: Sequence[Row]) -> list[InferInput]:
-    """The [N, 1] input tensors of N requests (the model's max_batch_size bounds N)."""
+def build_inputs(rows: Sequence[Row], contract: TensorContract = GENERATE) -> list[InferInput]:
+    """The [N, 1] input tensors of N requests (the model's max_batch_size bounds N); ``max_tokens``
+    only for a contract that takes it."""
     if not rows:
         raise ValueError("a Triton call needs at least one row")
+    shape = [len(rows), 1]
+    text = InferInput(TEXT_INPUT, shape, "BYTES")
+    text.set_data_from_numpy(np.array([[row.prompt.encode("utf-8")] for row in rows], dtype=np.object_))
+    if MAX_TOKENS_INPUT not in contract.input_names:
+        return [text]
     for row in rows:
         if not 0 <= row.max_tokens <= INT32_MAX:
             raise ModelInputError(f"max_tokens must be between 0 and {INT32_MAX}, got {row.max_tokens}")
-    shape = [len(rows), 1]
-    text = InferInput("text_input", shape, "BYTES")
-    text.set_data_from_numpy(np.array([[row.prompt.encode("utf-8")] for row in rows], dtype=np.object_))
-    limit = InferInput("max_tokens", shape, "INT32")
+    limit = InferInput(MAX_TOKENS_INPUT, shape, "INT32")
     limit.set_data_from_numpy(np.array([[row.max_tokens] for row in rows], dtype=np.int32))
     return [text, limit]
 
@@ -136,13 +161,50 @@ def parse_outputs(text: Any, prompt_tokens: Any, completion_tokens: Any, rows: i
         raise ModelOutputError(f"unreadable model output: {exc}") from exc
 
 
+def parse_embeddings(
+    embedding: Any, prompt_tokens: Any, rows: int = 1, dimension: int | None = None
+) -> list[InferenceOutput]:
+    """The first ``rows`` rows of an embed model's outputs: [N, D] FP32 and [N, 1] INT32 (None when missing)."""
+    if embedding is None or prompt_tokens is None:
+        raise ModelOutputError(f"the model must return {EMBEDDING_OUTPUT} and {PROMPT_TOKENS_OUTPUT}")
+    vectors = np.asarray(embedding)
+    counts = np.asarray(prompt_tokens).reshape(-1)
+    if vectors.ndim != 2 or len(vectors) < rows or len(counts) < rows:
+        raise ModelOutputError(f"the model answered {vectors.shape} for {rows} rows")
+    if dimension is not None and vectors.shape[1] != dimension:
+        raise ModelOutputError(f"the model answered {vectors.shape[1]}-dimensional embeddings, not {dimension}")
+    if not np.isfinite(vectors[:rows]).all():
+        raise ModelOutputError("the model answered an embedding that is not finite")
+    rounded = np.round(vectors[:rows].astype(np.float64), EMBEDDING_DECIMALS).tolist()
+    return [
+        InferenceOutput(text="", prompt_tokens=int(counts[i]), completion_tokens=0, embedding=rounded[i])
+        for i in range(rows)
+    ]
+
+
+def unregistered(model: str) -> ModelSpec:
+    """How a name the registry does not hold is called: Triton's model of that name, generate contract."""
+    return ModelSpec(
+        name=model,
+        task="generate",
+        summary="",
+        contract=GENERATE,
+        tokenizer=TokenizerSpec(""),
+        max_batch_size=1,
+    )
+
+
 class TritonClient:
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, models: Mapping[str, ModelSpec] = REGISTRY) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0: a Triton call without a deadline can hang forever")
         self.url = url
         self.timeout_s = timeout_s
+        self._models = models
         self._client: grpcclient.InferenceServerClient | None = None
+
+    def spec(self, model: str) -> ModelSpec:
+        return self._models.get(model) or unregistered(model)
 
     def _grpc(self) -> grpcclient.InferenceServerClient:
         # Created on first use, inside the running event loop the channel belongs to.
@@ -175,12 +237,14 @@ class TritonClient:
 
         The call succeeds or fails as a whole: one invalid row fails the batch with ``ModelInputError``.
         """
-        inputs = build_inputs(rows)
-        outputs = [InferRequestedOutput(name) for name in OUTPUTS]
+        spec = self.spec(model)
+        inputs = build_inputs(rows, spec.contract)
+        outputs = [InferRequestedOutput(name) for name in spec.contract.output_names]
         try:
             result = await self._grpc().infer(
-                model_name=model,
+                model_name=spec.triton_name,
                 inputs=inputs,
+                model_version=spec.triton_version_label,
                 outputs=outputs,
                 request_id=request_id or "",
                 # gRPC metadata keys are lower-case (W3C traceparent/tracestate already are).
@@ -189,8 +253,30 @@ class TritonClient:
             )
         except InferenceServerException as exc:
             raise classify(exc.status(), exc.message() or str(exc)) from exc
+        if spec.task == "embed":
+            return parse_embeddings(
+                result.as_numpy(EMBEDDING_OUTPUT),
+                result.as_numpy(PROMPT_TOKENS_OUTPUT),
+                rows=len(rows),
+                dimension=spec.embedding_dimension,
+            )
         text, prompt_tokens, completion_tokens = (result.as_numpy(name) for name in OUTPUTS)
         return parse_outputs(text, prompt_tokens, completion_tokens, rows=len(rows))
+
+    async def execution_counts(self, model: str) -> tuple[int, int] | None:
+        """(requests, executions) Triton has counted for the model since it loaded it: their ratio is the
+        size of the batches Triton's dynamic batcher formed. None when Triton cannot tell."""
+        spec = self.spec(model)
+        try:
+            stats = await self._grpc().get_inference_statistics(
+                spec.triton_name, spec.triton_version_label, as_json=True, client_timeout=self.timeout_s
+            )
+        except InferenceServerException:
+            return None
+        found = stats.get("model_stats", [])
+        if not found:
+            return None
+        return int(found[0].get("inference_count", 0)), int(found[0].get("execution_count", 0))
 
     async def is_ready(self, model: str | None = None) -> bool:
         """Server readiness, or one model's; never raises (readiness probes call it)."""
@@ -198,7 +284,12 @@ class TritonClient:
         try:
             if model is None:
                 return bool(await client.is_server_ready(client_timeout=self.timeout_s))
-            return bool(await client.is_model_ready(model, client_timeout=self.timeout_s))
+            spec = self.spec(model)
+            return bool(
+                await client.is_model_ready(
+                    spec.triton_name, model_version=spec.triton_version_label, client_timeout=self.timeout_s
+                )
+            )
         except InferenceServerException:
             return False
 

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +34,7 @@ from ml_service.bundle import (
 __all__ = [
     "LauncherError",
     "ServerOptions",
+    "TraceOptions",
     "TritonNotSupported",
     "TritonPorts",
     "TritonProcess",
@@ -62,6 +64,45 @@ class TritonPorts:
 
 
 @dataclass(frozen=True)
+class TraceOptions:
+    """Triton's own OpenTelemetry tracing. A request that carries a W3C ``traceparent`` in its gRPC
+    metadata (the worker sends its client span's) gets Triton's spans in that trace, below the client
+    span: the request's queue and compute time. Triton traces one request in ``rate``."""
+
+    endpoint: str  # OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces
+    rate: int = 1
+    service_name: str = "triton"
+    # How long Triton's batch span processor waits before exporting (the OTel default is 5000).
+    export_delay_ms: int = 500
+
+
+def trace_options_from_env(env: Mapping[str, str]) -> TraceOptions | None:
+    """Triton's tracing from the standard ``OTEL_*`` variables the services read (None: tracing is off)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if not endpoint:
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+        if not base:
+            return None
+        endpoint = base.rstrip("/") + "/v1/traces"  # what the OTLP/HTTP exporters do with the base URL
+    delay = env.get("OTEL_BSP_SCHEDULE_DELAY", "").strip()
+    return TraceOptions(endpoint=endpoint, export_delay_ms=int(delay) if delay.isdigit() else 500)
+
+
+def trace_arguments(trace: TraceOptions) -> list[str]:
+    """tritonserver's ``--trace-config`` arguments for OpenTelemetry mode."""
+    return [
+        "--trace-config=mode=opentelemetry",
+        f"--trace-config=rate={trace.rate}",
+        "--trace-config=level=TIMESTAMPS",
+        f"--trace-config=opentelemetry,url={trace.endpoint}",
+        f"--trace-config=opentelemetry,resource=service.name={trace.service_name}",
+        f"--trace-config=opentelemetry,bsp_schedule_delay={trace.export_delay_ms}",
+    ]
+
+
+@dataclass(frozen=True)
 class ServerOptions:
     model_repository: Path = field(default_factory=default_model_repository)
     ports: TritonPorts = TritonPorts()
@@ -70,6 +111,8 @@ class ServerOptions:
     models: tuple[str, ...] = ()
     # How long tritonserver itself waits for in-flight requests on SIGTERM.
     exit_timeout_s: int = 10
+    # Triton's OpenTelemetry tracing; None: off.
+    trace: TraceOptions | None = None
 
 
 def check_options(options: ServerOptions) -> None:
@@ -99,6 +142,8 @@ def server_command(binary: Path, backend_dir: Path, options: ServerOptions) -> l
     if options.models:
         command.append("--model-control-mode=explicit")
         command += [f"--load-model={name}" for name in options.models]
+    if options.trace is not None:
+        command += trace_arguments(options.trace)
     return command
 
 

@@ -34,6 +34,7 @@ class Succeeded:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
+    embedding: list[float] | None = None  # an embed model's answer
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,27 @@ def failed(request: InferenceRequested, error_code: ErrorCode, message: str = ""
     return InferenceFailed(**envelope(request), error_code=error_code, error_message=truncate(message))
 
 
-def validate(request: InferenceRequested, limits: RequestLimits) -> InferenceRejected | None:
-    """The gateway's rules, applied again: bus publishers are untrusted and nothing invalid reaches Triton."""
-    rejection = check_request(model=request.model, prompt=request.prompt, max_tokens=request.max_tokens, limits=limits)
+def validate(
+    request: InferenceRequested, limits: RequestLimits, prompt_tokens: int | None = None
+) -> InferenceRejected | None:
+    """The gateway's rules, applied again: bus publishers are untrusted and nothing invalid reaches Triton.
+
+    ``prompt_tokens``: the prompt counted by the model's tokenizer, for a model with an input limit in tokens.
+    """
+    rejection = check_request(
+        model=request.model,
+        prompt=request.prompt,
+        max_tokens=request.max_tokens,
+        limits=limits,
+        prompt_tokens=prompt_tokens,
+    )
     return None if rejection is None else rejected(request, rejection.reason, rejection.message)
 
 
-def reservation_estimate(request: InferenceRequested) -> int:
+def reservation_estimate(request: InferenceRequested, limits: RequestLimits | None = None) -> int:
     """The tokens reserved before Triton is called: an upper bound (see quota.plans.reservation_estimate)."""
-    return plans.reservation_estimate(request.prompt, request.max_tokens)
+    spec = limits.specs.get(request.model) if limits is not None else None
+    return plans.reservation_estimate(request.prompt, request.max_tokens, spec)
 
 
 def started(request: InferenceRequested, *, reserved_tokens: int, worker: str, attempt: int) -> InferenceStarted:
@@ -128,6 +141,7 @@ def decide_outcome(request: InferenceRequested, result: TritonOutcome) -> Outcom
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 latency_ms=max(result.latency_ms, 0.0),
+                embedding=result.embedding,
             )
             return Outcome(quota=Commit(event.total_tokens), event=event)
         case TritonFailed():

@@ -83,6 +83,12 @@ class Inferer(Protocol):
     async def infer(self, request: InferenceRequested) -> TritonOutcome: ...
 
 
+class PromptTokens(Protocol):
+    """Counts a prompt with its model's tokenizer (``ml_service.tokens.TokenCounter``)."""
+
+    def count(self, model: str, prompt: str) -> int | None: ...
+
+
 class Draining(Exception):
     """The worker is shutting down: hand the message back to the queue."""
 
@@ -97,10 +103,18 @@ class WorkerDeps:
 
 class RequestHandler:
     def __init__(
-        self, deps: WorkerDeps, limits: RequestLimits, worker_id: str, *, started_after_s: float = 0.0
+        self,
+        deps: WorkerDeps,
+        limits: RequestLimits,
+        worker_id: str,
+        *,
+        started_after_s: float = 0.0,
+        prompt_tokens: PromptTokens | None = None,
     ) -> None:
         self._deps = deps
         self._limits = limits
+        # Counts the prompts of models with an input limit in tokens (None: only characters are limited).
+        self._prompt_tokens = prompt_tokens
         self._worker_id = worker_id
         # 0: InferenceStarted for every request; > 0: only for an inference slower than this.
         self._started_after_s = started_after_s
@@ -151,11 +165,11 @@ class RequestHandler:
     async def _process(self, message: RabbitMessage, request: InferenceRequested, *, attempt: int) -> None:
         if self.draining.is_set():
             raise Draining
-        rejection = decide.validate(request, self._limits)
+        rejection = decide.validate(request, self._limits, self._count(request))
         if rejection is not None:
             await self._finish(message, request, Outcome(quota=None, event=rejection))
             return
-        estimate = decide.reservation_estimate(request)
+        estimate = decide.reservation_estimate(request, self._limits)
         # The redelivery check (is the outcome already cached?) rides in the reservation's Redis round trip.
         status_key = self._deps.status_keys.status(request.request_id)
         reservation = await self._deps.quota.reserve(
@@ -278,6 +292,11 @@ class RequestHandler:
         _count_outcome(self._model_label(request.model), outcome.event)
         await message.reject(requeue=False)
         REDELIVERIES.labels(self._model_label(request.model), "dead_letter").inc()
+
+    def _count(self, request: InferenceRequested) -> int | None:
+        if self._prompt_tokens is None or len(request.prompt) > self._limits.max_prompt_chars:
+            return None
+        return self._prompt_tokens.count(request.model, request.prompt)
 
     def _model_label(self, model: str | None) -> str:
         # Label values come from the bus: only served models, never arbitrary strings.

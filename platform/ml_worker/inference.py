@@ -4,7 +4,9 @@ At most ``concurrency`` calls are in flight per model; the requests that arrive 
 on their way go to Triton together as the next [N, 1] call (``mlp.coalesce``): one gRPC round
 trip instead of N, and batches as large as the load makes them, without a timer. A batch fails as
 a whole, so a batch refused for its input is asked again row by row, and only the invalid request
-fails.
+fails. A model whose registry entry says ``worker_batching=False`` gets one call per request
+instead (up to ``concurrency * max_batch`` in flight): Triton's dynamic batcher forms its batches,
+and each request's trace keeps Triton's spans of its own.
 
 Transient errors (Triton unavailable, a call past its timeout) are retried with exponential
 backoff and full jitter; a permanent one (the model refused the input) fails at once. The
@@ -18,10 +20,11 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from events.model import InferenceRequested
+from events.registry import ModelSpec
 from ml_service.client import (
     InferenceOutput,
     ModelInputError,
@@ -61,6 +64,7 @@ class TritonCaller:
         max_batch: int = 64,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        models: Mapping[str, ModelSpec] | None = None,
     ) -> None:
         self._client = client
         # aiormq runs every delivery in its own task (up to the prefetch); rather than one gRPC
@@ -68,6 +72,13 @@ class TritonCaller:
         self._batches: Coalescer[str, TritonCall, InferenceOutput] = Coalescer(
             self._send, max_batch=max_batch, max_in_flight=concurrency, name="triton-batch"
         )
+        # The models Triton batches for the worker (registry: worker_batching=False), each with its bound
+        # of calls in flight: as many rows as the coalesced calls would carry.
+        self._unbatched = {
+            name: asyncio.Semaphore(concurrency * min(max_batch, spec.max_batch_size))
+            for name, spec in (models or {}).items()
+            if not spec.worker_batching
+        }
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         self._retries = retries
@@ -91,7 +102,7 @@ class TritonCaller:
                 await self._sleep(delays[attempt - 1])
             call = TritonCall(Row(request.prompt, request.max_tokens), request.request_id, _trace_headers(request))
             try:
-                output = await self._batches.call(request.model, call)
+                output = await self._call(request.model, call)
             except ModelInputError as exc:
                 return TritonFailed("invalid_input", f"the model refused the input: {exc}")
             except TritonError as exc:
@@ -103,8 +114,17 @@ class TritonCaller:
                 )
                 continue
             latency_ms = (time.perf_counter() - started) * 1000
-            return Succeeded(output.text, output.prompt_tokens, output.completion_tokens, latency_ms)
+            return Succeeded(
+                output.text, output.prompt_tokens, output.completion_tokens, latency_ms, embedding=output.embedding
+            )
         return _gave_up(last, len(delays) + 1)
+
+    async def _call(self, model: str, call: TritonCall) -> InferenceOutput:
+        bound = self._unbatched.get(model)
+        if bound is None:
+            return await self._batches.call(model, call)
+        async with bound:
+            return await self._send_one(model, call)
 
     async def _send(self, model: str, calls: list[TritonCall]) -> list[InferenceOutput | BaseException]:
         """One Triton call for the batch; row by row when the batch was refused for its input."""

@@ -28,8 +28,10 @@ from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker, RabbitMessage
 from faststream.rabbit.subscriber import RabbitSubscriber
 
+from events.registry import model_specs
 from events.topology import requests_queue
 from ml_service.client import TritonClient
+from ml_service.tokens import TokenCounter
 from ml_worker.handler import RequestHandler, WorkerDeps
 from ml_worker.inference import TritonCaller
 from mlp import logs
@@ -133,6 +135,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
         pool = await create_pool(settings)
         redis = create_redis(settings)
         triton = TritonClient(settings.triton_url, settings.triton_timeout_s)
+        specs = model_specs(served)
         try:
             caller = TritonCaller(
                 triton,
@@ -140,6 +143,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
                 retries=settings.triton_retries,
                 backoff_s=settings.triton_backoff_s,
                 max_batch=settings.triton_max_batch,
+                models=specs,
             )
             deps = WorkerDeps(
                 publisher=EventPublisher(broker, settings.publish_timeout_s),
@@ -152,6 +156,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
                 settings.request_limits(served),
                 worker_id(),
                 started_after_s=settings.started_event_after_ms / 1000,
+                prompt_tokens=TokenCounter(specs),
             )
 
             async def triton_ready() -> bool:

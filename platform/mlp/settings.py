@@ -23,6 +23,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from events.registry import DEFAULT_MODELS, REGISTRY, ModelSpec
 from events.request_rules import RequestLimits
 
 _PLACEHOLDERS = ("changeme", "change-me", "placeholder", "<", "${")
@@ -49,8 +50,9 @@ class Settings(BaseSettings):
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
 
-    # Served models: one request queue (and one worker Deployment in Kubernetes) per model.
-    models: Annotated[tuple[str, ...], NoDecode] = ("basic-model",)
+    # Served models, entries of the model registry (events.registry): one request queue (and one
+    # worker Deployment in Kubernetes) per model. `mlp up` serves registry.QUICKSTART_MODELS by default.
+    models: Annotated[tuple[str, ...], NoDecode] = DEFAULT_MODELS
 
     # Bootstrap API keys (a Secret): "key1=user1,key2=user2/admin", treated like stored keys (docs/auth.md).
     # With none here and none stored (`mlp keys create`), development and test run open; production never.
@@ -140,6 +142,14 @@ class Settings(BaseSettings):
             return tuple(m.strip() for m in value.split(",") if m.strip())
         return value
 
+    @field_validator("models")
+    @classmethod
+    def _registered(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in value if m not in REGISTRY]
+        if unknown:
+            raise ValueError(f"not in the model registry (events/registry.py): {', '.join(unknown)}")
+        return value
+
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:
         if self.environment == "development":
@@ -158,12 +168,18 @@ class Settings(BaseSettings):
 
     def request_limits(self, models: Collection[str] | None = None) -> RequestLimits:
         """The limits every edge checks requests against; ``models``: the served ones (default: all)."""
+        served = frozenset(self.models if models is None else models)
         return RequestLimits(
-            models=frozenset(self.models if models is None else models),
+            models=served,
             max_prompt_chars=self.max_prompt_chars,
             max_tokens_limit=self.max_tokens_limit,
             default_max_tokens=self.default_max_tokens,
+            specs={name: REGISTRY[name] for name in served if name in REGISTRY},
         )
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """The registry entries of the served models."""
+        return {name: REGISTRY[name] for name in self.models}
 
     def redacted(self, url: str) -> str:
         """The URL without its password, for logs and error messages."""

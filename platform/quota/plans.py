@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal, NamedTuple
 
+from events.registry import ModelSpec
 from events.request_rules import IDENTIFIER
 
 LimitName = Literal["tokens_per_day", "tokens_per_month", "requests_per_minute", "max_tokens_per_request"]
@@ -168,7 +169,7 @@ def to_ms(moment: datetime) -> int:
     return (_as_utc(moment) - _EPOCH) // timedelta(milliseconds=1)
 
 
-def reservation_estimate(prompt: str, max_tokens: int) -> int:
+def reservation_estimate(prompt: str, max_tokens: int, model: ModelSpec | None = None) -> int:
     """An UPPER bound of the tokens a request can use: what is reserved before Triton is called.
 
     Every WordPiece/BPE token covers at least one character of the prompt, so the prompt has at
@@ -176,8 +177,14 @@ def reservation_estimate(prompt: str, max_tokens: int) -> int:
     bound means concurrent requests never push a user past the limit; the commit then charges
     the actual count and returns the rest. The gateway's admission uses the same bound, so a
     request it admits is one the worker's reservation can cover.
+
+    With the model's registry entry: an embed model generates nothing (its requests' max_tokens is
+    not charged), and the special tokens its tokenizer adds ([CLS], [SEP]) are counted.
     """
-    return len(prompt) + max_tokens
+    if model is None:
+        return len(prompt) + max_tokens
+    completion = max_tokens if model.generates else 0
+    return len(prompt) + model.tokenizer.special_tokens + completion
 
 
 def remaining(limit: int, used: int, reserved: int) -> int:

@@ -1,7 +1,8 @@
 """A real OTLP/HTTP trace receiver for tests (the protocol Jaeger and the OTel Collector ingest).
 
-It listens on a free local port, accepts ``POST /v1/traces`` with a protobuf
-``ExportTraceServiceRequest`` (optionally gzip/deflate encoded) and keeps the spans in memory::
+It listens on a free local port, accepts ``POST /v1/traces`` with an ``ExportTraceServiceRequest`` in
+protobuf or in OTLP/JSON (what Triton's exporter sends), optionally gzip/deflate encoded, and keeps the
+spans in memory::
 
     with OtlpReceiver() as receiver:
         env = {**os.environ, **receiver.env("gateway")}    # for a service subprocess
@@ -11,7 +12,9 @@ It listens on a free local port, accepts ``POST /v1/traces`` with a protobuf
 
 from __future__ import annotations
 
+import base64
 import gzip
+import json
 import threading
 import time
 import zlib
@@ -21,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
+from google.protobuf import json_format  # type: ignore[import-untyped]
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -100,6 +104,25 @@ def _decode_body(body: bytes, encoding: str) -> bytes:
     return body
 
 
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+
+
+def request_from_json(body: bytes) -> ExportTraceServiceRequest:
+    """An OTLP/JSON export. OTLP/JSON writes trace and span ids in hex, where protobuf's JSON mapping
+    of ``bytes`` reads base64: the ids are converted first."""
+    data = json.loads(body)
+    for resource_spans in data.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                for item in (span, *span.get("links", [])):
+                    for key in _ID_FIELDS:
+                        if item.get(key):
+                            item[key] = base64.b64encode(bytes.fromhex(item[key])).decode()
+    request = ExportTraceServiceRequest()
+    json_format.ParseDict(data, request, ignore_unknown_fields=True)
+    return request
+
+
 class OtlpReceiver:
     """The receiver: start/stop it, or use it as a context manager."""
 
@@ -116,8 +139,10 @@ class OtlpReceiver:
                 if self.path.split("?", 1)[0] != "/v1/traces":
                     self._reply(404, b"")
                     return
-                if not self.headers.get("Content-Type", "").startswith("application/x-protobuf"):
-                    self._reply(415, b"")  # this receiver speaks OTLP/HTTP protobuf only
+                content_type = self.headers.get("Content-Type", "")
+                as_json = content_type.startswith("application/json")
+                if not as_json and not content_type.startswith("application/x-protobuf"):
+                    self._reply(415, b"")  # OTLP/HTTP is protobuf or JSON
                     return
                 length = int(self.headers.get("Content-Length") or 0)
                 if length <= 0 or length > MAX_BODY_BYTES:
@@ -125,18 +150,21 @@ class OtlpReceiver:
                     return
                 raw = self.rfile.read(length)
                 try:
-                    request = ExportTraceServiceRequest.FromString(
-                        _decode_body(raw, self.headers.get("Content-Encoding", "").lower())
-                    )
-                except (DecodeError, OSError, zlib.error):
+                    body = _decode_body(raw, self.headers.get("Content-Encoding", "").lower())
+                    read = request_from_json if as_json else ExportTraceServiceRequest.FromString
+                    request = read(body)
+                except (DecodeError, json_format.ParseError, ValueError, OSError, zlib.error):
                     self._reply(400, b"")
                     return
                 receiver._add(spans_of(request))
-                self._reply(200, ExportTraceServiceResponse().SerializeToString())
+                if as_json:
+                    self._reply(200, b"{}", "application/json")
+                else:
+                    self._reply(200, ExportTraceServiceResponse().SerializeToString())
 
-            def _reply(self, status: int, body: bytes) -> None:
+            def _reply(self, status: int, body: bytes, content_type: str = "application/x-protobuf") -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

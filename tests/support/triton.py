@@ -15,9 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from ml_service.launcher import LauncherError, ServerOptions, TritonPorts, TritonProcess, TritonStartError
+from ml_service.launcher import (
+    LauncherError,
+    ServerOptions,
+    TraceOptions,
+    TritonPorts,
+    TritonProcess,
+    TritonStartError,
+)
 
+# The session's Triton: the cheap models. A test of the real model (all-minilm-l6-v2: PyTorch, ~25 s to
+# load) starts a Triton of its own with ``running_triton(..., models=REAL_MODELS)``.
 TEST_MODELS = ("basic-model", "slow-model")
+REAL_MODELS = ("all-minilm-l6-v2",)
 # The 2-core CI machine is shared: give Triton time to load, and fail loudly after that.
 READY_TIMEOUT_S = 180.0
 
@@ -37,10 +47,13 @@ def free_triton_ports() -> TritonPorts:
 
 
 @contextmanager
-def running_triton(log_dir: Path, models: Sequence[str] = TEST_MODELS, attempts: int = 3) -> Iterator[TritonProcess]:
-    """A ready Triton on free ports, stopped afterwards; retries when another process took a port."""
+def running_triton(
+    log_dir: Path, models: Sequence[str] = TEST_MODELS, attempts: int = 3, trace: TraceOptions | None = None
+) -> Iterator[TritonProcess]:
+    """A ready Triton on free ports, stopped afterwards; retries when another process took a port.
+    ``trace``: Triton's own OpenTelemetry tracing (off by default)."""
     for attempt in range(1, attempts + 1):
-        options = ServerOptions(ports=free_triton_ports(), models=tuple(models), exit_timeout_s=5)
+        options = ServerOptions(ports=free_triton_ports(), models=tuple(models), exit_timeout_s=5, trace=trace)
         server = TritonProcess(options, log_path=log_dir / f"triton-{attempt}.log", ready_timeout_s=READY_TIMEOUT_S)
         try:
             server.start()
@@ -55,14 +68,20 @@ def running_triton(log_dir: Path, models: Sequence[str] = TEST_MODELS, attempts:
         return
 
 
-@pytest.fixture(scope="session")
-def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
-    """The session's Triton (basic-model and slow-model); ``.grpc_url`` is what MLP_TRITON_URL takes."""
-    log_dir = tmp_path_factory.mktemp("triton")
+@contextmanager
+def triton_or_fail(log_dir: Path, models: Sequence[str], trace: TraceOptions | None = None) -> Iterator[TritonProcess]:
+    """``running_triton`` for a fixture: a Triton that cannot start fails the test with its log tail."""
     stack = ExitStack()
     try:
-        server = stack.enter_context(running_triton(log_dir))
+        server = stack.enter_context(running_triton(log_dir, models, trace=trace))
     except LauncherError as exc:
         pytest.fail(f"Triton could not start (logs in {log_dir}):\n{exc}", pytrace=False)
     with stack:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
+    """The session's Triton (basic-model and slow-model); ``.grpc_url`` is what MLP_TRITON_URL takes."""
+    with triton_or_fail(tmp_path_factory.mktemp("triton"), TEST_MODELS) as server:
         yield server

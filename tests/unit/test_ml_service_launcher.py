@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -18,16 +19,19 @@ from ml_service.bundle import (
     find_bundle,
     platform_problem,
     prepare_backend_dir,
+    python_library_dir,
     server_env,
 )
 from ml_service.launcher import (
     LauncherError,
     ServerOptions,
+    TraceOptions,
     TritonPorts,
     TritonProcess,
     check_options,
     default_model_repository,
     server_command,
+    trace_options_from_env,
 )
 from ops.triton import main
 
@@ -72,9 +76,41 @@ def test_unknown_or_unsafe_model_names_are_refused() -> None:
 
 def test_env_puts_the_venv_first_on_path_and_the_wheel_libraries_on_the_loader_path() -> None:
     bundle = TritonBundle(Path("/w/bin/tritonserver"), Path("/w/libs"), (), Path("/w/stub"))
-    env = server_env(bundle, {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"}, python_bin=Path("/venv/bin"))
+    env = server_env(
+        bundle,
+        {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"},
+        python_bin=Path("/venv/bin"),
+        python_lib=Path("/py/lib"),
+    )
     assert env["PATH"] == os.pathsep.join(["/venv/bin", "/usr/bin"])
-    assert env["LD_LIBRARY_PATH"] == os.pathsep.join(["/w/libs", "/opt/lib"])
+    # The stub embeds libpython: this interpreter's comes before any other (the system's).
+    assert env["LD_LIBRARY_PATH"] == os.pathsep.join(["/w/libs", "/py/lib", "/opt/lib"])
+
+
+def test_this_interpreters_libpython_is_found_when_it_is_shared() -> None:
+    found = python_library_dir()
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        assert found is not None
+        assert (found / sysconfig.get_config_var("INSTSONAME")).is_file()
+    else:
+        assert found is None
+
+
+def test_triton_traces_with_opentelemetry_when_an_otlp_endpoint_is_set() -> None:
+    assert trace_options_from_env({}) is None
+    assert trace_options_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://j:4318", "OTEL_SDK_DISABLED": "true"}) is None
+    base = trace_options_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://j:4318/"})
+    assert base == TraceOptions(endpoint="http://j:4318/v1/traces")
+    own = trace_options_from_env(
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    )
+    assert own == TraceOptions(endpoint="http://c:4318/v1/traces", export_delay_ms=100)
+    command = server_command(
+        Path("/b/tritonserver"), Path("/backends"), ServerOptions(model_repository=Path("/models"), trace=own)
+    )
+    assert "--trace-config=mode=opentelemetry" in command
+    assert "--trace-config=opentelemetry,url=http://c:4318/v1/traces" in command
+    assert "--trace-config=rate=1" in command
 
 
 def test_other_platforms_are_named_and_pointed_to_the_official_container() -> None:

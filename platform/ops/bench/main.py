@@ -28,6 +28,7 @@ import aiohttp
 import asyncpg
 import msgspec
 
+from ml_service.client import TritonClient
 from mlp.settings import Settings
 from ops.bench.baselines import broker_round_trip, sample_event_body, triton_direct
 from ops.bench.load import LoadPlan, LoadRunner, LoadStats, encode_body, new_session
@@ -170,6 +171,25 @@ async def warm_up(session: aiohttp.ClientSession, plan: LoadPlan, tracker: Termi
     return ""
 
 
+async def triton_counts(triton_url: str, model: str) -> tuple[int, int] | None:
+    client = TritonClient(triton_url, 10.0)
+    try:
+        return await client.execution_counts(model)
+    finally:
+        await client.close()
+
+
+def batching_note(model: str, before: tuple[int, int] | None, after: tuple[int, int] | None) -> str:
+    """What Triton's statistics say of the batches it formed during the load ('' when they say nothing)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return ""
+    requests, executions = after[0] - before[0], after[1] - before[1]
+    return (
+        f"Triton ran {requests} requests of {model} in {executions} executions during the load: "
+        f"{requests / executions:.1f} per execution (Triton's batches; the worker's are on its /metrics)"
+    )
+
+
 async def _tick(interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
     while True:
         await asyncio.sleep(interval_s)
@@ -239,6 +259,7 @@ async def run_bench(
                 # The load starts on a drained platform; stragglers stay tracked (and verified).
                 await tracker.wait_all(10.0)
             warmed = len(tracker.done)
+            batches_before = await triton_counts(settings.triton_url, args.model)
             runner = LoadRunner(session, plan, tracker.add)
             cpu_before = cpu_probe() if cpu_probe is not None else {}
             progress = Progress(lambda: runner.stats, lambda: len(tracker.done) - warmed, err)
@@ -260,6 +281,10 @@ async def run_bench(
 
         err.write(f"load done; waiting up to {args.grace:.0f}s for {len(tracker.pending)} outcomes ...\n")
         lost = await tracker.wait_all(args.grace)
+        batches_after = await triton_counts(settings.triton_url, args.model)
+        note = batching_note(args.model, batches_before, batches_after)
+        if note:
+            notes.append(note)
         # Load and drain: the work the measured requests caused (pollers and timers included).
         cpu_after = cpu_probe() if cpu_probe is not None else {}
     finally:
