@@ -125,9 +125,10 @@ spec:
           envFrom:
             - configMapRef:
                 name: mlp-config
-            - secretRef:
-                name: mlp-platform
           env:
+            # Where its own Secret is mounted (volume `secrets`): files named like the variables.
+            - name: MLP_SECRETS_DIR
+              value: /etc/mlp/secrets
             # This Deployment serves exactly one model (overrides the ConfigMap's full list).
             - name: MLP_MODELS
               value: {spec.name}
@@ -170,10 +171,18 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            # Its own Secret, as files (MLP_SECRETS_DIR): only the credentials this service uses.
+            - name: secrets
+              mountPath: /etc/mlp/secrets
+              readOnly: true
       volumes:
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
+        - name: secrets
+          secret:
+            secretName: mlp-worker-secrets
+            defaultMode: 0440
 ---
 apiVersion: policy/v1
 kind: PodDisruptionBudget

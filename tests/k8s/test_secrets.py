@@ -19,6 +19,7 @@ import pydantic
 import pytest
 import yaml
 
+from events.registry import QUICKSTART_MODELS
 from mlp.settings import Settings
 from tenancy.keys import AuthNotConfigured, pepper_of
 from tests.k8s.manifests import (
@@ -50,10 +51,10 @@ SERVICE_SECRETS = {
     "read-api": {"MLP_POSTGRES_DSN", "MLP_REDIS_URL", "MLP_KEY_PEPPER"},
     "migrate": {"MLP_POSTGRES_DSN"},
 }
-# The workloads that run each service.
+# The workloads that run each service: one worker Deployment per deployed model (the registry's).
 SERVICE_WORKLOADS = {
+    **{("Deployment", f"mlp-worker-{model}"): "worker" for model in QUICKSTART_MODELS},
     ("Deployment", "mlp-gateway"): "gateway",
-    ("Deployment", "mlp-worker-basic-model"): "worker",
     ("Deployment", "mlp-collector"): "collector",
     ("Deployment", "mlp-read-api"): "read-api",
     ("Job", "mlp-migrate"): "migrate",
