@@ -102,10 +102,12 @@ def check_request(*, model: str, prompt: str, max_tokens: int, limits: RequestLi
 
 
 def check_bounds(*, prompt: str, max_tokens: int, limits: RequestLimits) -> Rejection | None:
-    """The request's size rules alone (``check_request`` without the model): what may be stored at all."""
-    rejection = check_prompt_text(prompt)
-    if rejection is not None:
-        return rejection
+    """``check_request`` without the model: the prompt's text, then the sizes."""
+    return check_prompt_text(prompt) or check_size(prompt=prompt, max_tokens=max_tokens, limits=limits)
+
+
+def check_size(*, prompt: str, max_tokens: int, limits: RequestLimits) -> Rejection | None:
+    """The platform's size limits alone: the prompt's length and max_tokens (what an event may carry)."""
     if len(prompt) > limits.max_prompt_chars:
         return Rejection(
             "prompt_too_large", f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}"

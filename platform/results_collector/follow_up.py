@@ -1,8 +1,8 @@
 """Work that follows a commit, off the acknowledgement path: answer unserved requests, settle quota.
 
-- Newly stored requests for a model nobody serves get an ``InferenceRejected(unknown_model)``
-  (see ``guards.unserved_rejections``), published confirmed, with retries. So do the requests for such
-  a model the collector refused to store (``refuse``; a served model's worker answers its own).
+- Requests the collector did not store (``guards.unstorable_request``) for a model no worker serves
+  get their ``InferenceRejected`` (``unknown_model``, or the limit they broke), published confirmed,
+  with retries (``refuse``; a served model's worker answers its own).
   Request identity (docs/bus.md): the rejection goes on the request only when its claim allows
   (``QuotaService.refuse``: this message claims the id as refused, or had); when the id names another
   request the publisher alone is answered (``duplicate_request_id``), and a request id its user may
@@ -27,7 +27,7 @@ from events.request_rules import Rejection, may_name
 from mlp.backoff import Backoff
 from mlp.bus import EventPublisher
 from quota.service import QuotaService
-from results_collector.guards import rejected_on_request, unserved_rejections
+from results_collector.guards import rejected_on_request
 
 log = logging.getLogger(__name__)
 _ATTEMPTS = 5
@@ -103,27 +103,19 @@ class FollowUp:
                             at=item.occurred_at,
                             outcome=encode_event(item),
                         )
-                    case InferenceRequested():
-                        for on_request in unserved_rejections([item], self._served):
-                            await self._answer(item, Rejection(on_request.reason, on_request.detail), on_request)
                 return
             except Exception as exc:
                 log.warning("follow-up of %s failed (attempt %d): %r", event.request_id, attempt, exc)
                 await asyncio.sleep(_BACKOFF.delay(attempt - 1))
         log.error("follow-up of %s %s gave up", type(event).__name__, event.request_id)
 
-    async def _answer(
-        self, request: InferenceRequested, rejection: Rejection, on_request: InferenceRejected | None = None
-    ) -> None:
-        answer = await self._addressed(request, rejection, on_request)
+    async def _answer(self, request: InferenceRequested, rejection: Rejection) -> None:
+        answer = await self._addressed(request, rejection)
         if answer is not None:
             await self._publisher.publish(answer)
 
-    async def _addressed(
-        self, request: InferenceRequested, rejection: Rejection, on_request: InferenceRejected | None
-    ) -> InferenceRejected | None:
-        """The rejection, addressed as the request's claim allows (``on_request``: the one for the request's
-        own stream, when already built); None when the request is answered already."""
+    async def _addressed(self, request: InferenceRequested, rejection: Rejection) -> InferenceRejected | None:
+        """The rejection, addressed as the request's claim allows; None when the request is answered already."""
         if not may_name(request.user_id, request.request_id):
             return publisher_rejection(
                 user_id=request.user_id,
@@ -137,7 +129,7 @@ class FollowUp:
         verdict = await self._quota.refuse(request.request_id, request.user_id, claim_of(request), rejection)
         match verdict.answer:
             case "refused":
-                return on_request or rejected_on_request(request, verdict.rejection or rejection)
+                return rejected_on_request(request, verdict.rejection or rejection)
             case "conflict":
                 return duplicate_rejection(request)
         return None  # its claim ended already (or runs): it has, or will have, its own outcome

@@ -76,11 +76,11 @@ def build_app(settings: Settings) -> Consumer:
             collector = Collector(
                 pool,
                 CacheSync(cache),
+                limits=settings.request_limits(),
                 follow_up=follow_up,
                 # A batch never outgrows the prefetch window: with all deliveries in hand, write at once.
                 batch_size=min(settings.collector_batch_size, settings.prefetch),
                 batch_wait_s=settings.collector_batch_wait_ms / 1000,
-                limits=settings.request_limits(),
             )
             collector.start()
             try:

@@ -3,9 +3,9 @@
 The bus adapter decides ack/nack/reject here and nowhere else:
 - a body that is not a valid event, or an event the store would refuse -> ``reject`` (no requeue):
   the queue's dead-letter exchange moves it to ``mlp.projections.dlq``; the reason is logged;
-- an untrusted request beyond the platform's limits, or under a request id its user may not name ->
-  ``ack`` without storing it (``guards.unstorable_request``): its rejection is stored instead when it
-  arrives (the worker's; the follow-up's for a model no worker serves);
+- an untrusted request beyond the platform's limits, for a model nobody serves, or under a request id
+  its user may not name -> ``ack`` without storing it (``guards.unstorable_request``): its rejection is
+  stored instead when it arrives (the worker's; the follow-up's for a model no worker serves);
 - written (newly stored, or a duplicate already stored) -> ``ack``, only after the commit;
 - Postgres down -> the handler keeps waiting while its batch is retried (the message stays unacked;
   no requeue, which a quorum queue would count towards its delivery limit);
@@ -60,11 +60,10 @@ class Collector:
         batch_size: int,
         batch_wait_s: float,
         backoff: Backoff = WRITE_BACKOFF,
+        limits: RequestLimits,
         follow_up: FollowUp | None = None,
-        limits: RequestLimits | None = None,
     ) -> None:
-        """``limits``: the platform's request limits; untrusted requests beyond them are not stored (None:
-        every request is stored as it came)."""
+        """``limits``: the platform's request limits and served models (guards.unstorable_request)."""
         self._pool = pool
         self._cache_sync = cache_sync
         self._follow_up = follow_up
@@ -106,7 +105,7 @@ class Collector:
         ) is not None:
             await self._reject(message, type(event).__name__, reason)
             return
-        if isinstance(event, InferenceRequested) and self._limits is not None:
+        if isinstance(event, InferenceRequested):
             refusal = unstorable_request(event, len(body), self._limits)
             if refusal is not None:
                 metrics.EVENTS.labels(type(event).__name__, "refused").inc()

@@ -93,7 +93,8 @@ async def _stored_count(pool: asyncpg.Pool, request_ids: list[str]) -> int:
 async def test_a_reordered_stream_with_duplicates_is_projected_once_and_right(collector: Running) -> None:
     rng = random.Random(42)
     outcomes: list[Outcome] = ["completed", "completed", "failed", "rejected", "running", "queued"]
-    streams = {f"col-{n}-{uuid.uuid4().hex[:8]}": outcomes[n % len(outcomes)] for n in range(120)}
+    # Request ids in their users' namespaces (<user>.<suffix>): ids the publisher may name (docs/bus.md).
+    streams = {f"u{n % 7}.col-{n}-{uuid.uuid4().hex[:8]}": outcomes[n % len(outcomes)] for n in range(120)}
     events_by_request = {
         rid: request_stream(rid, user_id=f"u{n % 7}", outcome=o, attempts=1 + n % 2)
         for n, (rid, o) in enumerate(streams.items())
@@ -154,7 +155,7 @@ async def _ready_messages(collector: Running, queue: str) -> int:
 async def test_poison_messages_land_in_the_dlq_and_the_consumer_keeps_going(collector: Running) -> None:
     dlq = PROJECTIONS_QUEUE + DLQ_SUFFIX
     before = await _ready_messages(collector, dlq)
-    valid = request_stream(f"after-poison-{uuid.uuid4().hex[:8]}")[0]
+    valid = request_stream(f"alice.after-poison-{uuid.uuid4().hex[:8]}")[0]
     invalid = msgspec.json.decode(encode_event(valid))
     invalid["user_id"] = "has.a.dot"  # valid JSON, a known type, fails validation
     not_a_uuid = {**msgspec.json.decode(encode_event(valid)), "event_id": "not-a-uuid"}

@@ -1,5 +1,5 @@
-"""The collector's guards: events travel on their own routing key; unserved models are answered; untrusted
-requests are stored only within the platform's limits and under an id their user may name."""
+"""The collector's guards: events travel on their own routing key; untrusted requests are stored only within
+the platform's limits, for a served model, and under an id their user may name."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from events.model import InferenceCompleted, InferenceRequested, new_event_id, utc_now
 from events.request_rules import Rejection, RequestLimits, max_body_bytes
 from events.topology import routing_key
-from results_collector.guards import rejected_on_request, routing_mismatch, unserved_rejections, unstorable_request
+from results_collector.guards import rejected_on_request, routing_mismatch, unstorable_request
 
 
 def _requested(model: str = "basic-model") -> InferenceRequested:
@@ -46,15 +46,6 @@ def test_an_outcome_forged_on_a_requests_key_is_refused() -> None:
     assert "InferenceCompleted" in reason
 
 
-def test_only_requests_for_unserved_models_are_rejected() -> None:
-    served, unserved = _requested("basic-model"), _requested("nobody-serves")
-    rejections = unserved_rejections([served, unserved], {"basic-model"})
-    assert [(r.request_id, r.reason, r.causation_id) for r in rejections] == [
-        ("r-1", "unknown_model", unserved.event_id)
-    ]
-    assert "nobody-serves" in rejections[0].detail
-
-
 LIMITS = RequestLimits(models=frozenset({"basic-model"}), max_prompt_chars=10, max_tokens_limit=8, default_max_tokens=4)
 
 
@@ -65,8 +56,8 @@ def _untrusted(**changes: object) -> InferenceRequested:
 def test_a_request_within_the_limits_under_its_users_id_is_stored() -> None:
     assert unstorable_request(_untrusted(), 300, LIMITS) is None
     assert unstorable_request(_untrusted(request_id=new_event_id()), 300, LIMITS) is None
-    # The model is not the guard's business: an unserved one is stored and answered (unserved_rejections).
-    assert unstorable_request(_untrusted(model="nobody-serves"), 300, LIMITS) is None
+    # Nor a NUL: the store refuses that prompt itself (the event is dead-lettered, never stored).
+    assert unstorable_request(_untrusted(prompt="a\x00"), 300, LIMITS) is None
 
 
 @pytest.mark.parametrize(
@@ -74,10 +65,11 @@ def test_a_request_within_the_limits_under_its_users_id_is_stored() -> None:
     [
         ({"prompt": "x" * 11}, 300, "prompt_too_large", "limit is 10"),
         ({"max_tokens": 9}, 300, "max_tokens_too_large", "limit is 8"),
-        ({"prompt": "a\x00"}, 300, "invalid_request", "NUL"),
         ({}, max_body_bytes(10) + 1, "invalid_request", "bytes"),
         ({"request_id": "r-1"}, 300, "invalid_request", "may name"),
         ({"request_id": "bob.r-1"}, 300, "invalid_request", "may name"),
+        # No worker would answer it: never stored, answered by the collector (results_collector.follow_up).
+        ({"model": "nobody-serves"}, 300, "unknown_model", "nobody-serves"),
     ],
 )
 def test_an_untrusted_request_beyond_the_limits_or_under_a_foreign_id_is_not_stored(
