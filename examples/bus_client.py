@@ -5,8 +5,8 @@
 
 The pattern (docs/bus.md): bind a queue of your own to the outcome routing keys FIRST, then publish
 the ``InferenceRequested`` event persistent, mandatory and with publisher confirms, then wait for the
-one terminal event of your request_id (a UUID here; ``<user>.<your id>`` works too). Prints that event as JSON; exits 0 when it is
-``InferenceCompleted``, 1 when failed or rejected, 2 on timeout.
+one terminal event of your request_id (a UUID here; ``<user>.<your id>`` works too). Prints that
+event as JSON; exits 0 when it is ``InferenceCompleted``, 1 when failed or rejected, 2 on timeout.
 """
 
 from __future__ import annotations
