@@ -186,7 +186,7 @@ local answer, st = claim_check(rec, user, ev, dg, ARGV[13])
 if answer then return answer end
 if st[1] == 'reserved' then
   purge(user, now)
-  if redis.call('ZSCORE', P .. 'rz:' .. user, rid) then return {'ALREADY', st[7]} end
+  if redis.call('ZSCORE', P .. 'rz:' .. user, rid) then return {'ALREADY', st[7] or '0'} end
 end
 -- already in the requests-per-minute window: admitted by the gateway, or reserved before (its hold expired)
 local counted = st[1] == 'admitted' or st[1] == 'reserved'
