@@ -38,7 +38,8 @@ COMMITTED_TTL_S = 86_400
 MAX_OUTCOME_BYTES = 1_048_576
 # A used counter outlives its window by this much (late reads, clock skew between hosts).
 WINDOW_GRACE_S = 3_600
-# A reservation's record outlives the reservation, so a late commit still finds the user.
+# The user's reservation keys outlive their last reservation by this much (a late commit still finds them;
+# the request's own record, its claim, lives COMMITTED_TTL_S).
 RECORD_GRACE_MS = 3_600_000
 _PIPELINE_CHUNK = 1_000
 # Committed records restored per script call by a rebuild (4 arguments each).
@@ -479,6 +480,9 @@ class RedisLedger:
             if t.day_tokens:
                 commands.append(("SET", k.used_day(t.user_id, day.id), t.day_tokens, "EX", day_ttl))
         committed_ttl_ms = self._committed_ttl_s * 1000
+        # The claims of charged requests come back with them (owner and charge; the outcome event is not in
+        # the ledger: a redelivery is then acknowledged without work). Other claims (admitted, refused,
+        # failed) are not in Postgres and are lost with Redis (docs/bus.md, "Request identity").
         committed: list[Any] = []
         for c in state.charged:
             ttl = committed_ttl_ms - (now_ms - to_ms(c.occurred_at))
