@@ -14,12 +14,19 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from events.request_rules import IDENTIFIER_PATTERN, MIN_MAX_TOKENS, MODEL_NAME_PATTERN, RejectReason
+from events.request_rules import (
+    IDENTIFIER_PATTERN,
+    MIN_MAX_TOKENS,
+    MODEL_NAME_PATTERN,
+    REQUEST_ID_PATTERN,
+    RejectReason,
+)
 
 SCHEMA_VERSION: Final = 1
 
 # The alphabets and bounds are the request rules' (events.request_rules).
 Identifier = Annotated[str, msgspec.Meta(pattern=IDENTIFIER_PATTERN)]
+RequestId = Annotated[str, msgspec.Meta(pattern=REQUEST_ID_PATTERN)]
 ModelName = Annotated[str, msgspec.Meta(pattern=MODEL_NAME_PATTERN)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -54,7 +61,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
     """The envelope every event carries. ``request_id`` names the stream."""
 
     event_id: str
-    request_id: Identifier
+    request_id: RequestId
     occurred_at: datetime
     schema_version: int = SCHEMA_VERSION
     correlation_id: str | None = None

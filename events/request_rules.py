@@ -10,6 +10,7 @@ Pure data and pure functions: no I/O, no framework.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -19,15 +20,34 @@ from typing import TYPE_CHECKING, Final, Literal
 if TYPE_CHECKING:  # the registry imports the topology, which imports the events, which import these rules
     from events.registry import ModelSpec
 
-# Identifiers (user ids, request ids, event and correlation ids) travel in routing keys and URLs:
+import msgspec
+
+# Identifiers (user ids, event and correlation ids) travel in routing keys and URLs:
 # no dots, wildcards or whitespace.
 IDENTIFIER_PATTERN: Final = r"^[A-Za-z0-9_\-:@]{1,128}$"
 MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9_\-]{1,64}$"
 IDENTIFIER: Final = re.compile(IDENTIFIER_PATTERN)
 MODEL_NAME: Final = re.compile(MODEL_NAME_PATTERN)
+# Request ids never travel in routing keys, and may hold a '.': a namespaced id ``<user_id>.<suffix>``
+# names its owner unambiguously (user ids contain no '.'). See ``check_request_id_for``.
+REQUEST_ID_PATTERN: Final = r"^[A-Za-z0-9_\-:@.]{1,200}$"
+REQUEST_ID: Final = re.compile(REQUEST_ID_PATTERN)
+# The canonical form of a platform id (``events.model.new_event_id``; the gateway's request ids): an
+# RFC 9562 UUID, lower-case and hyphenated. Random, so no tenant can guess (and pre-claim) another's.
+PLATFORM_UUID_PATTERN: Final = r"^[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+PLATFORM_UUID: Final = re.compile(PLATFORM_UUID_PATTERN)
+NAMESPACE_SEPARATOR: Final = "."
 
 MIN_PROMPT_CHARS: Final = 1
 MIN_MAX_TOKENS: Final = 1
+# JSON escapes can take 6 bytes per character; plus room for the envelope.
+BODY_OVERHEAD_BYTES: Final = 16_384
+
+
+def max_body_bytes(max_prompt_chars: int) -> int:
+    """The largest body a valid request can have; anything bigger is refused before decoding."""
+    return max_prompt_chars * 6 + BODY_OVERHEAD_BYTES
+
 
 RejectReason = Literal[
     "quota_exceeded",
@@ -35,6 +55,9 @@ RejectReason = Literal[
     "invalid_request",
     "prompt_too_large",
     "max_tokens_too_large",
+    # The request_id already names another request (another owner, event or content): refused to the
+    # publisher only, never on the claimed request's stream (see ``publisher_request_id``).
+    "duplicate_request_id",
 ]
 
 
@@ -110,9 +133,24 @@ def check_request(
     ``prompt_tokens``: the prompt's length in the model's own tokens, counted by the caller when the
     model has an input limit in tokens (``limits.max_input_tokens_of(model)``); None skips that rule.
     """
-    rejection = check_model(model, limits.models) or check_prompt_text(prompt)
-    if rejection is not None:
-        return rejection
+    return check_model(model, limits.models) or check_bounds(
+        model=model, prompt=prompt, max_tokens=max_tokens, limits=limits, prompt_tokens=prompt_tokens
+    )
+
+
+def check_bounds(
+    *, model: str, prompt: str, max_tokens: int, limits: RequestLimits, prompt_tokens: int | None = None
+) -> Rejection | None:
+    """``check_request`` without the served-model rule: the prompt's text, then the sizes."""
+    return check_prompt_text(prompt) or check_size(
+        model=model, prompt=prompt, max_tokens=max_tokens, limits=limits, prompt_tokens=prompt_tokens
+    )
+
+
+def check_size(
+    *, model: str, prompt: str, max_tokens: int, limits: RequestLimits, prompt_tokens: int | None = None
+) -> Rejection | None:
+    """The platform's size limits alone: the prompt's length and max_tokens (what an event may carry)."""
     if len(prompt) > limits.max_prompt_chars:
         return Rejection(
             "prompt_too_large", f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}"
@@ -142,3 +180,70 @@ def check_max_tokens_per_request(max_tokens: int, limit: int, plan: str | None =
         return None
     whose = f"the {plan} plan's" if plan is not None else "the plan's"
     return Rejection("max_tokens_too_large", f"max_tokens {max_tokens} exceeds {whose} limit of {limit} per request")
+
+
+# --- request identity -------------------------------------------------------------------------------
+#
+# A message on user U's routing key speaks for U only (the routing key is what RabbitMQ's topic
+# permissions vouch for). It may name a request ``U.<suffix>`` (U's namespace: nobody else can) or a
+# platform UUID (unguessable; whoever claims it first owns it, see quota.scripts' claim). The claim
+# records the request's content digest, so a second message with the same id and other content is a
+# conflict, never a second inference.
+
+
+def namespace_owner(request_id: str) -> str | None:
+    """The user a namespaced request id ``<user_id>.<suffix>`` belongs to, or None when it has no namespace."""
+    owner, dot, suffix = request_id.partition(NAMESPACE_SEPARATOR)
+    if not dot or not suffix or IDENTIFIER.fullmatch(owner) is None:
+        return None
+    return owner
+
+
+def is_platform_uuid(value: str) -> bool:
+    return PLATFORM_UUID.fullmatch(value) is not None
+
+
+def may_name(user_id: str, request_id: str) -> bool:
+    """True when a message for ``user_id`` may name ``request_id``: in the user's namespace, or a platform UUID."""
+    if REQUEST_ID.fullmatch(request_id) is None:
+        return False
+    return is_platform_uuid(request_id) or namespace_owner(request_id) == user_id
+
+
+def check_request_id_for(user_id: str, request_id: str) -> Rejection | None:
+    """Rule 1 of docs/bus.md ("Request identity"): the ids a publisher for ``user_id`` may use."""
+    if may_name(user_id, request_id):
+        return None
+    shown = request_id if len(request_id) <= 64 else request_id[:61] + "..."
+    return Rejection(
+        "invalid_request",
+        f"request_id {shown!r} is not one user {user_id!r} may name: use {user_id}.<your id> "
+        f"(your namespace) or a UUID in canonical lower-case form",
+    )
+
+
+def publisher_request_id(user_id: str, event_id: str) -> str:
+    """Where a refusal goes when it must not touch the request it names: a fresh id in the publisher's own
+    namespace, ``<user_id>.rejected-<event_id>`` (``event_id``: the refused message's, when it is a platform
+    UUID, so a redelivery lands on the same stream; else a new one)."""
+    return f"{user_id}{NAMESPACE_SEPARATOR}rejected-{event_id}"
+
+
+_digest_encoder: Final = msgspec.json.Encoder()
+
+
+def request_digest(*, model: str, user_id: str, prompt: str, max_tokens: int) -> str:
+    """The request's content, as its claim records it: what the inference and the charge depend on.
+
+    blake2b (128 bits) of the JSON array ``[model, user_id, prompt, max_tokens]``: the same on the
+    gateway (which claims at admission) and the worker. Source, trace and timestamps are left out: a
+    republished request differs in none of what it asks.
+    """
+    body = _digest_encoder.encode([model, user_id, prompt, max_tokens])
+    return "r:" + hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def message_digest(body: bytes) -> str:
+    """The claim's content for a message that is not a readable request (its raw bytes); never equals a
+    ``request_digest``."""
+    return "m:" + hashlib.blake2b(body, digest_size=16).hexdigest()

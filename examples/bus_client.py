@@ -5,8 +5,8 @@
 
 The pattern (docs/bus.md): bind a queue of your own to the outcome routing keys FIRST, then publish
 the ``InferenceRequested`` event persistent, mandatory and with publisher confirms, then wait for the
-one terminal event of your request_id. Prints that event as JSON; exits 0 when it is
-``InferenceCompleted``, 1 when failed or rejected, 2 on timeout.
+one terminal event of your request_id (a UUID here; ``<user>.<your id>`` works too). Prints that
+event as JSON; exits 0 when it is ``InferenceCompleted``, 1 when failed or rejected, 2 on timeout.
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ async def submit_and_wait(url: str, event: dict[str, Any], timeout_s: float) -> 
                 async for message in messages:
                     async with message.process():
                         outcome: dict[str, Any] = json.loads(message.body)
-                    if outcome.get("request_id") == event["request_id"] and outcome.get("type") in TERMINAL:
+                    # A refusal that may not touch the request it names (docs/bus.md, Request identity)
+                    # arrives on "<user>.rejected-<event_id>", with correlation_id = our request_id.
+                    ours = event["request_id"] in (outcome.get("request_id"), outcome.get("correlation_id"))
+                    if ours and outcome.get("type") in TERMINAL:
                         return outcome
         except TimeoutError:
             return None

@@ -1,8 +1,9 @@
 """Postgres adapter of the projections: store a batch of events and project the new ones, in ONE transaction.
 
 The event store is the projection inbox. ``INSERT ... ON CONFLICT DO NOTHING RETURNING event_id``
-tells which events of the batch are new (not seen before by event_id, and not a second outcome of a
-request: see the unique index ``event_store_one_outcome``); only those are projected, in the same
+tells which events of the batch are new (not seen before by event_id, not a second outcome of a
+request and not a second request under its id: see the unique indexes ``event_store_one_outcome`` and
+``event_store_one_request``); only those are projected, in the same
 transaction. A redelivered batch therefore stores and projects nothing twice, and there is no
 checkpoint to keep.
 

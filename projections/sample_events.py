@@ -111,6 +111,8 @@ def synthetic_stream(requests: int, seed: int = 7, users: int = 50) -> list[AnyE
     start = datetime.now(UTC)
     events: list[AnyEvent] = []
     for n in range(requests):
-        events += request_stream(uuid.uuid4().hex, user_id=f"user-{n % users}", start=start + timedelta(milliseconds=n))
+        # A platform-style (canonical) UUID: an id any publisher may name (docs/bus.md, "Request identity").
+        rid = str(uuid.uuid4())
+        events += request_stream(rid, user_id=f"user-{n % users}", start=start + timedelta(milliseconds=n))
     rng.shuffle(events)
     return events

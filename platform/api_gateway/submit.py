@@ -12,6 +12,7 @@ from typing import Protocol
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from events.identity import claim_of
 from events.model import InferenceRequested, new_event_id, utc_now
 from events.request_rules import Rejection, RequestLimits, check_request
 from mlp.bus import EventPublisher, PublishError
@@ -170,11 +171,18 @@ class SubmitService:
                 source="http",
             )
             # Status first: a GET right after the 202 must find the request. The admission writes it
-            # (only when it admits) in its own Redis round trip; if the publish then fails, the entry
-            # is removed again before the client hears 503.
+            # (only when it admits) in its own Redis round trip, and claims the request id for the user
+            # before it is published (docs/bus.md, "Request identity"); if the publish then fails, the
+            # entry is removed again before the client hears 503 (the claim just expires: the id is never reused).
             queued = self._status_cache.queued(event)
-            estimate = reservation_estimate(prompt, tokens, self._limits.specs.get(model))
-            admission = await self._quota.admit(user_id, tokens, estimate, queued=queued)
+            admission = await self._quota.admit(
+                user_id,
+                tokens,
+                reservation_estimate(prompt, tokens, self._limits.specs.get(model)),
+                queued=queued,
+                request_id=request_id,
+                claim=claim_of(event),
+            )
             if not admission.allowed:
                 raise QuotaExceeded(admission)
             try:

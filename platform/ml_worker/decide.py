@@ -20,7 +20,7 @@ from events.model import (
     new_event_id,
     utc_now,
 )
-from events.request_rules import RejectReason, RequestLimits, check_request
+from events.request_rules import Rejection, RejectReason, RequestLimits, check_request
 from events.topology import DELIVERY_LIMIT
 from quota import plans
 
@@ -96,20 +96,26 @@ def failed(request: InferenceRequested, error_code: ErrorCode, message: str = ""
     return InferenceFailed(**envelope(request), error_code=error_code, error_message=truncate(message))
 
 
-def validate(
-    request: InferenceRequested, limits: RequestLimits, prompt_tokens: int | None = None
-) -> InferenceRejected | None:
+def check(request: InferenceRequested, limits: RequestLimits, prompt_tokens: int | None = None) -> Rejection | None:
     """The gateway's rules, applied again: bus publishers are untrusted and nothing invalid reaches Triton.
 
     ``prompt_tokens``: the prompt counted by the model's tokenizer, for a model with an input limit in tokens.
+    (The plan's per-request ceiling is the quota's to apply, with the plan: QuotaService.reserve.)
     """
-    rejection = check_request(
+    return check_request(
         model=request.model,
         prompt=request.prompt,
         max_tokens=request.max_tokens,
         limits=limits,
         prompt_tokens=prompt_tokens,
     )
+
+
+def validate(
+    request: InferenceRequested, limits: RequestLimits, prompt_tokens: int | None = None
+) -> InferenceRejected | None:
+    """``check`` as the rejection event it leads to."""
+    rejection = check(request, limits, prompt_tokens)
     return None if rejection is None else rejected(request, rejection.reason, rejection.message)
 
 
@@ -125,10 +131,10 @@ def started(request: InferenceRequested, *, reserved_tokens: int, worker: str, a
     )
 
 
-def quota_refused(request: InferenceRequested, limit: str | None, estimate: int) -> Outcome:
-    detail = f"the user's {limit or 'quota'} limit cannot cover this request's {estimate} tokens (upper bound)"
-    # Nothing was reserved: no quota action.
-    return Outcome(quota=None, event=rejected(request, "quota_exceeded", detail))
+def refused(request: InferenceRequested, rejection: Rejection) -> Outcome:
+    """The reservation refused the request (a request rule, the plan's ceiling or a quota limit: the
+    quota service words it as the gateway does). Nothing was reserved: no quota action."""
+    return Outcome(quota=None, event=rejected(request, rejection.reason, rejection.message))
 
 
 def decide_outcome(request: InferenceRequested, result: TritonOutcome) -> Outcome:

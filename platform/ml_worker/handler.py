@@ -4,6 +4,12 @@ Ack discipline (manual): a message is acked only after its outcome event was con
 the broker; an unconfirmed publish or a dependency outage retries in process, a bug requeues
 the message until its last allowed delivery, which publishes ``InferenceFailed`` and
 dead-letters it. A shutdown only ever requeues (``ml_worker.drain``).
+
+Request identity (docs/bus.md): every event on a request's stream follows its claim. The
+reservation claims the request id for the message (owner, event_id, content digest) and answers
+what to do: run it, answer it again with the outcome it ended with (a committed or failed request
+never reaches Triton again), refuse it, or, when the id names another request, answer the
+publisher alone (``duplicate_request_id`` on a fresh id in its namespace).
 """
 
 from __future__ import annotations
@@ -16,15 +22,19 @@ from typing import Any, Final, Protocol
 
 from faststream.rabbit import RabbitMessage
 
+from events.identity import RequestClaim, claim_of, duplicate_rejection
 from events.model import (
     Event,
+    EventDecodeError,
     InferenceCompleted,
     InferenceFailed,
     InferenceRejected,
     InferenceRequested,
     InferenceStarted,
+    decode_event,
+    encode_event,
 )
-from events.request_rules import RequestLimits
+from events.request_rules import Rejection, RequestLimits
 from ml_worker import decide
 from ml_worker.decide import Commit, Outcome, Release, TritonOutcome
 from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
@@ -56,23 +66,59 @@ TRANSIENT_MAX_TRIES: Final = 32
 
 class Reservation(Protocol):
     @property
-    def finished(self) -> bool: ...  # the status cache already holds the request's outcome
+    def answer(self) -> str: ...  # run | finished | done | refused | conflict (quota.service.Answer)
     @property
-    def granted(self) -> bool: ...
+    def rejection(self) -> Rejection | None: ...  # refused: why, worded as the gateway words it
     @property
-    def limit(self) -> str | None: ...  # the name of the limit that refused, e.g. tokens_per_day
+    def outcome_event(self) -> bytes | None: ...  # done: the outcome the request ended with, when kept
     @property
     def reserved_tokens(self) -> int: ...
 
 
+class Released(Protocol):
+    @property
+    def outcome(self) -> str: ...  # released | committed | none | conflict
+
+
 class Quota(Protocol):
     async def reserve(
-        self, request_id: str, user_id: str, tokens: int, *, status_key: str | None = None
+        self,
+        request_id: str,
+        user_id: str,
+        tokens: int,
+        *,
+        status_key: str | None = None,
+        claim: RequestClaim | None = None,
+        refusal: Rejection | None = None,
+        max_tokens: int | None = None,
+        count_request: bool = False,
+    ) -> Reservation: ...
+    async def refuse(
+        self,
+        request_id: str,
+        user_id: str,
+        claim: RequestClaim,
+        rejection: Rejection,
+        *,
+        status_key: str | None = None,
     ) -> Reservation: ...
     async def commit(
-        self, request_id: str, actual_tokens: int, *, user_id: str | None = None, at: datetime | None = None
+        self,
+        request_id: str,
+        actual_tokens: int,
+        *,
+        user_id: str | None = None,
+        at: datetime | None = None,
+        outcome: bytes | None = None,
     ) -> Any: ...
-    async def release(self, request_id: str) -> Any: ...
+    async def release(
+        self,
+        request_id: str,
+        *,
+        outcome: bytes | None = None,
+        user_id: str | None = None,
+        claim: RequestClaim | None = None,
+    ) -> Released: ...
 
 
 class Publisher(Protocol):
@@ -165,24 +211,37 @@ class RequestHandler:
     async def _process(self, message: RabbitMessage, request: InferenceRequested, *, attempt: int) -> None:
         if self.draining.is_set():
             raise Draining
-        rejection = decide.validate(request, self._limits, self._count(request))
-        if rejection is not None:
-            await self._finish(message, request, Outcome(quota=None, event=rejection))
-            return
         estimate = decide.reservation_estimate(request, self._limits)
-        # The redelivery check (is the outcome already cached?) rides in the reservation's Redis round trip.
+        # The claim, the request rules' verdict, the plan's limits and the redelivery check (is the
+        # outcome already cached?) all ride in the reservation's one Redis round trip.
         status_key = self._deps.status_keys.status(request.request_id)
         reservation = await self._deps.quota.reserve(
-            request.request_id, request.user_id, estimate, status_key=status_key
+            request.request_id,
+            request.user_id,
+            estimate,
+            status_key=status_key,
+            claim=claim_of(request),
+            refusal=decide.check(request, self._limits, self._count(request)),
+            max_tokens=request.max_tokens,
+            count_request=True,
         )
-        if reservation.finished:
-            log.info("request %s already has its outcome; dropping the redelivery", request.request_id)
-            await message.ack()
-            return
-        if not reservation.granted:
-            metrics.QUOTA_REJECTIONS.labels(model=self._model_label(request.model), stage="worker").inc()
-            await self._finish(message, request, decide.quota_refused(request, reservation.limit, estimate))
-            return
+        match reservation.answer:
+            case "finished":
+                log.info("request %s already has its outcome; dropping the redelivery", request.request_id)
+                await message.ack()
+                return
+            case "done":
+                await self._answer_again(message, request, reservation.outcome_event)
+                return
+            case "conflict":
+                await self._answer_publisher(message, request)
+                return
+            case "refused":
+                rejection = reservation.rejection or Rejection("quota_exceeded", "refused by the quota")
+                if rejection.reason == "quota_exceeded":
+                    metrics.QUOTA_REJECTIONS.labels(model=self._model_label(request.model), stage="worker").inc()
+                await self._finish(message, request, decide.refused(request, rejection))
+                return
         reserved = reservation.reserved_tokens or estimate
         start = decide.started(request, reserved_tokens=reserved, worker=self._worker_id, attempt=attempt)
         # Started's confirm is awaited before the outcome is published (so before the ack), not before
@@ -238,38 +297,93 @@ class RequestHandler:
         *,
         started: asyncio.Future[None] | None = None,
     ) -> None:
-        """Started confirmed, then quota (idempotent, so a crash before the publish charges once on
-        redelivery), then publish, ack."""
+        """Started confirmed, then quota (idempotent, and it keeps the outcome event with the claim, so a
+        crash before the publish is answered on redelivery with this very event), then publish, ack."""
         if started is not None:
             await started
+        event: decide.Terminal = with_worker_traceparent(outcome.event)
         match outcome.quota:
             case Commit(tokens=tokens):
                 # user_id: charges the right user even if the reservation expired meanwhile;
                 # at: the completion's time picks the window, the same day the ledger records.
                 at = outcome.event.occurred_at
-                await self._deps.quota.commit(request.request_id, tokens, user_id=request.user_id, at=at)
+                await self._deps.quota.commit(
+                    request.request_id, tokens, user_id=request.user_id, at=at, outcome=encode_event(event)
+                )
             case Release():
-                await self._deps.quota.release(request.request_id)
-        await self._deps.publisher.publish(with_worker_traceparent(outcome.event))
-        record_outcome(outcome.event)
+                released = await self._deps.quota.release(
+                    request.request_id, outcome=encode_event(event), user_id=request.user_id, claim=claim_of(request)
+                )
+                if released.outcome == "conflict":  # the request is not this message's to end
+                    event = duplicate_rejection(request)
+        await self._deps.publisher.publish(event)
+        record_outcome(event)
         await message.ack()
-        _count_outcome(self._model_label(request.model), outcome.event)
+        _count_outcome(self._model_label(request.model), event)
+
+    async def _answer_again(self, message: RabbitMessage, request: InferenceRequested, kept: bytes | None) -> None:
+        """The request already ended: publish the outcome it ended with (same event_id: subscribers and the
+        collector see it once), then ack. Never Triton again. Without a kept outcome (a claim rebuilt from the
+        ledger, whose outcome the event store holds) there is nothing to publish."""
+        event = None
+        if kept is not None:
+            try:
+                event = decode_event(kept)
+            except EventDecodeError as exc:
+                log.warning("request %s: its kept outcome does not decode (%s)", request.request_id, exc)
+        if event is not None:
+            await self._deps.publisher.publish(event)
+        log.info("request %s already ended; answered with its outcome again, not run", request.request_id)
+        await message.ack()
+        REDELIVERIES.labels(self._model_label(request.model), "answered_again").inc()
+
+    async def _answer_publisher(self, message: RabbitMessage, request: InferenceRequested) -> None:
+        """The request id names another request: refuse this message to its publisher alone, then ack."""
+        log.warning("request %s: the id names another request; refused to the publisher", request.request_id)
+        rejection = duplicate_rejection(request)
+        await self._deps.publisher.publish(rejection)
+        await message.ack()
+        _count_outcome(self._model_label(request.model), rejection)
 
     async def _dead_letter_invalid(self, message: RabbitMessage, invalid: Invalid, count: int) -> None:
         """Tell the publisher why (when it can be addressed), then reject: the message goes to the DLQ."""
         label = self._model_label(invalid.rejection.model if invalid.rejection else None)
         log.warning("invalid message %s: %s", message.message_id, invalid.detail)
         if invalid.rejection is not None:
-            try:
-                await self._deps.publisher.publish(invalid.rejection)
-            except PublishError as exc:
-                if not decide.is_last_delivery(count):
-                    log.warning("rejection of an invalid message not confirmed (%s); requeueing", exc)
-                    await _requeue(message, label)
-                    return
-            metrics.record_outcome("rejected", "invalid_request")
+            for tries in range(1, TRANSIENT_MAX_TRIES + 1):
+                try:
+                    await self._deps.publisher.publish(await self._invalid_answer(invalid))
+                    metrics.record_outcome("rejected", "invalid_request")
+                    break
+                except TRANSIENT_ERRORS as exc:
+                    if self.draining.is_set() or tries == TRANSIENT_MAX_TRIES or _channel_closed(message):
+                        if not decide.is_last_delivery(count):
+                            log.warning("rejection of an invalid message not done (%s); requeueing", _describe(exc))
+                            await _requeue(message, label)
+                            return
+                        log.warning("rejection of an invalid message not done (%s); dead-lettering", _describe(exc))
+                        break
+                    await asyncio.sleep(TRANSIENT_BACKOFF.delay(tries - 1))
         await message.reject(requeue=False)
         REDELIVERIES.labels(label, "dead_letter").inc()
+
+    async def _invalid_answer(self, invalid: Invalid) -> InferenceRejected:
+        """The invalid message's rejection: on the request it named when the claim lets this message end it
+        (it claims the id as refused, or it is a redelivery of the message that did), else to the publisher."""
+        assert invalid.rejection is not None
+        if invalid.claim is None:
+            return invalid.rejection
+        claim = invalid.claim
+        verdict = await self._deps.quota.refuse(
+            claim.request_id,
+            claim.user_id,
+            claim.claim,
+            Rejection("invalid_request", invalid.detail),
+            status_key=self._deps.status_keys.status(claim.request_id),
+        )
+        if verdict.answer == "refused" or invalid.publisher_rejection is None:
+            return invalid.rejection
+        return invalid.publisher_rejection
 
     async def _on_unexpected(
         self, message: RabbitMessage, request: InferenceRequested, count: int, exc: Exception
@@ -279,17 +393,22 @@ class RequestHandler:
             await _requeue(message, self._model_label(request.model))
             return
         outcome = decide.delivery_limit_outcome(request, _describe(exc))
+        event: decide.Terminal = with_worker_traceparent(outcome.event)
         try:
-            await self._deps.quota.release(request.request_id)
-            await self._deps.publisher.publish(with_worker_traceparent(outcome.event))
-            record_outcome(outcome.event)
+            released = await self._deps.quota.release(
+                request.request_id, outcome=encode_event(event), user_id=request.user_id, claim=claim_of(request)
+            )
+            if released.outcome == "conflict":  # the request is not this message's to end
+                event = duplicate_rejection(request)
+            await self._deps.publisher.publish(event)
+            record_outcome(event)
         except Exception:
             # Not even the failure could be recorded: the broker dead-letters the message on
             # this return; `mlp dlq replay` re-drives it once the cause is fixed.
             log.exception("request %s: could not publish its failure", request.request_id)
             await _requeue(message, self._model_label(request.model))
             return
-        _count_outcome(self._model_label(request.model), outcome.event)
+        _count_outcome(self._model_label(request.model), event)
         await message.reject(requeue=False)
         REDELIVERIES.labels(self._model_label(request.model), "dead_letter").inc()
 

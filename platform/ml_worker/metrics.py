@@ -8,6 +8,7 @@ from prometheus_client import Counter
 
 REDELIVERIES: Final = Counter(
     "mlp_worker_redeliveries",
-    "Messages the worker handed back to the queue (requeue) or dead-lettered (dead_letter).",
+    "Messages the worker handed back to the queue (requeue), dead-lettered (dead_letter), or answered with "
+    "the outcome their request already ended with (answered_again).",
     ["model", "action"],
 )

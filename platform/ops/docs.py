@@ -87,10 +87,16 @@ durable topic exchange `{EVENTS_EXCHANGE}` with the routing key `inference.<kind
   A `generate` model answers `InferenceCompleted.completion`; an `embed` model answers
   `InferenceCompleted.embedding` (`completion` is empty, `completion_tokens` 0, `max_tokens` is ignored).
 {_model_list()}
+* **Request identity**: a message on user U's routing key speaks for U only. Its `request_id` is
+  `U.<your id>` (U's namespace) or a UUID; the first message naming an id claims it, and a later one
+  with the same id and another `event_id` or content is refused to its publisher alone
+  (`duplicate_request_id`, on `U.rejected-<event_id>`, `correlation_id` = the id). A redelivery (the
+  same message) is the same request; an ended one is answered again with its outcome, never re-run.
 * Anything invalid published as a request ends as `InferenceRejected` (reason `invalid_request`,
-  `unknown_model`, `prompt_too_large`, `max_tokens_too_large` or `quota_exceeded`, with a `detail`)
-  whenever a request_id, user_id and model can be found in the body, the routing key or the
-  `correlation_id`; a message with none of them is dead-lettered to `mlp.requests.<model>.dlq`.
+  `unknown_model`, `prompt_too_large`, `max_tokens_too_large`, `quota_exceeded` or
+  `duplicate_request_id`, with a `detail`), addressed by the routing key's user: on the request when
+  its publisher may name it, else on `U.rejected-<event_id>`; a message with no request id in the body
+  or the `correlation_id` is dead-lettered to `mlp.requests.<model>.dlq`.
 
 The guide, with the permissions of the external-publisher RabbitMQ user: docs/bus.md."""
 
@@ -98,7 +104,10 @@ The guide, with the permissions of the external-publisher RabbitMQ user: docs/bu
 FIELD_DESCRIPTIONS: Final[dict[str, str]] = {
     "type": "The event type (the union's tag).",
     "event_id": "Unique id of this event (a UUIDv7 is recommended); a republished message keeps it.",
-    "request_id": "The request's id, chosen by the publisher (a UUIDv7 is recommended); the read API's key.",
+    "request_id": (
+        "The request's id, chosen by the publisher: `<user_id>.<your id>` (your namespace) or a UUID in canonical"
+        " lower-case form (a UUIDv7 is recommended); the read API's key. See docs/bus.md, Request identity."
+    ),
     "occurred_at": "When the event happened, RFC 3339 with a time zone (e.g. 2025-01-01T12:00:00Z).",
     "schema_version": "Version of the event schema; fields are only ever added, with defaults.",
     "correlation_id": "Correlates the events of one request; defaults to the request_id.",

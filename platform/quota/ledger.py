@@ -21,6 +21,7 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from events.identity import RequestClaim
 from projections.status_cache import QueuedStatus
 from quota import scripts
 from quota.plans import LimitName, Limits, QuotaError, Window, day_window, month_window, to_ms
@@ -29,11 +30,16 @@ from quota.store import LedgerState
 
 log = logging.getLogger(__name__)
 
-# How long a committed request stays known, so a redelivery never charges it twice.
+# How long a committed request stays known, so a redelivery never charges it twice; every claim (the
+# record of who named a request, in any state) lives as long, so an ended request never runs again.
 COMMITTED_TTL_S = 86_400
+# The largest outcome event kept with a claim (a redelivery is answered with it); a bigger one is not kept,
+# and the redelivery is then acknowledged without work (its outcome was published: the commit came first).
+MAX_OUTCOME_BYTES = 1_048_576
 # A used counter outlives its window by this much (late reads, clock skew between hosts).
 WINDOW_GRACE_S = 3_600
-# A reservation's record outlives the reservation, so a late commit still finds the user.
+# The user's reservation keys outlive their last reservation by this much (a late commit still finds them;
+# the request's own record, its claim, lives COMMITTED_TTL_S).
 RECORD_GRACE_MS = 3_600_000
 _PIPELINE_CHUNK = 1_000
 # Committed records restored per script call by a rebuild (4 arguments each).
@@ -83,14 +89,19 @@ class QuotaKeys:
         return self.base + "*"
 
 
-ReserveOutcome = Literal["finished", "granted", "already", "committed", "refused"]
+# finished: the status cache holds the outcome; done: the claim ended (committed or released), see
+# ReserveResult.ended; conflict: the request id names another request (another owner, event or content).
+ReserveOutcome = Literal["finished", "granted", "already", "committed", "released", "refused", "conflict"]
 
 
 @dataclass(frozen=True, slots=True)
 class ReserveResult:
     outcome: ReserveOutcome
-    tokens: int  # reserved (granted/already) or charged (committed); 0 when refused
-    limit: LimitName | None = None
+    tokens: int  # reserved (granted/already) or charged (committed); 0 otherwise
+    # refused: the limit (LimitName) or the request rule's reason (events.request_rules.RejectReason)
+    limit: str | None = None
+    retry_ms: int = 0  # refused by requests_per_minute: until the window has room again
+    outcome_event: bytes | None = None  # committed/released: the outcome event it ended with, when kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +113,7 @@ class CommitResult:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseResult:
-    outcome: Literal["released", "committed", "none"]
+    outcome: Literal["released", "committed", "none", "conflict"]
     freed: int = 0
 
 
@@ -126,6 +137,16 @@ class AdmitResult:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _kept_outcome(outcome: bytes | None) -> bytes:
+    """The outcome bytes a claim keeps ('' = none: absent or over MAX_OUTCOME_BYTES)."""
+    if outcome is None:
+        return b""
+    if len(outcome) > MAX_OUTCOME_BYTES:
+        log.warning("outcome event of %d bytes not kept with its claim (limit %d)", len(outcome), MAX_OUTCOME_BYTES)
+        return b""
+    return outcome
 
 
 def _window_ttl_s(window: Window, now: datetime) -> int:
@@ -174,8 +195,18 @@ class RedisLedger:
         now: datetime,
         *,
         status_key: str | None = None,
+        claim: RequestClaim | None = None,
+        refusal: str | None = None,
+        count_request: bool = False,
     ) -> ReserveResult:
-        """``status_key``: the request's status-cache hash; a terminal status there answers "finished"."""
+        """Claim the request and reserve ``tokens`` for it (scripts.RESERVE).
+
+        ``status_key``: the request's status-cache hash; a terminal status there answers "finished".
+        ``claim``: the message's event and content, which a later message must match to be the same
+        request (None: unchecked, as for callers that name their own ids). ``refusal``: the request
+        breaks this rule (a RejectReason): record the claim as refused. ``count_request``: a new claim
+        takes a place in the user's requests-per-minute window (bus requests; the gateway counted its own).
+        """
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
         day, month = day_window(now), month_window(now)
@@ -193,31 +224,71 @@ class RedisLedger:
                 limits.tokens_per_day,
                 limits.tokens_per_month,
                 RECORD_GRACE_MS,
-                self._reservation_ttl_ms,
+                self._committed_ttl_s * 1000,
                 status_key or "",
+                claim.event_id if claim else "",
+                claim.digest if claim else "",
+                refusal or "",
+                limits.requests_per_minute if count_request else "",
             ],
             now,
         )
-        match reply[0]:
-            case "FINISHED":
-                return ReserveResult("finished", 0)
-            case "GRANTED":
-                return ReserveResult("granted", int(reply[1]))
-            case "ALREADY":
-                return ReserveResult("already", int(reply[1]))
-            case "COMMITTED":
-                return ReserveResult("committed", int(reply[1]))
-            case "REFUSED":
-                return ReserveResult("refused", 0, cast(LimitName, reply[1]))
-        raise QuotaUnavailable(f"unexpected reserve reply {reply!r}")
+        return _reserve_result(reply)
+
+    async def refuse(
+        self,
+        request_id: str,
+        user_id: str,
+        reason: str,
+        now: datetime,
+        *,
+        claim: RequestClaim,
+        status_key: str | None = None,
+    ) -> ReserveResult:
+        """Claim the request as refused for ``reason`` unless another request holds the id (scripts.RESERVE
+        with a refusal: no limits are read, nothing is reserved). "refused": the refusal may be addressed to
+        the request; any other answer: the request id is not this message's to end."""
+        now_ms = to_ms(now)
+        day, month = day_window(now), month_window(now)
+        reply = await self._run(
+            self._reserve,
+            [
+                request_id,
+                user_id,
+                0,
+                now_ms,
+                now_ms,
+                day.id,
+                month.id,
+                0,
+                0,
+                RECORD_GRACE_MS,
+                self._committed_ttl_s * 1000,
+                status_key or "",
+                claim.event_id,
+                claim.digest,
+                reason,
+                "",
+            ],
+            now,
+        )
+        return _reserve_result(reply)
 
     async def commit(
-        self, request_id: str, actual_tokens: int, now: datetime, *, user_id: str | None = None
+        self,
+        request_id: str,
+        actual_tokens: int,
+        now: datetime,
+        *,
+        user_id: str | None = None,
+        outcome: bytes | None = None,
     ) -> CommitResult:
         """Charge the actual tokens once (idempotent by request_id) and free the rest of the hold.
 
         ``user_id`` lets a commit charge the right user when the reservation record is gone (it
         expired long ago, or Redis was flushed before the request was known to the ledger).
+        ``outcome``: the outcome event about to be published, kept with the claim (MAX_OUTCOME_BYTES):
+        a redelivery of the request is answered with it, never run again.
         """
         if actual_tokens < 0:
             raise ValueError("actual_tokens must be >= 0")
@@ -234,6 +305,7 @@ class RedisLedger:
                 _window_ttl_s(month, now),
                 self._committed_ttl_s * 1000,
                 user_id or "",
+                _kept_outcome(outcome),
             ],
             now,
         )
@@ -246,8 +318,31 @@ class RedisLedger:
                 return CommitResult("unknown", 0)
         raise QuotaUnavailable(f"unexpected commit reply {reply!r}")
 
-    async def release(self, request_id: str, now: datetime) -> ReleaseResult:
-        reply = await self._run(self._release, [request_id, to_ms(now), self._reservation_ttl_ms], now)
+    async def release(
+        self,
+        request_id: str,
+        now: datetime,
+        *,
+        outcome: bytes | None = None,
+        user_id: str | None = None,
+        claim: RequestClaim | None = None,
+    ) -> ReleaseResult:
+        """Free the request's hold: it ended without a charge. ``outcome``: its outcome event, kept with the
+        claim like a commit's. ``user_id`` and ``claim``: the ending message's, checked against the claim
+        ("conflict": it may not end this request); a request without a claim is then claimed as released."""
+        reply = await self._run(
+            self._release,
+            [
+                request_id,
+                to_ms(now),
+                self._committed_ttl_s * 1000,
+                _kept_outcome(outcome),
+                user_id or "",
+                claim.event_id if claim else "",
+                claim.digest if claim else "",
+            ],
+            now,
+        )
         match reply[0]:
             case "RELEASED":
                 return ReleaseResult("released", int(reply[1]))
@@ -255,6 +350,8 @@ class RedisLedger:
                 return ReleaseResult("committed")
             case "NONE":
                 return ReleaseResult("none")
+            case "CONFLICT":
+                return ReleaseResult("conflict")
         raise QuotaUnavailable(f"unexpected release reply {reply!r}")
 
     async def snapshot(self, user_id: str, now: datetime) -> UsageSnapshot:
@@ -270,10 +367,18 @@ class RedisLedger:
         now: datetime,
         *,
         queued: QueuedStatus | None = None,
+        request_id: str | None = None,
+        claim: RequestClaim | None = None,
     ) -> AdmitResult:
-        """``queued``: written as the request's status-cache entry when admitted (scripts.ADMIT)."""
+        """``queued``: written as the request's status-cache entry when admitted (scripts.ADMIT).
+        ``request_id`` and ``claim``: the request is claimed for ``user_id`` when admitted, before it is published."""
         day, month = day_window(now), month_window(now)
-        status_args: list[Any] = ["", 0] if queued is None else [queued.key, queued.ttl_s, *queued.fields]
+        claim_args: list[Any] = ["", "", "", 0]
+        if request_id is not None and claim is not None:
+            claim_args = [request_id, claim.event_id, claim.digest, self._committed_ttl_s * 1000]
+        status_args: list[Any] = (
+            ["", 0, *claim_args] if queued is None else [queued.key, queued.ttl_s, *claim_args, *queued.fields]
+        )
         reply = await self._run(
             self._admit,
             [
@@ -375,6 +480,9 @@ class RedisLedger:
             if t.day_tokens:
                 commands.append(("SET", k.used_day(t.user_id, day.id), t.day_tokens, "EX", day_ttl))
         committed_ttl_ms = self._committed_ttl_s * 1000
+        # The claims of charged requests come back with them (owner and charge; the outcome event is not in
+        # the ledger: a redelivery is then acknowledged without work). Other claims (admitted, refused,
+        # failed) are not in Postgres and are lost with Redis (docs/bus.md, "Request identity").
         committed: list[Any] = []
         for c in state.charged:
             ttl = committed_ttl_ms - (now_ms - to_ms(c.occurred_at))
@@ -422,3 +530,22 @@ class RedisLedger:
                 return reply
             await self.ensure_built(now)
         raise QuotaUnavailable("quota counters were lost again while rebuilding")
+
+
+def _reserve_result(reply: list[str]) -> ReserveResult:
+    """scripts.RESERVE's reply. The outcome event is JSON (UTF-8), so it survives the client's decoding."""
+    match reply[0]:
+        case "FINISHED":
+            return ReserveResult("finished", 0)
+        case "GRANTED":
+            return ReserveResult("granted", int(reply[1]))
+        case "ALREADY":
+            return ReserveResult("already", int(reply[1]))
+        case "DONE":
+            outcome: ReserveOutcome = "committed" if reply[1] == "committed" else "released"
+            return ReserveResult(outcome, int(reply[2]), outcome_event=reply[3].encode() or None)
+        case "REFUSED":
+            return ReserveResult("refused", 0, reply[1], retry_ms=int(reply[2]))
+        case "CONFLICT":
+            return ReserveResult("conflict", 0)
+    raise QuotaUnavailable(f"unexpected reserve reply {reply!r}")

@@ -5,8 +5,12 @@ this targets a standalone Redis or one shard, which is what the platform runs):
 
   P..'built'                 marker: the counters were built from the Postgres ledger (no TTL)
   P..'rebuild-lock'          SET NX lock held while one process rebuilds
-  P..'rq:'..request_id       hash: s=state (reserved|committed|refused|released), u=user, t=reserved
-                             tokens, e=reservation expiry (ms), c=charged tokens, l=refused limit
+  P..'rq:'..request_id       hash: the request's claim and reservation (docs/bus.md, "Request identity"):
+                             s=state (admitted|reserved|committed|released|refused), u=owner (user),
+                             ev=claiming event_id, dg=content digest (events.request_rules.request_digest;
+                             absent on records rebuilt from the ledger), t=reserved tokens, e=reservation
+                             expiry (ms), c=charged tokens, l=refused limit or reason, o=the outcome event
+                             (encoded, bounded) of a committed or released request
   P..'rz:'..user             sorted set: request_id scored by reservation expiry (ms)
   P..'ra:'..user             hash: request_id -> reserved tokens
   P..'rs:'..user             the sum of the user's live reservations
@@ -21,6 +25,14 @@ run until the ``built`` marker exists (nothing is admitted before a rebuild afte
 
 The clock comes from the caller (ARGV), never from Redis, so windows follow the injected clock;
 TTLs are relative (PEXPIRE), so they stay right whatever the caller's clock says.
+
+The claim: the first message that names a request id owns it. The gateway's admission claims its
+request before publishing it (state ``admitted``); the worker's reservation claims a bus request.
+A later message naming the same id is the same request only when it comes from the same owner with
+the same event_id and the same content digest (a redelivery); anything else is a CONFLICT, answered
+to its publisher alone. A claim lives as long as a committed record (the caller's claim TTL), in
+every state, so a request that ended never runs again within that time: a committed or released one
+answers DONE with the outcome it ended with (republished as it was), a refused one REFUSED again.
 """
 
 from __future__ import annotations
@@ -85,6 +97,27 @@ local function hold(user, rid, tokens, exp, now, grace)
   redis.call('PEXPIRE', s, ttl)
 end
 
+-- The requests-per-minute sliding window (the gateway's admission and the worker's bus requests share it):
+-- true when one more request fits, which is then logged; else false and the ms until the oldest leaves.
+local function rpm_take(user, now_ms, limit)
+  local now = tonumber(now_ms)
+  local r = P .. 'rpm:' .. user
+  redis.call('ZREMRANGEBYSCORE', r, '-inf', now - 60000)
+  local count = redis.call('ZCARD', r)
+  if count >= limit then
+    local oldest = redis.call('ZRANGE', r, 0, 0, 'WITHSCORES')
+    local wait = 60000
+    if oldest[2] then wait = tonumber(oldest[2]) + 60000 - now end
+    return false, wait, count
+  end
+  local seq_key = P .. 'rpmseq:' .. user
+  local seq = redis.call('INCR', seq_key)
+  redis.call('PEXPIRE', seq_key, 61000)
+  redis.call('ZADD', r, now_ms, now_ms .. '-' .. seq)
+  redis.call('PEXPIRE', r, 61000)
+  return true, 0, count
+end
+
 local function charge(user, tokens, day_id, month_id, day_ttl, month_ttl)
   local d = P .. 'ud:' .. user .. ':' .. day_id
   local m = P .. 'um:' .. user .. ':' .. month_id
@@ -95,29 +128,71 @@ local function charge(user, tokens, day_id, month_id, day_ttl, month_ttl)
 end
 """
 
+# The claim check every script that answers for a request makes first. HMGET's fields:
+# 1 s, 2 u, 3 ev, 4 dg, 5 l, 6 o, 7 t, 8 c. Returns the answer to give back at once, or nil when the
+# caller may go on (no claim yet, the gateway's admitted claim of this very request, or this request's
+# own reservation), and the record's fields.
+_CLAIM_FUNCTIONS: Final = r"""
+local function claim_check(rec, user, ev, dg, status_key)
+  local st = redis.call('HMGET', rec, 's', 'u', 'ev', 'dg', 'l', 'o', 't', 'c')
+  local owner = st[2]
+  if not owner and status_key ~= '' then
+    -- no claim record (expired, or lost with a rebuild): the status cache still knows whose request it is
+    owner = redis.call('HGET', status_key, 'user_id')
+  end
+  if owner and owner ~= user then return {'CONFLICT'}, st end
+  if st[1] then
+    -- dg is absent on records rebuilt from the ledger (and '' from callers without a claim): the owner's
+    -- message is then taken for the request itself
+    if st[4] and st[4] ~= '' and (st[3] ~= ev or st[4] ~= dg) then return {'CONFLICT'}, st end
+    if st[1] == 'committed' or st[1] == 'released' then
+      return {'DONE', st[1], st[8] or '0', st[6] or ''}, st
+    end
+    if st[1] == 'refused' then return {'REFUSED', st[5] or 'quota', 0}, st end
+  end
+  if status_key ~= '' and status_is_terminal(status_key) then return {'FINISHED'}, st end
+  return nil, st
+end
+
+local function claim_refuse(rec, user, why, ev, dg, ttl)
+  redis.call('DEL', rec)
+  redis.call('HSET', rec, 's', 'refused', 'u', user, 'l', why, 'ev', ev, 'dg', dg)
+  redis.call('PEXPIRE', rec, ttl)
+end
+"""
+
 # ARGV: P, request_id, user, tokens, now_ms, expires_ms, day_id, month_id, day_limit, month_limit,
-#       grace_ms, refused_ttl_ms, status_key ('' = none)
-# -> {'FINISHED'} | {'GRANTED', tokens} | {'ALREADY', tokens} | {'COMMITTED', charged}
-#    | {'REFUSED', limit} | {'NOT_BUILT'}
-# status_key: the request's status-cache hash; when it already holds a terminal status the request
-# needs no work and no quota (FINISHED): the worker's redelivery check, in the round trip it makes anyway
-# (the check is the status cache's own function, projections.status_cache.STATUS_LUA_FUNCTIONS).
+#       grace_ms, claim_ttl_ms, status_key ('' = none), event_id, digest, refusal ('' = none),
+#       rpm_limit ('' = this caller does not count requests)
+# -> {'GRANTED', tokens} | {'ALREADY', tokens} | {'DONE', state, charged, outcome} | {'FINISHED'}
+#    | {'REFUSED', limit_or_reason, retry_ms} | {'CONFLICT'} | {'NOT_BUILT'}
+# The claim first (claim_check). status_key: the request's status-cache hash; a terminal status there
+# means the request needs no work and no quota (FINISHED): the worker's redelivery check, in the round
+# trip it makes anyway (the status cache's own function, projections.status_cache.STATUS_LUA_FUNCTIONS).
+# refusal: the request breaks a request rule (the caller's check): the claim is recorded as refused.
+# rpm_limit: a new claim (not one the gateway admitted, which counted it) takes a place in the
+# requests-per-minute window, after the token limits, as the admission does.
 RESERVE: Final = (
     _PRELUDE
     + STATUS_LUA_FUNCTIONS
+    + _CLAIM_FUNCTIONS
     + r"""
-if ARGV[13] and ARGV[13] ~= '' and status_is_terminal(ARGV[13]) then return {'FINISHED'} end
 if not built() then return {'NOT_BUILT'} end
 local rid, user, tokens = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local now, exp, grace = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[11])
+local claim_ttl, ev, dg = ARGV[12], ARGV[14], ARGV[15]
 local rec = P .. 'rq:' .. rid
-local st = redis.call('HMGET', rec, 's', 't', 'c', 'l', 'u')
-if st[1] == 'committed' then return {'COMMITTED', st[3]} end
-if st[1] == 'refused' then return {'REFUSED', st[4]} end
+local answer, st = claim_check(rec, user, ev, dg, ARGV[13])
+if answer then return answer end
 if st[1] == 'reserved' then
-  -- the record keeps the user of the first reservation (the request's user never changes)
-  purge(st[5], now)
-  if redis.call('ZSCORE', P .. 'rz:' .. st[5], rid) then return {'ALREADY', st[2]} end
+  purge(user, now)
+  if redis.call('ZSCORE', P .. 'rz:' .. user, rid) then return {'ALREADY', st[7] or '0'} end
+end
+-- already in the requests-per-minute window: admitted by the gateway, or reserved before (its hold expired)
+local counted = st[1] == 'admitted' or st[1] == 'reserved'
+if ARGV[16] ~= '' then
+  claim_refuse(rec, user, ARGV[16], ev, dg, claim_ttl)
+  return {'REFUSED', ARGV[16], 0}
 end
 local reserved = purge(user, now)
 local used_m = get_num(P .. 'um:' .. user .. ':' .. ARGV[8])
@@ -130,29 +205,41 @@ elseif used_d + reserved + tokens > tonumber(ARGV[9]) then
   limit = 'tokens_per_day'
 end
 if limit then
-  redis.call('HSET', rec, 's', 'refused', 'u', user, 'l', limit, 't', ARGV[4])
-  redis.call('PEXPIRE', rec, ARGV[12])
-  return {'REFUSED', limit}
+  claim_refuse(rec, user, limit, ev, dg, claim_ttl)
+  return {'REFUSED', limit, 0}
+end
+if ARGV[17] ~= '' and not counted then
+  local fits, wait = rpm_take(user, ARGV[5], tonumber(ARGV[17]))
+  if not fits then
+    claim_refuse(rec, user, 'requests_per_minute', ev, dg, claim_ttl)
+    return {'REFUSED', 'requests_per_minute', wait}
+  end
 end
 hold(user, rid, ARGV[4], ARGV[6], now, grace)
 redis.call('DEL', rec)
-redis.call('HSET', rec, 's', 'reserved', 'u', user, 't', ARGV[4], 'e', ARGV[6])
-redis.call('PEXPIRE', rec, math.max(1, exp - now + grace))
+redis.call('HSET', rec, 's', 'reserved', 'u', user, 't', ARGV[4], 'e', ARGV[6], 'ev', ev, 'dg', dg)
+redis.call('PEXPIRE', rec, claim_ttl)
 return {'GRANTED', ARGV[4]}
 """
 )
 
 # ARGV: P, request_id, actual_tokens, now_ms, day_id, month_id, day_ttl_s, month_ttl_s,
-#       committed_ttl_ms, fallback_user ('' = none)
+#       committed_ttl_ms, fallback_user ('' = none), outcome ('' = none)
 # -> {'COMMITTED', charged, released_hold} | {'ALREADY', charged} | {'UNKNOWN'} | {'NOT_BUILT'}
+# outcome: the request's outcome event, kept with the committed record: a redelivery is answered with it
+# (DONE) instead of running again. The claim (owner, event, digest) stays.
 COMMIT: Final = (
     _PRELUDE
     + r"""
 if not built() then return {'NOT_BUILT'} end
-local rid, now = ARGV[2], tonumber(ARGV[4])
+local rid, now, outcome = ARGV[2], tonumber(ARGV[4]), ARGV[11]
 local rec = P .. 'rq:' .. rid
-local st = redis.call('HMGET', rec, 's', 'u', 'c')
-if st[1] == 'committed' then return {'ALREADY', st[3]} end
+local st = redis.call('HMGET', rec, 's', 'u', 'c', 'ev', 'dg')
+if st[1] == 'committed' then
+  -- the first outcome stays; one is filled in when the first commit had none (rebuilt from the ledger)
+  if outcome ~= '' then redis.call('HSETNX', rec, 'o', outcome) end
+  return {'ALREADY', st[3]}
+end
 local user = st[2]
 if not user then
   -- the reservation is gone (expired long ago, or never made): the tokens were still spent
@@ -165,26 +252,48 @@ if st[1] == 'reserved' then held = drop(user, rid) end
 charge(user, ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 redis.call('DEL', rec)
 redis.call('HSET', rec, 's', 'committed', 'u', user, 'c', ARGV[3])
+if st[4] then redis.call('HSET', rec, 'ev', st[4]) end
+if st[5] then redis.call('HSET', rec, 'dg', st[5]) end
+if outcome ~= '' then redis.call('HSET', rec, 'o', outcome) end
 redis.call('PEXPIRE', rec, ARGV[9])
 return {'COMMITTED', ARGV[3], held}
 """
 )
 
-# ARGV: P, request_id, now_ms, released_ttl_ms
-# -> {'RELEASED', freed} | {'COMMITTED'} | {'NONE'} | {'NOT_BUILT'}
+# ARGV: P, request_id, now_ms, claim_ttl_ms, outcome ('' = none), user ('' = unchecked), event_id, digest
+# -> {'RELEASED', freed} | {'COMMITTED'} | {'NONE'} | {'CONFLICT'} | {'NOT_BUILT'}
+# The request ended without a charge (failed): its hold is freed and the claim is kept as released, with
+# the outcome event, so a redelivery is answered with it (DONE). With a user, the claim is checked like
+# a reservation's (a message that does not own the request cannot end it: CONFLICT), and a request
+# that held no claim yet (it failed before its reservation) is claimed as released.
 RELEASE: Final = (
     _PRELUDE
     + r"""
 if not built() then return {'NOT_BUILT'} end
-local rid, now = ARGV[2], tonumber(ARGV[3])
+local rid, now, ttl, outcome, user = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 local rec = P .. 'rq:' .. rid
-local st = redis.call('HMGET', rec, 's', 'u')
+local st = redis.call('HMGET', rec, 's', 'u', 'ev', 'dg')
+if user ~= '' then
+  if (st[2] and st[2] ~= user) or (st[4] and st[4] ~= '' and (st[3] ~= ARGV[7] or st[4] ~= ARGV[8])) then
+    return {'CONFLICT'}
+  end
+end
 if st[1] == 'committed' then return {'COMMITTED'} end
-if st[1] ~= 'reserved' then return {'NONE'} end
-purge(st[2], now)
-local freed = drop(st[2], rid)
+if st[1] == 'released' or st[1] == 'refused' then return {'NONE'} end
+local freed = 0
+if st[1] == 'reserved' then
+  purge(st[2], now)
+  freed = drop(st[2], rid)
+elseif user == '' then
+  return {'NONE'}
+else
+  -- not reserved (admitted, or no claim yet): the failure claims the request
+  redis.call('DEL', rec)
+  redis.call('HSET', rec, 'u', user, 'ev', ARGV[7], 'dg', ARGV[8])
+end
 redis.call('HSET', rec, 's', 'released')
-redis.call('PEXPIRE', rec, ARGV[4])
+if outcome ~= '' then redis.call('HSET', rec, 'o', outcome) end
+redis.call('PEXPIRE', rec, ttl)
 return {'RELEASED', freed}
 """
 )
@@ -204,10 +313,13 @@ return {'OK', get_num(P .. 'ud:' .. user .. ':' .. ARGV[4]),
 # The gateway's check: could max_tokens still fit (used + reserved + max_tokens <= limit), and the
 # requests-per-minute sliding window; a request is logged in the window only when admitted.
 # ARGV: P, user, now_ms, day_id, month_id, day_limit, month_limit, want, rpm_limit,
-#       status_key ('' = none), status_ttl_s, then the status hash's field/value pairs
+#       status_key ('' = none), status_ttl_s, request_id ('' = no claim), event_id, digest, claim_ttl_ms,
+#       then the status hash's field/value pairs
 # -> {'OK'} | {'REFUSED', limit, retry_ms, used, reserved} | {'NOT_BUILT'}
 # status_key: on OK, the new request's status-cache entry is written as 'queued' in the same round trip
 # (the gateway's first status, written by the status cache's own function, STATUS_LUA_FUNCTIONS).
+# request_id: on OK, the request is claimed for the user (state 'admitted') before the gateway publishes
+# it, so no bus message can claim it first; the worker's reservation then knows it was counted here.
 ADMIT: Final = (
     _PRELUDE
     + STATUS_LUA_FUNCTIONS
@@ -223,21 +335,16 @@ local used_d = get_num(P .. 'ud:' .. user .. ':' .. ARGV[4])
 if used_d + reserved + want > tonumber(ARGV[6]) then
   return {'REFUSED', 'tokens_per_day', 0, used_d, reserved}
 end
-local r = P .. 'rpm:' .. user
-redis.call('ZREMRANGEBYSCORE', r, '-inf', now - 60000)
-local count = redis.call('ZCARD', r)
-if count >= tonumber(ARGV[9]) then
-  local oldest = redis.call('ZRANGE', r, 0, 0, 'WITHSCORES')
-  local wait = 60000
-  if oldest[2] then wait = tonumber(oldest[2]) + 60000 - now end
-  return {'REFUSED', 'requests_per_minute', wait, count, 0}
+local fits, wait, count = rpm_take(user, ARGV[3], tonumber(ARGV[9]))
+if not fits then return {'REFUSED', 'requests_per_minute', wait, count, 0} end
+if ARGV[12] ~= '' then
+  local rec = P .. 'rq:' .. ARGV[12]
+  if redis.call('EXISTS', rec) == 0 then
+    redis.call('HSET', rec, 's', 'admitted', 'u', user, 'ev', ARGV[13], 'dg', ARGV[14])
+    redis.call('PEXPIRE', rec, ARGV[15])
+  end
 end
-local seq_key = P .. 'rpmseq:' .. user
-local seq = redis.call('INCR', seq_key)
-redis.call('PEXPIRE', seq_key, 61000)
-redis.call('ZADD', r, ARGV[3], ARGV[3] .. '-' .. seq)
-redis.call('PEXPIRE', r, 61000)
-if ARGV[10] and ARGV[10] ~= '' then status_put_queued(ARGV[10], tonumber(ARGV[11]), 12) end
+if ARGV[10] ~= '' then status_put_queued(ARGV[10], tonumber(ARGV[11]), 16) end
 return {'OK'}
 """
 )

@@ -2,8 +2,9 @@
 
 - gateway: ``admit(user, max_tokens)`` -- a cheap check (could max_tokens still fit?) plus
   requests-per-minute; answers 429 with ``retry_after_s`` when not allowed.
-- worker: ``reserve`` an upper bound of the request's tokens, then ``commit`` the actual tokens
-  or ``release`` on failure/rejection. All three are idempotent by request_id.
+- worker: ``reserve`` an upper bound of the request's tokens (claiming the request id, see
+  quota.scripts), then ``commit`` the actual tokens or ``release`` on failure. All three are idempotent
+  by request_id; ``refuse`` claims a request as refused (a rejection that must be the request's own).
 - read API: ``view(user)`` for GET /api/v1/users/{user_id}/quota.
 """
 
@@ -15,16 +16,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Final, Literal, cast, get_args
 
 import asyncpg
 import redis.asyncio as redis
 
+from events.identity import RequestClaim
 from events.model import utc_now
-from events.request_rules import check_max_tokens_per_request
+from events.request_rules import Rejection, RejectReason, check_max_tokens_per_request
 from mlp.settings import Settings
 from projections.status_cache import QueuedStatus
 from quota import store
-from quota.ledger import QuotaUnavailable, RedisLedger
+from quota.ledger import QuotaUnavailable, RedisLedger, ReleaseResult, ReserveResult
 from quota.plans import (
     LimitName,
     Limits,
@@ -63,9 +66,21 @@ class Admission:
     detail: str = ""
 
 
+# What the worker does with a message, given its reservation:
+# run: call Triton (granted; or already, the redelivery of a request whose hold is still live);
+# finished: acknowledge, nothing else (the status cache holds the outcome);
+# done: the request ended (committed or released): publish ``outcome_event`` again when kept, acknowledge;
+# refused: publish ``rejection`` on the request; conflict: the id names another request, answer the
+# publisher alone (events.identity.duplicate_rejection).
+Answer = Literal["run", "finished", "done", "refused", "conflict"]
+_REJECT_REASONS: Final = frozenset(get_args(RejectReason))
+# The limits the quota scripts refuse by (max_tokens_per_request is a request rule: see reserve's max_tokens).
+_COUNTED_LIMITS: Final = frozenset({"tokens_per_day", "tokens_per_month", "requests_per_minute"})
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """The worker's answer. ``granted`` means: go ahead and run the request.
+    """The worker's answer; ``answer`` says what to do. ``granted`` means: a reservation is held for it.
 
     ``already`` is True for a redelivery: the first reservation is still held, or the request was
     already committed (``committed``; its tokens are charged and committing again changes nothing).
@@ -78,6 +93,9 @@ class Reservation:
     committed: bool = False
     # The request's status cache already holds its outcome: nothing to run and nothing reserved.
     finished: bool = False
+    answer: Answer = "run"
+    rejection: Rejection | None = None  # refused: what to tell the publisher, on the request
+    outcome_event: bytes | None = None  # done: the outcome event the request ended with, when kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +132,56 @@ _LIMIT_WORDS: dict[str, str] = {
     "requests_per_minute": "requests-per-minute limit",
     "max_tokens_per_request": "max_tokens per request",
 }
+
+
+def _rpm_detail(limits: Limits) -> str:
+    """Why requests_per_minute refused: the gateway's 429 and the worker's rejection say the same."""
+    return f"{limits.requests_per_minute} requests per minute allowed on the {limits.plan} plan"
+
+
+def _answered(result: ReserveResult) -> Reservation:
+    """A reservation's answer other than a refusal."""
+    match result.outcome:
+        case "finished":
+            return Reservation(False, False, None, 0, finished=True, answer="finished")
+        case "granted":
+            return Reservation(True, False, None, result.tokens)
+        case "already":
+            return Reservation(True, True, None, result.tokens)
+        case "committed":
+            return Reservation(
+                True, True, None, result.tokens, committed=True, answer="done", outcome_event=result.outcome_event
+            )
+        case "released":
+            return Reservation(False, True, None, 0, answer="done", outcome_event=result.outcome_event)
+        case "conflict":
+            return Reservation(False, False, None, 0, answer="conflict")
+    raise QuotaUnavailable(f"unexpected reservation outcome {result.outcome!r}")
+
+
+def _refused(result: ReserveResult, limits: Limits, tokens: int, refusal: Rejection | None) -> Reservation:
+    """A refused reservation: a quota limit (the gateway's reasons and words), or a request rule."""
+    if result.limit in _COUNTED_LIMITS:
+        limit = cast(LimitName, result.limit)
+        if limit == "requests_per_minute":
+            detail = _rpm_detail(limits)
+        else:
+            budget = limits.tokens_per_day if limit == "tokens_per_day" else limits.tokens_per_month
+            detail = (
+                f"{_LIMIT_WORDS[limit]} of {budget} tokens on the {limits.plan} plan cannot cover this "
+                f"request's {tokens} tokens (an upper bound)"
+            )
+        return Reservation(False, False, limit, 0, answer="refused", rejection=Rejection("quota_exceeded", detail))
+    return Reservation(False, False, None, 0, answer="refused", rejection=_stored_rejection(result, refusal))
+
+
+def _stored_rejection(result: ReserveResult, refusal: Rejection | None) -> Rejection:
+    """The rule a claim was refused for: the caller's own rejection when it names the same reason (the usual
+    case: a redelivery breaks the same rule), else the stored reason with a generic message."""
+    if refusal is not None and refusal.reason == result.limit:
+        return refusal
+    reason = cast(RejectReason, result.limit) if result.limit in _REJECT_REASONS else "invalid_request"
+    return Rejection(reason, f"this request was refused before ({result.limit})")
 
 
 class QuotaService:
@@ -193,23 +261,27 @@ class QuotaService:
         estimate_tokens: int | None = None,
         *,
         queued: QueuedStatus | None = None,
+        request_id: str | None = None,
+        claim: RequestClaim | None = None,
     ) -> Admission:
         """Gateway check: ``max_tokens`` against the per-request limit, ``estimate_tokens`` (default:
         max_tokens) against the remaining budget, and the requests-per-minute window. ``queued``: the
-        request's first status entry, written only when admitted, in the same Redis round trip."""
+        request's first status entry, written only when admitted, in the same Redis round trip;
+        ``request_id`` and ``claim``: the request is claimed for ``user_id`` then too (before it is published)."""
         limits = await self.limits_for(user_id)
         too_many = check_max_tokens_per_request(max_tokens, limits.max_tokens_per_request, limits.plan)
         if too_many is not None:
             return Admission(False, "max_tokens_per_request", 0, too_many.message)
         now = self._clock()
         needed = max_tokens if estimate_tokens is None else estimate_tokens
-        result = await self.ledger.admit(user_id, needed, limits, now, queued=queued)
+        result = await self.ledger.admit(
+            user_id, needed, limits, now, queued=queued, request_id=request_id, claim=claim
+        )
         if result.allowed or result.limit is None:
             return Admission(True)
         if result.limit == "requests_per_minute":
             retry = max(1, -(-result.retry_ms // 1000))
-            detail = f"{limits.requests_per_minute} requests per minute allowed on the {limits.plan} plan"
-            return Admission(False, result.limit, retry, detail)
+            return Admission(False, result.limit, retry, _rpm_detail(limits))
         reset_window, limit = (
             (day_window(now), limits.tokens_per_day)
             if result.limit == "tokens_per_day"
@@ -225,30 +297,85 @@ class QuotaService:
     # --- worker ---------------------------------------------------------------------------------
 
     async def reserve(
-        self, request_id: str, user_id: str, tokens: int, *, status_key: str | None = None
+        self,
+        request_id: str,
+        user_id: str,
+        tokens: int,
+        *,
+        status_key: str | None = None,
+        claim: RequestClaim | None = None,
+        refusal: Rejection | None = None,
+        max_tokens: int | None = None,
+        count_request: bool = False,
     ) -> Reservation:
-        """``status_key``: check that status-cache hash first (see scripts.RESERVE); ``finished`` when terminal."""
+        """Claim the request and reserve ``tokens`` (see scripts.RESERVE and ``Reservation.answer``).
+
+        ``status_key``: check that status-cache hash too; ``claim``: the message's event and content (a
+        different one under the same id is a conflict); ``refusal``: the request breaks this request rule;
+        ``max_tokens``: checked against the plan's per-request ceiling (the admission's rule, the same
+        message); ``count_request``: a new claim counts against the requests-per-minute limit (bus
+        requests: the gateway's admission counted its own).
+        """
         limits = await self.limits_for(user_id)
-        result = await self.ledger.reserve(request_id, user_id, tokens, limits, self._clock(), status_key=status_key)
-        match result.outcome:
-            case "finished":
-                return Reservation(False, False, None, 0, finished=True)
-            case "granted":
-                return Reservation(True, False, None, result.tokens)
-            case "already":
-                return Reservation(True, True, None, result.tokens)
-            case "committed":
-                return Reservation(True, True, None, result.tokens, committed=True)
-        return Reservation(False, False, result.limit, 0)
+        if refusal is None and max_tokens is not None:
+            refusal = check_max_tokens_per_request(max_tokens, limits.max_tokens_per_request, limits.plan)
+        result = await self.ledger.reserve(
+            request_id,
+            user_id,
+            tokens,
+            limits,
+            self._clock(),
+            status_key=status_key,
+            claim=claim,
+            refusal=refusal.reason if refusal is not None else None,
+            count_request=count_request,
+        )
+        if result.outcome == "refused":
+            return _refused(result, limits, tokens, refusal)
+        return _answered(result)
+
+    async def refuse(
+        self,
+        request_id: str,
+        user_id: str,
+        claim: RequestClaim,
+        rejection: Rejection,
+        *,
+        status_key: str | None = None,
+    ) -> Reservation:
+        """Claim the request as refused with ``rejection`` (no limits, no reservation). ``answer`` "refused":
+        the rejection may be published on the request; anything else: the id is not this message's to end."""
+        result = await self.ledger.refuse(
+            request_id, user_id, rejection.reason, self._clock(), claim=claim, status_key=status_key
+        )
+        if result.outcome == "refused":
+            return Reservation(False, False, None, 0, answer="refused", rejection=_stored_rejection(result, rejection))
+        return _answered(result)
 
     async def commit(
-        self, request_id: str, actual_tokens: int, *, user_id: str | None = None, at: datetime | None = None
+        self,
+        request_id: str,
+        actual_tokens: int,
+        *,
+        user_id: str | None = None,
+        at: datetime | None = None,
+        outcome: bytes | None = None,
     ) -> None:
-        """Charge ``actual_tokens`` once. ``at``: the completion's time (default: now), which picks the window."""
-        await self.ledger.commit(request_id, actual_tokens, at or self._clock(), user_id=user_id)
+        """Charge ``actual_tokens`` once. ``at``: the completion's time (default: now), which picks the window.
+        ``outcome``: the encoded outcome event, kept with the claim (a redelivery is answered with it)."""
+        await self.ledger.commit(request_id, actual_tokens, at or self._clock(), user_id=user_id, outcome=outcome)
 
-    async def release(self, request_id: str) -> None:
-        await self.ledger.release(request_id, self._clock())
+    async def release(
+        self,
+        request_id: str,
+        *,
+        outcome: bytes | None = None,
+        user_id: str | None = None,
+        claim: RequestClaim | None = None,
+    ) -> ReleaseResult:
+        """Free the request's hold (it failed). ``outcome``: its encoded outcome event, kept with the claim;
+        ``user_id``/``claim``: the ending message's, checked against the claim (see RedisLedger.release)."""
+        return await self.ledger.release(request_id, self._clock(), outcome=outcome, user_id=user_id, claim=claim)
 
     # --- read API -------------------------------------------------------------------------------
 

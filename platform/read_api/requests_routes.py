@@ -17,7 +17,7 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 from msgspec import json as msgspec_json
 
-from events.request_rules import IDENTIFIER_PATTERN
+from events.request_rules import REQUEST_ID_PATTERN
 from events.status import TERMINAL_STATUSES
 from projections.queries import RequestView, get_request
 from projections.status_cache import StatusCache, StatusCacheUnavailable
@@ -26,7 +26,7 @@ from tenancy.http import CallerDep
 
 router = APIRouter()
 _encoder = msgspec_json.Encoder()
-RequestId = Annotated[str, Path(pattern=IDENTIFIER_PATTERN)]
+RequestId = Annotated[str, Path(pattern=REQUEST_ID_PATTERN)]
 
 
 async def load_view(cache: StatusCache, pool: asyncpg.Pool, request_id: str) -> RequestView | None:

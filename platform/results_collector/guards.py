@@ -4,16 +4,24 @@
   ``routing_key(event)``; a mismatch means an external publisher forged an event (say an
   ``InferenceCompleted`` on a requests key, which topic permissions allow): it is dead-lettered,
   never projected.
-- A request for a model no worker serves reaches only the projections queue, so no worker would
-  ever answer it. The collector answers it with ``InferenceRejected(unknown_model)``.
+- An untrusted ``InferenceRequested`` is stored only when a worker will handle it: under a request id
+  its user may name, for a served model, within the platform's limits (``unstorable_request``). Any
+  other is never stored, prompt and all; its rejection is, when it arrives: the worker's for a served
+  model, else the collector's own (``results_collector.follow_up``: a request for a model no worker
+  serves reaches only the projections queue, so nobody else would answer it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-
 from events.model import Event, InferenceRejected, InferenceRequested, new_event_id, utc_now
-from events.request_rules import check_model
+from events.request_rules import (
+    Rejection,
+    RequestLimits,
+    check_model,
+    check_request_id_for,
+    check_size,
+    max_body_bytes,
+)
 from events.topology import routing_key
 
 
@@ -25,21 +33,36 @@ def routing_mismatch(event: Event, delivered_with: str) -> str | None:
     return f"{type(event).__name__} arrived on routing key {delivered_with!r}; events travel on {expected!r}"
 
 
-def unserved_rejections(new_events: Iterable[Event], served_models: Collection[str]) -> list[InferenceRejected]:
-    """Rejections for newly stored requests that name a model this platform does not serve."""
-    return [
-        InferenceRejected(
-            event_id=new_event_id(),
-            request_id=e.request_id,
-            occurred_at=utc_now(),
-            correlation_id=e.correlation_id or e.request_id,
-            causation_id=e.event_id,
-            traceparent=e.traceparent,
-            user_id=e.user_id,
-            model=e.model,
-            reason=unserved.reason,
-            detail=unserved.message,
-        )
-        for e in new_events
-        if isinstance(e, InferenceRequested) and (unserved := check_model(e.model, served_models)) is not None
-    ]
+def unstorable_request(event: InferenceRequested, body_bytes: int, limits: RequestLimits) -> Rejection | None:
+    """Why a request must not be stored as it came (it is answered instead), or None when it may.
+
+    Bounded: the body within ``max_body_bytes``. Honest: a request id its user may name
+    (events.request_rules.check_request_id_for; the routing key already matched the user). Served: a
+    model of ``limits.models``. Bounded again: the size limits (``check_size``: the prompt within
+    ``max_prompt_chars``, max_tokens within the limit). (A prompt the store cannot hold, with a NUL, is
+    refused by the store itself: dead-lettered, never stored.)
+    """
+    limit = max_body_bytes(limits.max_prompt_chars)
+    if body_bytes > limit:
+        return Rejection("invalid_request", f"message body has {body_bytes} bytes; the limit is {limit}")
+    return (
+        check_request_id_for(event.user_id, event.request_id)
+        or check_model(event.model, limits.models)
+        or check_size(model=event.model, prompt=event.prompt, max_tokens=event.max_tokens, limits=limits)
+    )
+
+
+def rejected_on_request(request: InferenceRequested, rejection: Rejection) -> InferenceRejected:
+    """The request's own rejection (its stream, its user), caused by it."""
+    return InferenceRejected(
+        event_id=new_event_id(),
+        request_id=request.request_id,
+        occurred_at=utc_now(),
+        correlation_id=request.correlation_id or request.request_id,
+        causation_id=request.event_id,
+        traceparent=request.traceparent,
+        user_id=request.user_id,
+        model=request.model,
+        reason=rejection.reason,
+        detail=rejection.message,
+    )

@@ -76,6 +76,7 @@ def build_app(settings: Settings) -> Consumer:
             collector = Collector(
                 pool,
                 CacheSync(cache),
+                limits=settings.request_limits(),
                 follow_up=follow_up,
                 # A batch never outgrows the prefetch window: with all deliveries in hand, write at once.
                 batch_size=min(settings.collector_batch_size, settings.prefetch),

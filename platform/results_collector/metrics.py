@@ -6,7 +6,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter(
     "mlp_collector_events_total",
-    "Events handled by the collector, by type and outcome (stored, duplicate, rejected, requeued)",
+    "Events handled by the collector, by type and outcome (stored, duplicate, rejected, requeued, refused: "
+    "an untrusted request not stored as it came, answered instead)",
     ["type", "outcome"],
 )
 BATCH_SIZE = Histogram(

@@ -3,6 +3,9 @@
 The bus adapter decides ack/nack/reject here and nowhere else:
 - a body that is not a valid event, or an event the store would refuse -> ``reject`` (no requeue):
   the queue's dead-letter exchange moves it to ``mlp.projections.dlq``; the reason is logged;
+- an untrusted request beyond the platform's limits, for a model nobody serves, or under a request id
+  its user may not name -> ``ack`` without storing it (``guards.unstorable_request``): its rejection is
+  stored instead when it arrives (the worker's; the follow-up's for a model no worker serves);
 - written (newly stored, or a duplicate already stored) -> ``ack``, only after the commit;
 - Postgres down -> the handler keeps waiting while its batch is retried (the message stays unacked;
   no requeue, which a quorum queue would count towards its delivery limit);
@@ -22,7 +25,8 @@ import asyncpg
 from faststream.rabbit import RabbitMessage
 from opentelemetry.trace import SpanContext
 
-from events.model import AnyEvent, EventDecodeError, decode_event
+from events.model import AnyEvent, EventDecodeError, InferenceRequested, decode_event
+from events.request_rules import RequestLimits
 from mlp import metrics as platform_metrics
 from mlp.backoff import Backoff
 from projections.postgres import is_transient, store_and_project
@@ -31,7 +35,7 @@ from results_collector import metrics
 from results_collector.batcher import WRITE_BACKOFF, Batcher, ItemFailed, ShuttingDown
 from results_collector.cache_sync import CacheSync
 from results_collector.follow_up import FollowUp
-from results_collector.guards import routing_mismatch
+from results_collector.guards import routing_mismatch, unstorable_request
 from results_collector.tracing import batch_span, consumer_parent, record_stored
 
 log = logging.getLogger(__name__)
@@ -56,11 +60,14 @@ class Collector:
         batch_size: int,
         batch_wait_s: float,
         backoff: Backoff = WRITE_BACKOFF,
+        limits: RequestLimits,
         follow_up: FollowUp | None = None,
     ) -> None:
+        """``limits``: the platform's request limits and served models (guards.unstorable_request)."""
         self._pool = pool
         self._cache_sync = cache_sync
         self._follow_up = follow_up
+        self._limits = limits
         self._batcher: Batcher[Incoming, bool] = Batcher(
             self._write,
             max_size=batch_size,
@@ -98,6 +105,15 @@ class Collector:
         ) is not None:
             await self._reject(message, type(event).__name__, reason)
             return
+        if isinstance(event, InferenceRequested):
+            refusal = unstorable_request(event, len(body), self._limits)
+            if refusal is not None:
+                metrics.EVENTS.labels(type(event).__name__, "refused").inc()
+                log.info("request %s not stored (%s): %s", event.request_id[:200], refusal.reason, refusal.message)
+                if self._follow_up is not None:
+                    self._follow_up.refuse(event, refusal)
+                await message.ack()
+                return
         try:
             newly_stored = await self._batcher.submit(Incoming(event, body, consumer_parent(event)))
         except ItemFailed as exc:

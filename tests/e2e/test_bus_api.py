@@ -241,3 +241,91 @@ async def test_an_outcome_forged_on_the_requests_key_is_rejected_not_projected(p
     assert "InferenceCompleted" in outcome["detail"]
     shown = await asyncio.to_thread(_read_api, platform, request_id)
     assert shown["status"] == "rejected", shown
+
+
+_INFERENCES = re.compile(r"^nv_inference_count\{([^}]*)\}\s+([0-9.e+]+)$")
+
+
+def triton_inferences(triton: TritonProcess, model: str = MODEL) -> float:
+    """Inferences Triton ran for ``model``, each row of a batch counted (its metrics: nv_inference_count)."""
+    total = 0.0
+    for line in httpx.get(triton.metrics_url, timeout=10).text.splitlines():
+        match = _INFERENCES.match(line)
+        if match and f'model="{model}"' in match.group(1):
+            total += float(match.group(2))
+    return total
+
+
+async def _answers_about(
+    clients: list[BusClient], request_id: str, count: int, timeout_s: float = 60
+) -> list[dict[str, Any]]:
+    """The outcomes ``clients`` received about ``request_id`` (its own, and those addressed to their
+    publishers about it: correlation_id), once there are ``count`` of them."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            about = [o for c in clients for o in c.outcomes.values() if o.get("correlation_id") == request_id]
+            if len(about) >= count:
+                return about
+            got = False
+            for client in clients:
+                message = await client.queue.get(fail=False)
+                if message is not None:
+                    got = True
+                    await message.ack()
+                    event = json.loads(message.body)
+                    client.outcomes[event["request_id"]] = event
+            if not got:
+                await asyncio.sleep(0.1)
+
+
+async def test_a_second_tenant_cannot_kill_anothers_request(platform: Platform) -> None:
+    # The issue's attack: on bob's own routing key, a body naming alice's request X with alice's user id.
+    alice, bob = "bus-alice", "bus-bob"
+    alices = f"{alice}.job-{new_event_id()}"
+    alice_conn, alice_client = await _client(platform, alice)
+    bob_conn, bob_client = await _client(platform, bob)
+    async with alice_conn, bob_conn:
+        attack = {"type": "InferenceRequested", "request_id": alices, "user_id": alice, "model": MODEL}
+        await bob_client.publish(json.dumps(attack).encode(), f"inference.requested.{MODEL}.{bob}", alices)
+        [answer] = await _answers_about([bob_client], alices, 1)
+        # alice's valid X, published afterwards, completes as hers.
+        request_id = await alice_client.submit(_request(alice, request_id=alices))
+        outcome = await alice_client.outcome(request_id)
+    assert (answer["type"], answer["reason"], answer["user_id"]) == ("InferenceRejected", "invalid_request", bob)
+    assert answer["request_id"].startswith(f"{bob}.rejected-")
+    assert outcome["type"] == "InferenceCompleted", outcome
+    shown = await asyncio.to_thread(_read_api, platform, alices)
+    assert (shown["status"], shown["user_id"]) == ("completed", alice)
+
+
+async def test_twenty_publishes_of_one_id_with_twenty_prompts_run_at_most_one_inference(
+    platform: Platform, triton_server: TritonProcess
+) -> None:
+    # Two tenants race for one request id with twenty prompts: whoever claims it first runs it, once.
+    users = ("bus-alice-20", "bus-bob-20")
+    rid = new_event_id()
+    (alice_conn, alice_client), (bob_conn, bob_client) = [await _client(platform, u) for u in users]
+    async with alice_conn, bob_conn:
+        before = await asyncio.to_thread(triton_inferences, triton_server)
+        bodies = [(c, _request(u, request_id=rid, prompt=f"{u}'s prompt {i}")) for i in range(10)
+                  for c, u in ((alice_client, users[0]), (bob_client, users[1]))]  # fmt: skip
+        await asyncio.gather(*(client.submit(body) for client, body in bodies))
+        answers = await _answers_about([alice_client, bob_client], rid, 20)
+        await asyncio.sleep(2)  # Triton's metrics are scraped, not pushed: let them catch up
+        ran = await asyncio.to_thread(triton_inferences, triton_server) - before
+    assert ran <= 1, f"{ran} inferences for one request id"
+    [outcome] = [a for a in answers if a["request_id"] == rid]
+    assert outcome["type"] == "InferenceCompleted", outcome
+    refusals = [a for a in answers if a["request_id"] != rid]
+    assert len(refusals) == 19
+    assert {o["reason"] for o in refusals} == {"duplicate_request_id"}
+    assert all(o["request_id"].startswith(f"{o['user_id']}.rejected-") for o in refusals)
+    winner = outcome["user_id"]
+    shown = await asyncio.to_thread(_read_api, platform, rid)
+    assert (shown["status"], shown["user_id"]) == ("completed", winner)
+    assert shown["result"]["completion"] == outcome["completion"]
+    for user in users:  # the winner is charged once, the other not at all
+        quota = httpx.get(f"{platform.api_url}/api/v1/users/{user}/quota", timeout=10).json()
+        day = next(w for w in quota["windows"] if w["window"] == "day")
+        charged = outcome["prompt_tokens"] + outcome["completion_tokens"] if user == winner else 0
+        assert day["used"] == charged, (user, quota)

@@ -88,9 +88,9 @@ async def test_poison_messages_end_in_the_dlq_and_consumers_keep_going(
         completed_key = f"inference.completed.basic-model.{POISON_USER}"
 
         # Requests queue (and, through its inference.# binding, the projections queue too):
-        undecodable_id = "poison-" + new_event_id()
+        undecodable_id = f"{POISON_USER}.poison-{new_event_id()}"  # in the publisher's namespace
         await _publish_raw(ns.rabbitmq_url, b"\xff\x00 not json {", requested_key, correlation_id=undecodable_id)
-        invalid_id = "poison-" + new_event_id()
+        invalid_id = f"{POISON_USER}.poison-{new_event_id()}"  # in the publisher's namespace
         invalid = {
             "type": "InferenceRequested",
             "request_id": invalid_id,
@@ -120,7 +120,7 @@ async def test_poison_messages_end_in_the_dlq_and_consumers_keep_going(
         body = {"prompt": "nul \u0000 inside", "user_id": POISON_USER, "model": "basic-model", "max_tokens": 8}
         response = httpx.post(f"{platform.gateway_url}/api/v1/inference", json=body, timeout=15)
         assert response.status_code == 422, response.text
-        nul_id = "poison-" + new_event_id()
+        nul_id = f"{POISON_USER}.poison-{new_event_id()}"  # in the publisher's namespace
         await _publish_event(ns.rabbitmq_url, requested(nul_id, POISON_USER, prompt="nul \u0000 inside"))
 
         load = await submit_batch(platform.gateway_url, REQUESTS, users)

@@ -16,7 +16,8 @@ import msgspec
 import pytest
 from faststream.rabbit import RabbitBroker
 
-from events.model import AnyEvent, encode_event
+from events.identity import claim_of
+from events.model import AnyEvent, InferenceRequested, encode_event, new_event_id, utc_now
 from events.topology import DLQ_SUFFIX, PROJECTIONS_QUEUE
 from mlp.bus import EVENTS, EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
@@ -25,6 +26,7 @@ from projections.projector import UpsertRequest, plan_events
 from projections.queries import RequestView, get_request
 from projections.sample_events import Outcome, request_stream
 from projections.status_cache import StatusCache, StatusKeys
+from quota.service import QuotaService, QuotaSettings
 from results_collector.main import build_app
 from tests.support.services import free_port
 from tests.support.waiting import eventually
@@ -93,7 +95,8 @@ async def _stored_count(pool: asyncpg.Pool, request_ids: list[str]) -> int:
 async def test_a_reordered_stream_with_duplicates_is_projected_once_and_right(collector: Running) -> None:
     rng = random.Random(42)
     outcomes: list[Outcome] = ["completed", "completed", "failed", "rejected", "running", "queued"]
-    streams = {f"col-{n}-{uuid.uuid4().hex[:8]}": outcomes[n % len(outcomes)] for n in range(120)}
+    # Request ids in their users' namespaces (<user>.<suffix>): ids the publisher may name (docs/bus.md).
+    streams = {f"u{n % 7}.col-{n}-{uuid.uuid4().hex[:8]}": outcomes[n % len(outcomes)] for n in range(120)}
     events_by_request = {
         rid: request_stream(rid, user_id=f"u{n % 7}", outcome=o, attempts=1 + n % 2)
         for n, (rid, o) in enumerate(streams.items())
@@ -154,7 +157,7 @@ async def _ready_messages(collector: Running, queue: str) -> int:
 async def test_poison_messages_land_in_the_dlq_and_the_consumer_keeps_going(collector: Running) -> None:
     dlq = PROJECTIONS_QUEUE + DLQ_SUFFIX
     before = await _ready_messages(collector, dlq)
-    valid = request_stream(f"after-poison-{uuid.uuid4().hex[:8]}")[0]
+    valid = request_stream(f"alice.after-poison-{uuid.uuid4().hex[:8]}")[0]
     invalid = msgspec.json.decode(encode_event(valid))
     invalid["user_id"] = "has.a.dot"  # valid JSON, a known type, fails validation
     not_a_uuid = {**msgspec.json.decode(encode_event(valid)), "event_id": "not-a-uuid"}
@@ -178,3 +181,93 @@ async def test_poison_messages_land_in_the_dlq_and_the_consumer_keeps_going(coll
             seen.append(message.body)  # unacked: back in the DLQ when the connection closes
     assert set(bodies) <= set(seen)
     assert await _stored_count(collector.pool, ["has.a.dot"]) == 0
+
+
+def _requested(request_id: str, user_id: str, **changes: object) -> InferenceRequested:
+    fields: dict[str, object] = {
+        "event_id": new_event_id(),
+        "request_id": request_id,
+        "occurred_at": utc_now(),
+        "user_id": user_id,
+        "model": "basic-model",
+        "prompt": "a prompt",
+        "max_tokens": 8,
+        "source": "bus",
+    }
+    fields.update(changes)
+    return InferenceRequested(**fields)  # type: ignore[arg-type]
+
+
+async def _stream(pool: asyncpg.Pool, request_id: str) -> list[tuple[str, str]]:
+    rows = await pool.fetch(
+        "SELECT type, payload::text AS payload FROM event_store WHERE request_id = $1 ORDER BY position", request_id
+    )
+    return [(r["type"], r["payload"]) for r in rows]
+
+
+async def test_an_untrusted_request_is_stored_only_within_the_limits_and_under_an_id_its_user_may_name(
+    collector: Running,
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    oversize = _requested(f"alice-c.big-{tag}", "alice-c", prompt="x" * (collector.settings.max_prompt_chars + 1))
+    # bob, on his own routing key, under an id in alice's namespace (it would take her request's read model).
+    foreign = _requested(f"alice-c.job-{tag}", "bob-c")
+    mine = _requested(f"alice-c.job-{tag}", "alice-c")
+    for event in (oversize, foreign, mine):
+        await collector.publisher.publish(event)
+    await eventually(lambda: _eq(_stored_count(collector.pool, [mine.request_id]), 1), "alice's request stored")
+    await eventually(lambda: _eq(_ready_messages(collector, PROJECTIONS_QUEUE), 0), "every message acked")
+
+    # Never stored: the oversized one (its rejection is the worker's to publish; none runs here) ...
+    assert await _stream(collector.pool, oversize.request_id) == []
+    # ... nor bob's: alice's id holds alice's request alone.
+    [(kind, payload)] = await _stream(collector.pool, mine.request_id)
+    assert (kind, msgspec.json.decode(payload)["user_id"]) == ("InferenceRequested", "alice-c")
+    row = await get_request(collector.pool, mine.request_id)
+    assert row is not None
+    assert row.user_id == "alice-c"
+
+
+async def test_a_request_no_worker_serves_is_answered_through_its_claim_and_never_stored(
+    collector: Running,
+) -> None:
+    settings = collector.settings
+    redis_client = create_redis(settings)
+    quota = QuotaService(collector.pool, redis_client, QuotaSettings.of(settings))
+    try:
+        tag = uuid.uuid4().hex[:8]
+        unserved = _requested(f"carol-c.job-{tag}", "carol-c", model="nobody-serves")
+        big = _requested(new_event_id(), "carol-c", model="nobody-serves", prompt="y" * (settings.max_prompt_chars + 1))
+        # A request id alice's (served) request holds, as the worker's reservation claimed it.
+        alices = _requested(new_event_id(), "alice-c")
+        await quota.reserve(alices.request_id, "alice-c", 10, claim=claim_of(alices))
+        intruder = _requested(alices.request_id, "bob-c", model="nobody-serves")
+        for event in (unserved, big, intruder):
+            await collector.publisher.publish(event)
+
+        async def answered(request_id: str) -> bool:
+            return any(kind == "InferenceRejected" for kind, _ in await _stream(collector.pool, request_id))
+
+        await eventually(lambda: answered(unserved.request_id), "the unserved request answered")
+        await eventually(lambda: answered(big.request_id), "the oversized unserved request answered")
+        bobs = f"bob-c.rejected-{intruder.event_id}"
+        await eventually(lambda: answered(bobs), "bob answered on his own stream")
+
+        for request in (unserved, big):
+            [(kind, payload)] = await _stream(collector.pool, request.request_id)  # its rejection, alone
+            assert kind == "InferenceRejected"
+            assert msgspec.json.decode(payload)["reason"] == "unknown_model"
+            row = await get_request(collector.pool, request.request_id)
+            assert row is not None
+            assert (row.status, row.user_id) == ("rejected", "carol-c")
+        assert "y" * 100 not in "".join(p for _, p in await _stream(collector.pool, big.request_id))
+        [(_, payload)] = await _stream(collector.pool, bobs)
+        rejection = msgspec.json.decode(payload)
+        assert (rejection["reason"], rejection["user_id"], rejection["correlation_id"]) == (
+            "duplicate_request_id",
+            "bob-c",
+            alices.request_id,
+        )
+        assert await _stream(collector.pool, alices.request_id) == []  # alice's stream untouched
+    finally:
+        await redis_client.aclose()

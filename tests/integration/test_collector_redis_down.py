@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 async def test_with_redis_down_events_are_still_projected_and_readiness_says_why(migrated: Settings) -> None:
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     settings = migrated.model_copy(update={"collector_health_port": free_port(), "redis_url": dead_redis})
-    stream = request_stream("redis-down-1")
+    stream = request_stream("alice.redis-down-1")
     task = asyncio.create_task(build_app(settings).run())
     conn = await asyncpg.connect(settings.postgres_dsn)
     broker = make_broker(settings, app_id="test-publisher")
@@ -34,7 +34,9 @@ async def test_with_redis_down_events_are_still_projected_and_readiness_says_why
 
         async def projected() -> bool:
             assert not task.done(), "the collector stopped"
-            status = await conn.fetchval("SELECT status FROM inference_requests WHERE request_id = $1", "redis-down-1")
+            status = await conn.fetchval(
+                "SELECT status FROM inference_requests WHERE request_id = $1", stream[0].request_id
+            )
             return bool(status == "completed")
 
         await eventually(projected, "projected while Redis is down")

@@ -234,3 +234,20 @@ async def test_restore_replaces_an_entry_unless_it_moved_further(cache: StatusCa
     await cache.advance(*cache_update(completed))
     assert await cache.restore_many([(rid, rebuilt)]) == 0
     assert (await cache.get(rid) or {})["status"] == "completed"
+
+
+async def test_a_second_request_under_a_stored_id_is_never_stored(pool: asyncpg.Pool) -> None:
+    # One request per stream (migration 0007): another tenant's (or another prompt's) request under the id.
+    rid = _rid("taken")
+    first = request_stream(rid, user_id="alice")[0]
+    intruder = request_stream(rid, user_id="bob")[0]
+    assert isinstance(first, InferenceRequested)
+    assert isinstance(intruder, InferenceRequested)
+    assert await store_and_project(pool, [first]) == [first]
+    assert await store_and_project(pool, [intruder]) == []
+    assert await store_and_project(pool, [first]) == []  # a redelivery was a duplicate already
+    rows = await pool.fetch("SELECT payload->>'user_id' AS user_id FROM event_store WHERE request_id = $1", rid)
+    assert [r["user_id"] for r in rows] == ["alice"]
+    row = await pool.fetchrow("SELECT user_id, prompt FROM inference_requests WHERE request_id = $1", rid)
+    assert row is not None
+    assert (row["user_id"], row["prompt"]) == ("alice", first.prompt)

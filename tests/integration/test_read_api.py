@@ -37,10 +37,13 @@ async def cache(module_settings: Settings) -> StatusCache:
 async def test_unknown_request_is_404_and_a_bad_id_is_422(module_settings: Settings) -> None:
     async with running(create_app(module_settings)) as client:
         missing = await client.get(f"/api/v1/inference/{new_event_id()}")
-        bad = await client.get("/api/v1/inference/not.a.valid.id")
+        bad = await client.get("/api/v1/inference/not*a*valid*id")
+        # A namespaced request id (<user>.<suffix>, docs/bus.md) is a valid id: unknown here, 404.
+        namespaced = await client.get("/api/v1/inference/alice.job-1")
         assert missing.status_code == 404
         assert missing.json()["error"] == "not_found"
         assert bad.status_code == 422
+        assert namespaced.status_code == 404
 
 
 async def test_a_waiting_get_returns_the_terminal_state_once_it_is_reached(

@@ -165,7 +165,7 @@ async def test_invalid_messages_are_rejected_visibly_dead_lettered_and_the_worke
     wsettings: Settings, triton_server: TritonProcess
 ) -> None:
     key = requested_routing_key("basic-model", "mallory")
-    not_json_id = "not-json-1"
+    not_json_id = "mallory.not-json-1"  # in the publisher's namespace: its rejection may name it
     bad_schema = requested(user_id="mallory")
     bad_schema_body = msgspec.json.encode({**msgspec.to_builtins(bad_schema), "max_tokens": "many"})
     too_long = requested(user_id="mallory", prompt="x" * 2_001)

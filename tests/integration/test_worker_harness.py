@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import socket
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
@@ -92,6 +92,12 @@ class EventLog:
                 self.arrivals.append(event)
                 self._changed.notify_all()
 
+    async def matching(self, predicate: Callable[[AnyEvent], bool], count: int = 1) -> list[AnyEvent]:
+        """The events that match, once at least ``count`` of them arrived."""
+        async with asyncio.timeout(WAIT_S), self._changed:
+            await self._changed.wait_for(lambda: sum(map(predicate, self.arrivals)) >= count)
+            return [e for e in self.arrivals if predicate(e)]
+
     async def terminal(self, request_id: str) -> list[AnyEvent]:
         """The request's events once its terminal event arrived."""
         async with asyncio.timeout(WAIT_S), self._changed:
@@ -146,6 +152,14 @@ async def wait_idle(worker: Worker, settings: Settings, queue: str) -> None:
     async with asyncio.timeout(WAIT_S):
         while await queue_depth(settings, queue) or worker.handler.in_flight:
             await asyncio.sleep(0.1)
+
+
+async def triton_inference_count(http_url: str, model: str) -> int:
+    """Inferences Triton ran for ``model``, each row of a batch counted (its statistics API)."""
+    async with httpx.AsyncClient(base_url=http_url, timeout=10) as client:
+        reply = await client.get(f"/v2/models/{model}/stats")
+        reply.raise_for_status()
+        return int(reply.json()["model_stats"][0].get("inference_count", 0))
 
 
 async def triton_inferences(http_url: str, model: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from events.model import InferenceCompleted, InferenceFailed, InferenceRejected, InferenceRequested, utc_now
-from events.request_rules import RequestLimits
+from events.request_rules import Rejection, RequestLimits
 from events.topology import DELIVERY_LIMIT
 from ml_worker import decide
 from ml_worker.decide import Commit, Release, Succeeded, TritonFailed
@@ -94,12 +94,23 @@ def test_a_triton_failure_releases_the_reservation_and_fails_with_its_code() -> 
 
 
 def test_a_quota_refusal_touches_no_quota_and_rejects() -> None:
-    outcome = decide.quota_refused(request(), limit="tokens_per_day", estimate=500)
+    # The quota service words the refusal (as the gateway does); the worker rejects with it on the request.
+    refusal = Rejection("quota_exceeded", "daily token quota of 100 tokens on the free plan cannot cover 500")
+    outcome = decide.refused(request(), refusal)
     assert outcome.quota is None
     assert isinstance(outcome.event, InferenceRejected)
     assert outcome.event.reason == "quota_exceeded"
-    assert "500" in outcome.event.detail
-    assert "tokens_per_day" in outcome.event.detail
+    assert outcome.event.detail == refusal.message
+    assert outcome.event.request_id == "req-1"
+
+
+def test_check_is_validate_without_the_event() -> None:
+    assert decide.check(request(), LIMITS) is None
+    rule = decide.check(request(max_tokens=51), LIMITS)
+    validated = decide.validate(request(max_tokens=51), LIMITS)
+    assert rule is not None
+    assert validated is not None
+    assert (rule.reason, rule.message) == (validated.reason, validated.detail)
 
 
 def test_the_delivery_limit_fails_the_request_and_releases() -> None:
