@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Final, Literal
 
-from events.model import TERMINAL_EVENTS, InferenceRequested
+from events.model import TERMINAL_EVENTS, InferenceRejected, InferenceRequested
 
 Check = Literal["stream", "read_model", "ledger", "redis"]
 CHECKS: Final[tuple[Check, ...]] = ("stream", "read_model", "ledger", "redis")
@@ -44,11 +44,13 @@ class StreamCounts:
     requested: int
     terminal: int
     last_event_at: datetime
+    outcome: str | None = None  # the type of its (first) terminal event
 
 
 # The event store holds type names (event_store.type).
 TERMINAL_TYPES: Final = frozenset(t.__name__ for t in TERMINAL_EVENTS)
 REQUESTED_TYPE: Final = InferenceRequested.__name__
+REJECTED_TYPE: Final = InferenceRejected.__name__
 
 
 def count_streams(events: Iterable[tuple[str, str, datetime]]) -> list[StreamCounts]:
@@ -59,17 +61,19 @@ def count_streams(events: Iterable[tuple[str, str, datetime]]) -> list[StreamCou
         requested = (seen.requested if seen else 0) + (kind == REQUESTED_TYPE)
         terminal = (seen.terminal if seen else 0) + (kind in TERMINAL_TYPES)
         last = max(seen.last_event_at, occurred_at) if seen else occurred_at
-        counts[request_id] = StreamCounts(request_id, requested, terminal, last)
+        outcome = (seen.outcome if seen else None) or (kind if kind in TERMINAL_TYPES else None)
+        counts[request_id] = StreamCounts(request_id, requested, terminal, last, outcome)
     return [counts[k] for k in sorted(counts)]
 
 
 def stream_drift(streams: Iterable[StreamCounts], now: datetime, grace_s: float) -> list[Drift]:
-    """A request without its InferenceRequested, with two outcomes, or without an outcome although its
-    last event is older than ``grace_s`` (younger ones may still be queued or running)."""
+    """A request with two outcomes, without an outcome although its last event is older than ``grace_s``
+    (younger ones may still be queued or running), or without its InferenceRequested. A rejection alone
+    is a whole stream: a poison message that names its request is rejected, its body never stored."""
     found: list[Drift] = []
     for s in streams:
         key = f"request/{s.request_id}"
-        if s.requested != 1:
+        if s.requested > 1 or (s.requested == 0 and s.outcome != REJECTED_TYPE):
             found.append(Drift("stream", key, "1 InferenceRequested", f"{s.requested} InferenceRequested"))
         if s.terminal > 1 or (s.terminal == 0 and (now - s.last_event_at).total_seconds() > grace_s):
             found.append(Drift("stream", key, "1 terminal event", f"{s.terminal} terminal events"))

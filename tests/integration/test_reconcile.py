@@ -51,6 +51,8 @@ async def books(module_settings: Settings) -> AsyncIterator[Settings]:
         # broken streams, long ago: no outcome; an outcome without its request
         request_stream("r-lost", user_id="dave", outcome="queued", start=PAST.start + timedelta(hours=1)),
         request_stream("r-orphan", user_id="dave", start=PAST.start + timedelta(hours=2))[1:],
+        # not broken: a poison message that named its request is rejected, its body never stored
+        request_stream("r-poisoned", user_id="dave", outcome="rejected", start=PAST.start + timedelta(hours=3))[1:],
     ]
     pool = await asyncpg.create_pool(module_settings.postgres_dsn, min_size=1, max_size=2)
     assert pool is not None

@@ -31,7 +31,9 @@ def test_streams_are_counted_per_request() -> None:
         ("a", "InferenceCompleted", NOW + timedelta(seconds=2)),
     ]
     assert count_streams(events) == [
-        StreamCounts("a", requested=1, terminal=1, last_event_at=NOW + timedelta(seconds=2)),
+        StreamCounts(
+            "a", requested=1, terminal=1, last_event_at=NOW + timedelta(seconds=2), outcome="InferenceCompleted"
+        ),
         StreamCounts("b", requested=1, terminal=0, last_event_at=NOW),
     ]
 
@@ -40,11 +42,15 @@ def test_a_request_without_an_outcome_is_drift_only_after_the_grace() -> None:
     young = StreamCounts("young", 1, 0, NOW - timedelta(seconds=10))
     old = StreamCounts("old", 1, 0, NOW - timedelta(seconds=400))
     fine = StreamCounts("fine", 1, 1, NOW - timedelta(days=3))
-    twice = StreamCounts("twice", 1, 2, NOW)
-    orphan = StreamCounts("orphan", 0, 1, NOW)
-    assert stream_drift([young, old, fine, twice, orphan], NOW, grace_s=300) == [
+    twice = StreamCounts("twice", 1, 2, NOW, "InferenceCompleted")
+    orphan = StreamCounts("orphan", 0, 1, NOW, "InferenceCompleted")
+    # a poison message that named its request: rejected, its InferenceRequested never stored
+    poisoned = StreamCounts("poisoned", 0, 1, NOW, "InferenceRejected")
+    resubmitted = StreamCounts("resubmitted", 2, 1, NOW, "InferenceCompleted")
+    assert stream_drift([young, old, fine, twice, orphan, poisoned, resubmitted], NOW, grace_s=300) == [
         Drift("stream", "request/old", "1 terminal event", "0 terminal events"),
         Drift("stream", "request/orphan", "1 InferenceRequested", "0 InferenceRequested"),
+        Drift("stream", "request/resubmitted", "1 InferenceRequested", "2 InferenceRequested"),
         Drift("stream", "request/twice", "1 terminal event", "2 terminal events"),
     ]
 
