@@ -1,7 +1,8 @@
 """``mlp reconcile [--from --to] [--repair]``: prove that the books balance, from the event store (the truth).
 
-  stream      every request of the window has one InferenceRequested and exactly one terminal event
-              (a request younger than --grace may still be on its way);
+  stream      every request of the window has exactly one terminal event and one InferenceRequested
+              (a request younger than --grace may still be on its way; a poison message that named
+              its request has a rejection alone);
   read_model  inference_requests, inference_results and token_usage equal a fresh projection of the
               requests' events (the collector's projector and SQL, applied to temporary tables);
   ledger      token_usage_daily equals the sums of the token_usage ledger per user, UTC day and model
