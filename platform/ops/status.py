@@ -176,14 +176,16 @@ def assess(status: Status) -> list[Problem]:
         found.append(Problem("critical", f"RabbitMQ: {status.broker_error}"))
     if status.database_error:
         found.append(Problem("critical", f"Postgres: {status.database_error}"))
+    p = status.projections
     for q in status.queues:
+        if q.name == PROJECTIONS_QUEUE and p.stalled:
+            continue  # the stall below says it, with the time since the last stored event
         if not q.exists:
             found.append(Problem("critical", f"queue {q.name} does not exist (nothing declared the topology)"))
         elif q.dead_letters and q.messages:
             found.append(Problem("warning", f"{q.messages} dead-lettered message(s) in {q.name} (mlp dlq list)"))
         elif not q.dead_letters and q.consumers == 0:
             found.append(Problem("critical", f"queue {q.name} has no consumer ({q.messages} message(s) waiting)"))
-    p = status.projections
     if p.stalled:
         since = "never" if p.last_stored_age_s is None else f"{p.last_stored_age_s:.0f} s ago"
         found.append(Problem("critical", f"projections stalled: {p.backlog} event(s) waiting, last stored {since}"))
@@ -343,7 +345,8 @@ async def read_triton(client: httpx.AsyncClient, http_url: str, metrics_url: str
     with contextlib.suppress(httpx.HTTPError):
         samples = _samples((await client.get(metrics_url)).text)
         for name, slot in (("nv_inference_count", 0), ("nv_inference_exec_count", 1)):
-            for labels, value in samples.get(name, []):
+            # Triton's counters lack the _total suffix; the parser adds it to their samples
+            for labels, value in samples.get(name, []) + samples.get(name + "_total", []):
                 seen = list(batches.get(labels.get("model", ""), (0.0, 0.0)))
                 seen[slot] += value
                 batches[labels.get("model", "")] = (seen[0], seen[1])
@@ -408,7 +411,12 @@ async def gather_status(settings: Settings, targets: Targets) -> Status:
             read_quota(settings),
         )
     projections_queue = next((q for q in queues if q.name == PROJECTIONS_QUEUE), None)
-    lags = [s.metrics["mlp_projection_lag_seconds"] for s in services if "mlp_projection_lag_seconds" in s.metrics]
+    # Every process exports the gauge (mlp.metrics), only the collectors set it.
+    lags = [
+        s.metrics["mlp_projection_lag_seconds"]
+        for s in services
+        if s.name.startswith("collector") and "mlp_projection_lag_seconds" in s.metrics
+    ]
     projections = ProjectionState(
         backlog=projections_queue.messages if projections_queue and projections_queue.exists else None,
         consumers=projections_queue.consumers if projections_queue and projections_queue.exists else None,

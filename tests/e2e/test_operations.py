@@ -76,6 +76,7 @@ def test_a_healthy_platform_is_one_screen_and_exit_0(platform: Platform) -> None
     assert status["quota"]["built_at"] is not None  # the first admission built the counters
     (model,) = status["triton"]["models"]
     assert (model["name"], model["state"], model["max_batch_size"]) == ("basic-model", "READY", 64)
+    assert model["mean_batch_size"] >= 1  # requests per execution, from Triton's own counters
     assert status["outcomes"]["completed"] >= 3
     assert status["outcomes"]["failure_ratio"] == 0
     screen = mlp(platform, "status")
@@ -100,6 +101,7 @@ def test_with_the_collector_stopped_it_exits_1_and_shows_the_waiting_events(plat
     assert projections["backlog"] == 3 * len(ids)
     assert projections["consumers"] == 0
     assert projections["stalled"] is True
+    assert projections["lag_s"] is None  # the collector's gauge is gone with it (no other process sets it)
     problems = {p["what"] for p in status["problems"] if p["severity"] == "critical"}
     assert any(p.startswith("collector unreachable") for p in problems), problems
     assert any(p.startswith(f"projections stalled: {3 * len(ids)} event(s) waiting") for p in problems), problems

@@ -121,6 +121,15 @@ def test_a_busy_collector_is_not_stalled_and_a_few_failures_at_low_volume_are_no
     assert assess(busy) == []
 
 
+def test_a_stopped_collector_is_one_stall_not_also_a_queue_without_consumer() -> None:
+    stopped = replace(
+        fine(),
+        queues=[QueueState("mlp.projections", True, 12, 0)],
+        projections=ProjectionState(backlog=12, consumers=0, last_stored_age_s=3.0, lag_s=None),
+    )
+    assert [p.what for p in assess(stopped)] == ["projections stalled: 12 event(s) waiting, last stored 3 s ago"]
+
+
 def test_an_unreachable_triton_is_one_problem_not_one_per_model() -> None:
     unreachable = TritonState("http://triton", False, [ModelState("basic-model", "UNKNOWN")], "refused")
     down = replace(fine(), triton=unreachable)
