@@ -35,6 +35,7 @@ from events.model import (
     encode_event,
 )
 from events.request_rules import Rejection, RequestLimits
+from events.status import status_of
 from ml_worker import decide
 from ml_worker.decide import Commit, Outcome, Release, TritonOutcome
 from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
@@ -319,7 +320,7 @@ class RequestHandler:
         await self._deps.publisher.publish(event)
         record_outcome(event)
         await message.ack()
-        _count_outcome(self._model_label(request.model), event)
+        _count_outcome(self._model_label(request.model), event, request.occurred_at)
 
     async def _answer_again(self, message: RabbitMessage, request: InferenceRequested, kept: bytes | None) -> None:
         """The request already ended: publish the outcome it ended with (same event_id: subscribers and the
@@ -343,7 +344,7 @@ class RequestHandler:
         rejection = duplicate_rejection(request)
         await self._deps.publisher.publish(rejection)
         await message.ack()
-        _count_outcome(self._model_label(request.model), rejection)
+        _count_outcome(self._model_label(request.model), rejection, request.occurred_at)
 
     async def _dead_letter_invalid(self, message: RabbitMessage, invalid: Invalid, count: int) -> None:
         """Tell the publisher why (when it can be addressed), then reject: the message goes to the DLQ."""
@@ -408,7 +409,7 @@ class RequestHandler:
             log.exception("request %s: could not publish its failure", request.request_id)
             await _requeue(message, self._model_label(request.model))
             return
-        _count_outcome(self._model_label(request.model), event)
+        _count_outcome(self._model_label(request.model), event, request.occurred_at)
         await message.reject(requeue=False)
         REDELIVERIES.labels(self._model_label(request.model), "dead_letter").inc()
 
@@ -458,7 +459,8 @@ def _describe(exc: BaseException) -> str:
     return decide.truncate(f"{type(exc).__name__}: {exc}")
 
 
-def _count_outcome(model: str, event: decide.Terminal) -> None:
+def _count_outcome(model: str, event: decide.Terminal, submitted_at: datetime) -> None:
+    metrics.record_request_duration(model, status_of(event), submitted_at, event.occurred_at)
     match event:
         case InferenceCompleted():
             metrics.record_outcome("completed")

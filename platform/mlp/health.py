@@ -1,7 +1,7 @@
 """A small HTTP side server for services without an HTTP API of their own (worker, collector).
 
 Serves ``/healthz`` (the process is alive), ``/readyz`` (every dependency check passes) and
-``/metrics`` (Prometheus text format of the given registry).
+``/metrics`` (Prometheus text format of the given registry; ``mlp_build_info`` names the version).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import uvicorn
 from fastapi import FastAPI, Response
 from faststream.rabbit import RabbitBroker
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+import mlp.metrics  # noqa: F401  (registers mlp_build_info: every service's /metrics names its version)
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 # A mapping, or a function returning one (when the checks exist only after a lifespan started).

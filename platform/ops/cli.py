@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("ops.bench.main", "main", "benchmark the platform end to end"),
     "docs": ("ops.docs", "main", "generate, check or serve the event bus contract (AsyncAPI)"),
     "k8s": ("ops.k8s", "main", "generate or check the Kubernetes workers of the registry's models"),
+    "status": ("ops.status", "main", "one screen of the platform's health (--json; exit 1 when unhealthy)"),
+    "reconcile": ("ops.reconcile", "main", "prove the books balance: events, read models, ledger, Redis (--repair)"),
+    "monitoring": ("ops.monitoring", "main", "generate or check the PrometheusRule from k8s/monitoring/rules.yaml"),
 }
 
 

@@ -22,6 +22,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from events.identity import RequestClaim
+from mlp import metrics
 from projections.status_cache import QueuedStatus
 from quota import scripts
 from quota.plans import LimitName, Limits, QuotaError, Window, day_window, month_window, to_ms
@@ -434,12 +435,14 @@ class RedisLedger:
 
     async def _rebuild_locked(self, token: str, now: datetime) -> bool:
         day, month = day_window(now), month_window(now)
+        metrics.QUOTA_REBUILD_IN_PROGRESS.inc()
         try:
             state = await self._source.ledger_state(day, month, now - timedelta(seconds=self._committed_ttl_s))
             await self._clear_counters()
             await self._write_state(state, day, month, now)
             done = bool(await self._finish(args=[self.keys.base, token, now.isoformat()]))
         except BaseException as exc:
+            metrics.QUOTA_REBUILDS.labels(outcome="failed").inc()
             # Let the next caller try at once instead of waiting for the lock to expire.
             with contextlib.suppress(RedisError):
                 await self._release_lock(args=[self.keys.base, token])
@@ -447,6 +450,10 @@ class RedisLedger:
                 raise
             # asyncpg/OS errors: the truth cannot be read now.
             raise QuotaUnavailable(f"cannot read the usage ledger: {type(exc).__name__}: {exc}") from exc
+        finally:
+            metrics.QUOTA_REBUILD_IN_PROGRESS.dec()
+        # Not done: this rebuild outlived its lock and did not take effect (another process may redo it).
+        metrics.QUOTA_REBUILDS.labels(outcome="done" if done else "failed").inc()
         if done:
             log.warning(
                 "quota counters rebuilt from the ledger: %d users, %d charged requests, %d open reservations",

@@ -70,6 +70,9 @@ def test_a_short_run_reports_every_figure_and_loses_nothing(
     assert report["ratios"]["e2e_p50_over_triton_p50"] > 0
     assert "submit -> terminal" in out
     assert "LOST 0" in out
+    # the run ends with `mlp reconcile` of its window: the books balance
+    assert "reconcile of the run (" in out
+    assert "\n0 drift row(s)" in out
 
 
 def test_accepted_requests_that_never_finish_fail_the_run(
@@ -111,6 +114,7 @@ def test_spawn_runs_its_own_platform_and_reports_cpu_per_service(
         code = bench.main([*args, "--json", str(report_path)], out=out, err=err)
 
     assert code == 0, out.getvalue() + err.getvalue()
+    assert "\n0 drift row(s)" in out.getvalue()
     report = msgspec.json.decode(report_path.read_bytes())
     assert report["counts"]["completed"] == 10
     assert report["counts"]["lost"] == 0

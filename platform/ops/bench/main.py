@@ -8,8 +8,10 @@ Drives load through the real gateway over HTTP, then reads each accepted request
 from Postgres ``event_store`` (submit -> terminal latency on one machine clock). Before the load it
 measures the baselines (broker round trip, direct Triton) and it prints the platform's figures as
 ratios of them. Every accepted request must reach a terminal state within ``--grace`` seconds:
-a run that loses one exits 1 and names it. Exit codes: 0 done, 1 lost requests or nothing
-accepted, 2 bad arguments or the platform is not reachable.
+a run that loses one exits 1 and names it. Then `mlp reconcile` checks the run's window (the event
+store against the read models, the ledger and the Redis counters; ``--no-reconcile`` skips it).
+Exit codes: 0 done, 1 lost requests, nothing accepted or drift, 2 bad arguments or the platform is
+not reachable.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, TextIO
 
@@ -29,7 +32,9 @@ import asyncpg
 import msgspec
 
 from ml_service.client import TritonClient
+from mlp.cache import create_redis
 from mlp.settings import Settings
+from ops import reconcile
 from ops.bench.baselines import broker_round_trip, sample_event_body, triton_direct
 from ops.bench.load import LoadPlan, LoadRunner, LoadStats, encode_body, new_session
 from ops.bench.spawn import SpawnError, spawned_platform
@@ -44,6 +49,7 @@ from ops.bench.stats import (
     summarize,
 )
 from ops.bench.terminal import TerminalTracker
+from ops.drift import render_table as render_drift
 from quota import store
 from quota.plans import Overrides
 
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spawn", action="store_true", help="start the platform (mlp up on free ports) for the run")
     parser.add_argument("--json", type=Path, help="write the report as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--no-reconcile", action="store_true", help="skip `mlp reconcile` of the run's window")
     return parser
 
 
@@ -346,11 +353,28 @@ async def _reachable(url: str) -> bool:
         return False
 
 
+async def reconcile_run(settings: Settings, started: datetime, grace_s: float, out: TextIO) -> bool:
+    """``mlp reconcile`` of the run's window (confirmed by a second look); True when the books balance."""
+    window = reconcile.Window(started, datetime.now(UTC) + timedelta(seconds=1))
+    conn = await asyncpg.connect(settings.postgres_dsn, timeout=10)
+    client = create_redis(settings, max_connections=4)
+    try:
+        findings = await reconcile.check_settled(conn, client, settings, window, 1.0, grace_s=grace_s)
+    finally:
+        await client.aclose()
+        await conn.close()
+    out.write(f"reconcile of the run ({findings.requests} requests, {findings.events} events):\n")
+    out.write(render_drift(findings.drift) + "\n")
+    return not findings.drift
+
+
 async def _main(args: argparse.Namespace, settings: Settings, out: TextIO, err: TextIO) -> int:
+    started = datetime.now(UTC)
     if args.spawn:
         err.write("spawning the platform (mlp up on free ports) ...\n")
         try:
             async with spawned_platform(settings, os.environ) as spawned:
+                settings = spawned.settings
                 report = await run_bench(args, spawned.settings, spawned.gateway_url, err, spawned.cpu_seconds)
         except SpawnError as exc:
             err.write(f"mlp bench: the spawned platform did not start: {exc}\n")
@@ -373,6 +397,9 @@ async def _main(args: argparse.Namespace, settings: Settings, out: TextIO, err: 
         return EXIT_FAILED
     if report.counts.accepted == 0:
         err.write("mlp bench: FAILED: the gateway accepted no request\n")
+        return EXIT_FAILED
+    if not args.no_reconcile and not await reconcile_run(settings, started, args.grace, out):
+        err.write("mlp bench: FAILED: the books do not balance (see the drift above; mlp reconcile --repair)\n")
         return EXIT_FAILED
     return EXIT_OK
 
