@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 
 from api_gateway.auth import AuthError, resolve_user
 from api_gateway.deps import ApiKeysDep, SettingsDep, SubmitDep
-from api_gateway.schemas import ErrorBody, InferenceAccepted, InferenceSubmit
+from api_gateway.schemas import InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
     BrokerUnavailable,
     IdempotencyConflict,
@@ -22,19 +21,29 @@ from api_gateway.submit import (
     UnknownModel,
 )
 from mlp import metrics, telemetry
+from mlp.http_errors import error_responses, validation_error
 from quota.ledger import QuotaUnavailable
 
 router = APIRouter()
 log = logging.getLogger(__name__)
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},
-    409: {"model": ErrorBody},
-    422: {"description": "invalid input"},
-    429: {"model": ErrorBody},
-    503: {"model": ErrorBody},
-}
+_SUBMIT_ERRORS = error_responses(
+    401,
+    403,
+    409,
+    413,
+    422,
+    429,
+    503,
+    described={
+        403: "the body's user_id is not the API key's user",
+        409: "a submit with this Idempotency-Key is in progress; retry after the Retry-After header's seconds",
+        422: "invalid input (the detail names the field and the rule), an unknown model, or max_tokens over"
+        " the user's plan limit per request",
+        429: "the user's quota or request rate is spent; retry after the Retry-After header's seconds",
+        503: "the request could not be queued or its quota checked; it was NOT accepted",
+    },
+)
 
 
 SUBMIT_PATH = "/api/v1/inference"
@@ -51,14 +60,14 @@ def _refused(reason: str, status: int, error: str, detail: str, headers: dict[st
 
 
 async def count_invalid_body(request: Request, exc: Exception) -> Response:
-    """FastAPI's own 422 for a body that fails validation, counted as a refused submit."""
+    """The shared 422 for a request that fails validation, counted as a refused submit."""
     assert isinstance(exc, RequestValidationError)
     if request.url.path == SUBMIT_PATH and request.method == "POST":
         metrics.REQUESTS_REJECTED.labels(reason="invalid_request").inc()
-    return await request_validation_exception_handler(request, exc)
+    return await validation_error(request, exc)
 
 
-@router.post(SUBMIT_PATH, status_code=202, response_model=InferenceAccepted, responses=_ERRORS)
+@router.post(SUBMIT_PATH, status_code=202, response_model=InferenceAccepted, responses=_SUBMIT_ERRORS)
 async def submit_inference(
     body: InferenceSubmit,
     service: SubmitDep,

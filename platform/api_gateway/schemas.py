@@ -36,8 +36,3 @@ class InferenceAccepted(BaseModel):
     request_id: str
     status: Literal["queued"] = "queued"
     status_url: str
-
-
-class ErrorBody(BaseModel):
-    error: str
-    detail: str
