@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from api_gateway.auth import AuthError, resolve_user
 from api_gateway.deps import ApiKeysDep, SettingsDep, SubmitDep
+from api_gateway.idempotency import IDEMPOTENCY_KEY_PATTERN
 from api_gateway.schemas import InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
     BrokerUnavailable,
@@ -73,7 +74,14 @@ async def submit_inference(
     service: SubmitDep,
     settings: SettingsDep,
     api_keys: ApiKeysDep,
-    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            pattern=IDEMPOTENCY_KEY_PATTERN,
+            description="makes a retried submit return the first request's id (kept 24 h, per user):"
+            " 1-128 characters of A-Z a-z 0-9 _ - . : @ + / =",
+        ),
+    ] = None,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> InferenceAccepted | JSONResponse:

@@ -1,7 +1,8 @@
 """Accepting a request: admission, idempotency, the confirmed publish, the first status.
 
 A request is accepted only once the broker confirmed the InferenceRequested event; anything
-less is an error the client sees (503), and nothing is left half-accepted.
+less is an error the client sees (503), and nothing is left half-accepted. Once the broker
+confirmed it, the request IS accepted: the client gets its 202 whatever fails afterwards.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as redis
 
+from api_gateway.idempotency import PENDING, IdempotencyRecords, pending_ttl_for
 from events.model import InferenceRequested, new_event_id, utc_now
 from mlp.bus import EventPublisher, PublishError
 from mlp.cache import Keys
@@ -18,9 +20,6 @@ from projections.status_cache import STATUS_TTL_S, cache_update
 from quota.ledger import QueuedStatus
 from quota.plans import reservation_estimate
 from quota.service import Admission, QuotaService
-
-IDEMPOTENCY_TTL_S = 86_400
-_PENDING = "pending"
 
 
 class SubmitError(Exception):
@@ -64,12 +63,16 @@ class SubmitService:
         publisher: EventPublisher,
         quota: QuotaService,
         redis_client: redis.Redis,
+        idempotency: IdempotencyRecords | None = None,
     ) -> None:
         self._settings = settings
         self._publisher = publisher
         self._quota = quota
         self._redis = redis_client
         self._keys = Keys(settings.redis_prefix)
+        self._idempotency = idempotency or IdempotencyRecords(
+            redis_client, self._keys, pending_ttl_s=pending_ttl_for(settings.publish_timeout_s)
+        )
 
     def validate(self, prompt: str, model: str, max_tokens: int | None) -> int:
         """Checks the configured limits; returns the effective max_tokens."""
@@ -98,15 +101,13 @@ class SubmitService:
     ) -> Accepted:
         tokens = self.validate(prompt, model, max_tokens)
         request_id = new_event_id()
-        idem_key = self._keys.idempotency(user_id, idempotency_key) if idempotency_key else None
-        if idem_key is not None:
+        if idempotency_key is not None:
             # Claim the key first: a retried submit returns the first request instead of running twice.
-            claimed = await self._redis.set(idem_key, _PENDING, nx=True, ex=IDEMPOTENCY_TTL_S)
-            if not claimed:
-                existing = await self._redis.get(idem_key)
-                if existing in (None, _PENDING):
-                    raise IdempotencyConflict("a submit with this Idempotency-Key is in progress")
-                return Accepted(request_id=str(existing), replayed=True)
+            existing = await self._idempotency.claim(user_id, idempotency_key)
+            if existing == PENDING:
+                raise IdempotencyConflict("a submit with this Idempotency-Key is in progress")
+            if existing is not None:
+                return Accepted(request_id=existing, replayed=True)
         try:
             event = InferenceRequested(
                 event_id=new_event_id(),
@@ -134,11 +135,12 @@ class SubmitService:
                 await self._forget(request_id)
                 raise BrokerUnavailable(str(exc)) from exc
         except BaseException:
-            if idem_key is not None:
-                await self._redis.delete(idem_key)
+            if idempotency_key is not None:
+                await self._idempotency.release(user_id, idempotency_key)
             raise
-        if idem_key is not None:
-            await self._redis.set(idem_key, request_id, ex=IDEMPOTENCY_TTL_S)
+        # Confirmed: the request is queued. A Redis failure from here on must not turn it into a 503.
+        if idempotency_key is not None:
+            await self._idempotency.record(user_id, idempotency_key, request_id)
         return Accepted(request_id=request_id, replayed=False)
 
     async def _forget(self, request_id: str) -> None:
