@@ -4,9 +4,10 @@ The Redis status cache answers first (the gateway writes ``queued`` there before
 GET right after a submit never answers 404); Postgres, the truth, answers when Redis has nothing
 (expired, or after a Redis restart). Both give the same view.
 
-A long-poll re-reads Redis on every wake-up and timer tick but Postgres only every
-``POSTGRES_RECHECK_S``: a flood of waits on ids that exist nowhere would otherwise turn into a flood
-of Postgres queries and take the pool that ``/readyz`` and the token rate share.
+A long-poll re-reads Redis on every wake-up and timer tick, but Postgres only every
+``POSTGRES_RECHECK_S``, and an id found nowhere is re-read on a backing-off timer: a flood of waits on
+ids that exist nowhere would otherwise turn into a flood of Postgres queries and take the pool that
+``/readyz`` and the token rate share.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ _RECHECK_S: Final = 0.5
 POSTGRES_RECHECK_S: Final = 5.0
 
 
+def next_recheck_s(known: bool, previous_s: float) -> float:
+    """How long to sleep before the next re-read. Pure.
+
+    A known request: every ``_RECHECK_S``. An id found nowhere: doubling up to ``POSTGRES_RECHECK_S``,
+    since its terminal notification still wakes the waiter at once (``watching`` is by id, known or not);
+    the timer is only the safety net for a lost notification or an id that appears later.
+    """
+    if known:
+        return _RECHECK_S
+    return min(max(previous_s, _RECHECK_S / 2) * 2, POSTGRES_RECHECK_S)
+
+
 async def cached_view(cache: StatusCache, request_id: str) -> RequestView | None:
     try:
         cached = await cache.get(request_id)
@@ -61,6 +74,7 @@ async def wait_for_view(
     """The view once terminal, or as it is when ``budget_s`` ran out; None when the request is unknown."""
     deadline = time.monotonic() + budget_s
     postgres_due = time.monotonic()
+    sleep_s = 0.0
     with waits.watching(request_id) as turned_terminal:
         while True:
             view = await cached_view(cache, request_id)
@@ -72,8 +86,9 @@ async def wait_for_view(
                 return view
             if left <= 0:
                 return None
+            sleep_s = next_recheck_s(view is not None, sleep_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(turned_terminal.wait(), min(left, _RECHECK_S))
+                await asyncio.wait_for(turned_terminal.wait(), min(left, sleep_s))
             turned_terminal.clear()
 
 
