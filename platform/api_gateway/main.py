@@ -11,13 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from api_gateway.auth import parse_api_keys
 from api_gateway.deps import GatewayDeps
 from api_gateway.routes import count_invalid_body, router
+from api_gateway.schemas import document_limits
 from api_gateway.submit import SubmitService
 from mlp import telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
 from mlp.db import create_pool
 from mlp.health import dependency_checks
-from mlp.http import BodySizeLimit, run_service, service_app
+from mlp.http import BodySizeLimit, complete_openapi, run_service, service_app
 from mlp.settings import Settings
 from quota.service import QuotaService
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, count_invalid_body)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    complete_openapi(app, lambda schema: document_limits(schema, settings))
     return app
 
 

@@ -96,6 +96,19 @@ def service_app(title: str, lifespan: Callable[[FastAPI], Any], tel: Telemetry) 
     return app
 
 
+def complete_openapi(app: FastAPI, complete: Callable[[dict[str, Any]], None]) -> None:
+    """Let ``complete`` add to the generated OpenAPI document what only the settings know (the served
+    models, the configured limits), once, before it is first served."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            complete(generate())  # generate() caches the document in app.openapi_schema
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def run_service(
     argv: list[str],
     *,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime, timedelta
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 import asyncpg
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from events.model import utc_now
+from mlp.http_errors import error_responses
 from quota import store
 from quota.ledger import QuotaUnavailable
 from quota.plans import USER_ID, day_of
@@ -32,6 +33,8 @@ DEFAULT_USAGE_RANGE_DAYS: Final = 30
 _ISO_DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 UserId = Annotated[str, Path(pattern=USER_ID.pattern, description="the user's id")]
+# The dates are parsed by date_range (its messages say what is wrong); the schema states the format.
+_DATE: Final[dict[str, Any]] = {"format": "date"}
 
 
 class WindowOut(BaseModel):
@@ -120,7 +123,14 @@ def _unavailable(exc: Exception) -> HTTPException:
     return HTTPException(status_code=503, detail=f"quota state unavailable: {exc}", headers={"Retry-After": "1"})
 
 
-@router.get("/api/v1/users/{user_id}/quota", response_model=QuotaOut)
+_FORBIDDEN = "another user's (only an admin key reads every user's)"
+
+
+@router.get(
+    "/api/v1/users/{user_id}/quota",
+    response_model=QuotaOut,
+    responses=error_responses(401, 403, 422, 503, described={403: _FORBIDDEN}),
+)
 async def get_quota(user_id: UserId, quota: QuotaDep) -> QuotaOut:
     try:
         view = await quota.view(user_id)
@@ -129,12 +139,29 @@ async def get_quota(user_id: UserId, quota: QuotaDep) -> QuotaOut:
     return QuotaOut.of(view)
 
 
-@router.get("/api/v1/users/{user_id}/usage", response_model=UsageOut)
+@router.get(
+    "/api/v1/users/{user_id}/usage",
+    response_model=UsageOut,
+    responses=error_responses(
+        401,
+        403,
+        422,
+        503,
+        described={
+            403: _FORBIDDEN,
+            422: "invalid input; also 'from' after 'to', or a range over 366 days",
+        },
+    ),
+)
 async def get_usage(
     user_id: UserId,
     pool: PoolDep,
-    first: Annotated[str | None, Query(alias="from", max_length=10, description="first day, YYYY-MM-DD")] = None,
-    last: Annotated[str | None, Query(alias="to", max_length=10, description="last day, YYYY-MM-DD")] = None,
+    first: Annotated[
+        str | None, Query(alias="from", max_length=10, description="first day, YYYY-MM-DD", json_schema_extra=_DATE)
+    ] = None,
+    last: Annotated[
+        str | None, Query(alias="to", max_length=10, description="last day, YYYY-MM-DD", json_schema_extra=_DATE)
+    ] = None,
 ) -> UsageOut:
     try:
         start, end = date_range(first, last, day_of(utc_now()))

@@ -30,6 +30,7 @@ from projections.status_cache import StatusCache
 from read_api.deps import PoolDep, SettingsDep, StatusCacheDep, TerminalWaitsDep
 from read_api.schemas import RequestOut
 from read_api.terminal_waits import TerminalWaits, TooManyWaits, wait_key
+from tenancy.caller import Caller
 from tenancy.http import CallerDep
 
 router = APIRouter(tags=["requests"])
@@ -55,6 +56,11 @@ def next_recheck_s(known: bool, previous_s: float) -> float:
     return min(max(previous_s, _RECHECK_S / 2) * 2, POSTGRES_RECHECK_S)
 
 
+def _visible(view: RequestView | None, caller: Caller) -> RequestView | None:
+    """Another user's request is answered as an unknown one (also in a long-poll's timing)."""
+    return view if view is not None and caller.may_see_user(view.user_id or "") else None
+
+
 async def cached_view(cache: StatusCache, request_id: str) -> RequestView | None:
     try:
         cached = await cache.get(request_id)
@@ -69,17 +75,18 @@ async def load_view(cache: StatusCache, pool: asyncpg.Pool, request_id: str) -> 
 
 
 async def wait_for_view(
-    cache: StatusCache, pool: asyncpg.Pool, waits: TerminalWaits, request_id: str, budget_s: float
+    cache: StatusCache, pool: asyncpg.Pool, waits: TerminalWaits, request_id: str, budget_s: float, caller: Caller
 ) -> RequestView | None:
-    """The view once terminal, or as it is when ``budget_s`` ran out; None when the request is unknown."""
+    """The view once terminal, or as it is when ``budget_s`` ran out; None when the request is unknown
+    (or the caller's to see)."""
     deadline = time.monotonic() + budget_s
     postgres_due = time.monotonic()
     sleep_s = 0.0
     with waits.watching(request_id) as turned_terminal:
         while True:
-            view = await cached_view(cache, request_id)
+            view = _visible(await cached_view(cache, request_id), caller)
             if view is None and time.monotonic() >= postgres_due:
-                view = await get_request(pool, request_id)
+                view = _visible(await get_request(pool, request_id), caller)
                 postgres_due = time.monotonic() + POSTGRES_RECHECK_S
             left = deadline - time.monotonic()
             if view is not None and (view.status in TERMINAL_STATUSES or left <= 0):
@@ -122,11 +129,11 @@ async def get_inference(
 ) -> Response:
     budget_s = min(wait, settings.max_wait_s)
     if budget_s <= 0:
-        view = await load_view(cache, pool, request_id)
+        view = _visible(await load_view(cache, pool, request_id), caller)
     else:
         try:
             with waits.slot(wait_key(caller, request.client.host if request.client else None)):
-                view = await wait_for_view(cache, pool, waits, request_id, budget_s)
+                view = await wait_for_view(cache, pool, waits, request_id, budget_s, caller)
         except TooManyWaits:
             detail = f"at most {settings.max_waits_per_caller} long-polls at once per caller"
             return error_response(429, "too_many_waits", detail, {"Retry-After": "1"})

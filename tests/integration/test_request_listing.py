@@ -154,9 +154,10 @@ async def test_items_are_the_request_views_and_filters_narrow_them(
     assert await ids(status="completed") == [late.request_id]
     assert await ids(status="queued") == [middle.request_id, early.request_id]
     assert await ids(model="other-model") == [middle.request_id]
-    # since is inclusive, until exclusive; a time without an offset is UTC.
+    # since is inclusive, until exclusive; any offset.
     assert await ids(since=(BASE + timedelta(minutes=1)).isoformat()) == [late.request_id, middle.request_id]
-    assert await ids(until="2031-03-01T12:01:00") == [early.request_id]
+    assert await ids(until="2031-03-01T12:01:00Z") == [early.request_id]
+    assert await ids(until="2031-03-01T13:00:59.5+01:00") == [early.request_id]
     assert await ids(since=(BASE + timedelta(minutes=3)).isoformat(), until=BASE.isoformat()) == []  # an empty range
     page = await client.get("/api/v1/inference", params={"user_id": user, "status": "completed"})
     (item,) = page.json()["items"]
@@ -200,6 +201,9 @@ async def test_a_user_lists_only_its_own_and_an_admin_lists_anyone(
         ({"cursor": "not a cursor"}, "cursor"),
         ({"status": "lost"}, "status"),
         ({"since": "yesterday"}, "since"),
+        ({"until": "0.5"}, "RFC 3339"),  # pydantic's datetime would take it as seconds since 1970
+        ({"until": "2031-03-01"}, "RFC 3339"),  # a date is not a date-time
+        ({"since": "2031-02-30T00:00:00Z"}, "not a real date-time"),
         ({"user_id": "a.b"}, "user_id"),
     ],
 )
