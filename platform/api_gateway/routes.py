@@ -29,6 +29,7 @@ router = APIRouter()
 log = logging.getLogger(__name__)
 
 _SUBMIT_ERRORS = error_responses(
+    400,
     401,
     403,
     409,

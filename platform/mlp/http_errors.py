@@ -44,6 +44,7 @@ _ERROR_BY_STATUS: Final[Mapping[int, str]] = {
 }
 
 DEFAULT_DESCRIPTIONS: Final[Mapping[int, str]] = {
+    400: "the body could not be parsed at all (not UTF-8 text, for one)",
     401: "no API key, or an unknown, revoked or expired one",
     403: "the key may not act for this user",
     404: "not found",
