@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from mlp.http_errors import ErrorBody as ErrorBody  # the shared error body, where the gateway's routes name it
 from mlp.settings import Settings
 
 # Same alphabets as the events (events.model.Identifier / ModelName): ids travel in routing keys and URLs.
