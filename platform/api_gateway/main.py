@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from api_gateway import keys_routes
 from api_gateway.deps import GatewayDeps
 from api_gateway.routes import count_invalid_body, count_refused_auth, router
+from api_gateway.schemas import document_limits
 from api_gateway.submit import SubmitService, SubmitSettings
 from events.model import utc_now
 from ml_service.tokens import TokenCounter
@@ -20,7 +21,7 @@ from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
 from mlp.db import create_pool
 from mlp.health import dependency_checks
-from mlp.http import BodySizeLimit, run_service, service_app
+from mlp.http import BodySizeLimit, complete_openapi, run_service, service_app
 from mlp.settings import Settings
 from projections.status_cache import StatusCache, StatusKeys
 from quota.service import QuotaService, QuotaSettings
@@ -76,6 +77,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
     app.add_exception_handler(RequestValidationError, count_invalid_body)
     app.add_exception_handler(AuthRefused, count_refused_auth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    complete_openapi(app, lambda schema: document_limits(schema, settings))
     return app
 
 

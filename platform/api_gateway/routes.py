@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from api_gateway.deps import SettingsDep, SubmitDep
-from api_gateway.schemas import ErrorBody, InferenceAccepted, InferenceSubmit
+from api_gateway.idempotency import IDEMPOTENCY_KEY_PATTERN
+from api_gateway.schemas import InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
     BrokerUnavailable,
     IdempotencyConflict,
@@ -20,20 +20,31 @@ from api_gateway.submit import (
     StateUnavailable,
 )
 from mlp import metrics, telemetry
+from mlp.http_errors import error_responses, validation_error
 from quota.ledger import QuotaUnavailable
 from tenancy.http import AuthRefused, CallerDep, refusal_response
 
 router = APIRouter()
 log = logging.getLogger(__name__)
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},
-    409: {"model": ErrorBody},
-    422: {"description": "invalid input"},
-    429: {"model": ErrorBody},
-    503: {"model": ErrorBody},
-}
+_SUBMIT_ERRORS = error_responses(
+    400,
+    401,
+    403,
+    409,
+    413,
+    422,
+    429,
+    503,
+    described={
+        403: "the body's user_id is not the API key's user",
+        409: "a submit with this Idempotency-Key is in progress; retry after the Retry-After header's seconds",
+        422: "invalid input (the detail names the field and the rule), an unknown model, or max_tokens over"
+        " the user's plan limit per request",
+        429: "the user's quota or request rate is spent; retry after the Retry-After header's seconds",
+        503: "the request could not be queued or its quota checked; it was NOT accepted",
+    },
+)
 
 
 SUBMIT_PATH = "/api/v1/inference"
@@ -62,20 +73,27 @@ async def count_refused_auth(request: Request, exc: Exception) -> Response:
 
 
 async def count_invalid_body(request: Request, exc: Exception) -> Response:
-    """FastAPI's own 422 for a body that fails validation, counted as a refused submit."""
+    """The shared 422 for a request that fails validation, counted as a refused submit."""
     assert isinstance(exc, RequestValidationError)
     if _is_submit(request):
         metrics.REQUESTS_REJECTED.labels(reason="invalid_request").inc()
-    return await request_validation_exception_handler(request, exc)
+    return await validation_error(request, exc)
 
 
-@router.post(SUBMIT_PATH, status_code=202, response_model=InferenceAccepted, responses=_ERRORS)
+@router.post(SUBMIT_PATH, status_code=202, response_model=InferenceAccepted, responses=_SUBMIT_ERRORS)
 async def submit_inference(
     body: InferenceSubmit,
     service: SubmitDep,
     settings: SettingsDep,
     caller: CallerDep,
-    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            pattern=IDEMPOTENCY_KEY_PATTERN,
+            description="makes a retried submit return the first request's id (kept 24 h, per user):"
+            " 1-128 characters of A-Z a-z 0-9 _ - . : @ + / =",
+        ),
+    ] = None,
 ) -> InferenceAccepted | JSONResponse:
     user_id = caller.submits_as(body.user_id)
     if user_id is None:  # never let one user spend another's quota

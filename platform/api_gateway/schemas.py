@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -13,6 +13,8 @@ from events.request_rules import (
     MODEL_NAME_PATTERN,
     check_prompt_text,
 )
+from mlp.http_errors import ErrorBody as ErrorBody  # the shared error body, where the gateway's routes name it
+from mlp.settings import Settings
 
 # The request rules' alphabets and bounds (events.request_rules), so the OpenAPI document shows them.
 UserId = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
@@ -47,6 +49,21 @@ class InferenceAccepted(BaseModel):
     status_url: str
 
 
-class ErrorBody(BaseModel):
-    error: str
-    detail: str
+# Postgres text cannot hold U+0000 (the validator above refuses it); the schema says so as a pattern.
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
+def document_limits(schema: dict[str, Any], settings: Settings) -> None:
+    """Complete the OpenAPI document with the submit's configured constraints: the served models as an
+    enum, the prompt's and max_tokens' limits. Pure (edits ``schema`` in place)."""
+    submit = schema["components"]["schemas"]["InferenceSubmit"]["properties"]
+    submit["model"]["enum"] = list(settings.models)
+    submit["model"]["description"] = "one of the served models (MLP_MODELS)"
+    submit["prompt"]["maxLength"] = settings.max_prompt_chars
+    submit["prompt"]["pattern"] = NO_NUL_PATTERN
+    for branch in submit["max_tokens"].get("anyOf", [submit["max_tokens"]]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = settings.max_tokens_limit
+    submit["max_tokens"]["description"] = (
+        f"tokens to generate at most (default {settings.default_max_tokens}); the user's plan may allow fewer"
+    )

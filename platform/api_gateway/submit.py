@@ -1,7 +1,8 @@
 """Accepting a request: admission, idempotency, the confirmed publish, the first status.
 
 A request is accepted only once the broker confirmed the InferenceRequested event; anything
-less is an error the client sees (503), and nothing is left half-accepted.
+less is an error the client sees (503), and nothing is left half-accepted. Once the broker
+confirmed it, the request IS accepted: the client gets its 202 whatever fails afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Protocol
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from api_gateway.idempotency import PENDING, IdempotencyRecords, pending_ttl_for
 from events.identity import claim_of
 from events.model import InferenceRequested, new_event_id, utc_now
 from events.request_rules import Rejection, RequestLimits, check_request
@@ -21,9 +23,6 @@ from mlp.settings import Settings
 from projections.status_cache import StatusCache
 from quota.plans import reservation_estimate
 from quota.service import Admission, QuotaService
-
-IDEMPOTENCY_TTL_S = 86_400
-_PENDING = "pending"
 
 
 class SubmitError(Exception):
@@ -62,10 +61,11 @@ class SubmitSettings:
 
     redis_prefix: str
     limits: RequestLimits  # the request rules' bounds (events.request_rules)
+    publish_timeout_s: float  # bounds how long an idempotency key may stay pending
 
     @classmethod
     def of(cls, settings: Settings) -> SubmitSettings:
-        return cls(settings.redis_prefix, settings.request_limits())
+        return cls(settings.redis_prefix, settings.request_limits(), settings.publish_timeout_s)
 
 
 class PromptTokens(Protocol):
@@ -89,6 +89,7 @@ class SubmitService:
         redis_client: redis.Redis,
         status_cache: StatusCache,
         tokens: PromptTokens | None = None,
+        idempotency: IdempotencyRecords | None = None,
     ) -> None:
         self._publisher = publisher
         # None: no model's input is limited in tokens here (only in characters).
@@ -98,6 +99,9 @@ class SubmitService:
         self._status_cache = status_cache
         self._keys = Keys(settings.redis_prefix)
         self._limits = settings.limits
+        self._idempotency = idempotency or IdempotencyRecords(
+            redis_client, self._keys, pending_ttl_s=pending_ttl_for(settings.publish_timeout_s)
+        )
 
     async def submit(
         self,
@@ -147,15 +151,13 @@ class SubmitService:
         traceparent: str | None,
     ) -> Accepted:
         request_id = new_event_id()
-        idem_key = self._keys.idempotency(user_id, idempotency_key) if idempotency_key else None
-        if idem_key is not None:
+        if idempotency_key is not None:
             # Claim the key first: a retried submit returns the first request instead of running twice.
-            claimed = await self._redis.set(idem_key, _PENDING, nx=True, ex=IDEMPOTENCY_TTL_S)
-            if not claimed:
-                existing = await self._redis.get(idem_key)
-                if existing in (None, _PENDING):
-                    raise IdempotencyConflict("a submit with this Idempotency-Key is in progress")
-                return Accepted(request_id=str(existing), replayed=True)
+            existing = await self._idempotency.claim(user_id, idempotency_key)
+            if existing == PENDING:
+                raise IdempotencyConflict("a submit with this Idempotency-Key is in progress")
+            if existing is not None:
+                return Accepted(request_id=existing, replayed=True)
         try:
             event = InferenceRequested(
                 event_id=new_event_id(),
@@ -191,9 +193,10 @@ class SubmitService:
                 await self._status_cache.forget(request_id)
                 raise BrokerUnavailable(str(exc)) from exc
         except BaseException:
-            if idem_key is not None:
-                await self._redis.delete(idem_key)
+            if idempotency_key is not None:
+                await self._idempotency.release(user_id, idempotency_key)
             raise
-        if idem_key is not None:
-            await self._redis.set(idem_key, request_id, ex=IDEMPOTENCY_TTL_S)
+        # Confirmed: the request is queued. A Redis failure from here on must not turn it into a 503.
+        if idempotency_key is not None:
+            await self._idempotency.record(user_id, idempotency_key, request_id)
         return Accepted(request_id=request_id, replayed=False)

@@ -34,7 +34,8 @@ class Keys:
         return f"{self.prefix}seen:{event_id}"
 
     def idempotency(self, user_id: str, key: str) -> str:
-        return f"{self.prefix}idem:{user_id}:{key}"
+        # The user id's length first: user ids may hold ':', and ("a:b", "c") must not name ("a", "b:c")'s record.
+        return f"{self.prefix}idem:{len(user_id)}:{user_id}:{key}"
 
     def pattern(self, kind: str) -> str:
         return f"{self.prefix}{kind}:*"

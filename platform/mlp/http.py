@@ -1,4 +1,4 @@
-"""Shared HTTP edge pieces of the FastAPI services: request-size limit and service runner."""
+"""Shared HTTP edge pieces of the FastAPI services: the app factory, request-size limit and service runner."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from fastapi.telemetry import TelemetryConfig
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlp.health import add_health_routes, lifespan_checks
+from mlp.http_errors import install_error_handlers
 from mlp.settings import ConfigurationError, Settings, get_settings
 from mlp.telemetry import Telemetry, instrument_fastapi
 
@@ -87,11 +88,26 @@ def native_telemetry(enabled: bool) -> TelemetryConfig | None:
 
 def service_app(title: str, lifespan: Callable[[FastAPI], Any], tel: Telemetry) -> FastAPI:
     """A FastAPI service with what every HTTP service has: health/readiness/metrics routes (checks from
-    ``app.state.readiness``, set by the lifespan) and server spans when telemetry is on."""
+    ``app.state.readiness``, set by the lifespan), one error body shape for every refusal
+    (``mlp.http_errors``) and server spans when telemetry is on."""
     app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, telemetry=native_telemetry(tel.enabled))
     add_health_routes(app, lifespan_checks(app))
+    install_error_handlers(app)
     instrument_fastapi(app, tel)
     return app
+
+
+def complete_openapi(app: FastAPI, complete: Callable[[dict[str, Any]], None]) -> None:
+    """Let ``complete`` add to the generated OpenAPI document what only the settings know (the served
+    models, the configured limits), once, before it is first served."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            complete(generate())  # generate() caches the document in app.openapi_schema
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def run_service(

@@ -115,6 +115,14 @@ class Settings(BaseSettings):
 
     # Long-poll bound for GET /api/v1/inference/{id}?wait=.
     max_wait_s: float = Field(default=30.0, gt=0)
+    # Long-polls one caller (a user, else a key, else a client address in open mode) may hold open at once
+    # on one read API replica; one more answers 429 with Retry-After.
+    max_waits_per_caller: int = Field(default=32, ge=1)
+
+    # Postgres pool of the services: how long a query may wait for a free connection, and how long a
+    # statement may run, before it fails (the HTTP services answer 503) instead of piling up.
+    postgres_acquire_timeout_s: float = Field(default=5.0, gt=0)
+    postgres_command_timeout_s: float = Field(default=30.0, gt=0)
 
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: str = "INFO"

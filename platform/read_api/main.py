@@ -17,7 +17,7 @@ from mlp.http import run_service, service_app
 from mlp.settings import Settings
 from projections.status_cache import StatusCache, StatusKeys
 from quota.service import QuotaService, QuotaSettings
-from read_api import metrics_routes, quota_routes, requests_routes
+from read_api import metrics_routes, quota_routes, request_events_routes, request_list_routes, requests_routes
 from read_api.deps import ReadApiDeps
 from read_api.terminal_waits import TerminalWaits
 from tenancy.authenticator import Authenticator
@@ -41,7 +41,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
         authenticator = Authenticator(settings, KeyStore(pool, pepper), clock)
         await authenticator.start()
         status_cache = StatusCache(redis_client, StatusKeys(settings.redis_prefix))
-        terminal_waits = TerminalWaits(redis_client, status_cache)
+        terminal_waits = TerminalWaits(redis_client, status_cache, settings.max_waits_per_caller)
         terminal_waits.start()
         app.state.deps = ReadApiDeps(
             settings=settings,
@@ -62,7 +62,9 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
             tel.shutdown()
 
     app = service_app("inference-platform read API", lifespan, tel)
+    app.include_router(request_list_routes.router)
     app.include_router(requests_routes.router)
+    app.include_router(request_events_routes.router)
     app.include_router(quota_routes.router)
     app.include_router(metrics_routes.router)
     add_auth_handlers(app)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime, timedelta
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from events.model import utc_now
 from events.request_rules import IDENTIFIER_PATTERN
+from mlp.http_errors import error_responses
 from quota.ledger import QuotaUnavailable
 from quota.plans import day_of
 from quota.service import QuotaView
@@ -32,6 +33,8 @@ DEFAULT_USAGE_RANGE_DAYS: Final = 30
 _ISO_DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 UserId = Annotated[str, Path(pattern=IDENTIFIER_PATTERN, description="the user's id")]
+# The dates are parsed by date_range (its messages say what is wrong); the schema states the format.
+_DATE: Final[dict[str, Any]] = {"format": "date"}
 
 
 class WindowOut(BaseModel):
@@ -120,7 +123,14 @@ def _unavailable(exc: Exception) -> HTTPException:
     return HTTPException(status_code=503, detail=f"quota state unavailable: {exc}", headers={"Retry-After": "1"})
 
 
-@router.get("/api/v1/users/{user_id}/quota", response_model=QuotaOut)
+_FORBIDDEN = "another user's (only an admin key reads every user's)"
+
+
+@router.get(
+    "/api/v1/users/{user_id}/quota",
+    response_model=QuotaOut,
+    responses=error_responses(401, 403, 422, 503, described={403: _FORBIDDEN}),
+)
 async def get_quota(user_id: UserId, quota: QuotaDep, caller: CallerDep) -> QuotaOut:
     require_user(caller, user_id)
     try:
@@ -130,13 +140,30 @@ async def get_quota(user_id: UserId, quota: QuotaDep, caller: CallerDep) -> Quot
     return QuotaOut.of(view)
 
 
-@router.get("/api/v1/users/{user_id}/usage", response_model=UsageOut)
+@router.get(
+    "/api/v1/users/{user_id}/usage",
+    response_model=UsageOut,
+    responses=error_responses(
+        401,
+        403,
+        422,
+        503,
+        described={
+            403: _FORBIDDEN,
+            422: "invalid input; also 'from' after 'to', or a range over 366 days",
+        },
+    ),
+)
 async def get_usage(
     user_id: UserId,
     quota: QuotaDep,
     caller: CallerDep,
-    first: Annotated[str | None, Query(alias="from", max_length=10, description="first day, YYYY-MM-DD")] = None,
-    last: Annotated[str | None, Query(alias="to", max_length=10, description="last day, YYYY-MM-DD")] = None,
+    first: Annotated[
+        str | None, Query(alias="from", max_length=10, description="first day, YYYY-MM-DD", json_schema_extra=_DATE)
+    ] = None,
+    last: Annotated[
+        str | None, Query(alias="to", max_length=10, description="last day, YYYY-MM-DD", json_schema_extra=_DATE)
+    ] = None,
 ) -> UsageOut:
     require_user(caller, user_id)
     try:
