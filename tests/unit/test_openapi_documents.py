@@ -15,7 +15,7 @@ from projections.queries import RequestView
 from read_api.main import create_app as create_read_api
 from read_api.schemas import RequestOut, RequestPageOut
 
-SETTINGS = Settings(environment="test", models=("basic-model", "other-model"), max_prompt_chars=1000)
+SETTINGS = Settings(environment="test", models=("basic-model", "slow-model"), max_prompt_chars=1000)
 ERROR_BODY = {"$ref": "#/components/schemas/ErrorBody"}
 UNAUTHENTICATED = {("get", "/api/v1/metrics/token-rate")}  # KEDA's metrics-api scaler reads it
 
@@ -49,7 +49,7 @@ def test_every_authenticated_route_documents_401_and_503(schema: dict[str, Any])
 
 def test_the_submit_schema_carries_the_configured_constraints() -> None:
     submit = create_gateway(SETTINGS).openapi()["components"]["schemas"]["InferenceSubmit"]["properties"]
-    assert submit["model"]["enum"] == ["basic-model", "other-model"]
+    assert submit["model"]["enum"] == ["basic-model", "slow-model"]
     assert submit["prompt"]["maxLength"] == 1000
     integer = next(b for b in submit["max_tokens"]["anyOf"] if b.get("type") == "integer")
     assert integer["maximum"] == SETTINGS.max_tokens_limit
