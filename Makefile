@@ -24,6 +24,7 @@ up: $(STAMP) services
 # --tests: where only Docker could run a missing service, the tests start it with testcontainers.
 test: $(STAMP)
 	@scripts/ensure-services --tests
+	@scripts/ensure-monitoring
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -40,11 +40,12 @@ KeyId = Annotated[str, Path(pattern=KEY_ID_PATTERN, description="the key's publi
 Duration = Annotated[str, StringConstraints(pattern=r"^\d{1,6}[smhdw]$")]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a body that is not JSON (or not UTF-8)"},
     401: {"model": ErrorBody},
     403: {"model": ErrorBody},
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
-    422: {"model": ErrorBody},
+    422: {"model": ErrorBody, "description": "invalid input, e.g. a duration of zero or over the maximum"},
     503: {"model": ErrorBody},
 }
 

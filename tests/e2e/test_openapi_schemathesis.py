@@ -10,6 +10,7 @@ a few dozen examples per operation, about a minute for both.
 from __future__ import annotations
 
 import importlib.util
+import secrets
 import subprocess
 import sys
 import time
@@ -51,8 +52,12 @@ def _admin_key(env: dict[str, str]) -> str | None:
 @pytest.fixture(scope="module")
 def platform_and_key() -> Iterator[tuple[Platform, str | None]]:
     with isolated_namespace("st") as ns:
-        key = _admin_key(platform_env(ns, NO_TRITON, ENV))
-        with running_platform(ns, NO_TRITON, services=("collector", "api", "gateway"), extra_env=ENV) as platform:
+        # A bootstrap admin key too: the run may revoke every stored key through the admin routes (as it
+        # should be able to), and the platform must not fall back to open mode under it.
+        bootstrap = f"mlp_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+        env = {**ENV, "MLP_API_KEYS": f"{bootstrap}=schemathesis-bootstrap/admin"}
+        key = _admin_key(platform_env(ns, NO_TRITON, env))
+        with running_platform(ns, NO_TRITON, services=("collector", "api", "gateway"), extra_env=env) as platform:
             _requests_to_read(platform, key)
             yield platform, key
 
