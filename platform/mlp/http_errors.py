@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,21 @@ async def http_error(request: Request, exc: Exception) -> Response:
     headers = dict(exc.headers or {})
     if exc.status_code in (204, 304) or exc.status_code < 200:
         return Response(status_code=exc.status_code, headers=headers)
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
     error = _ERROR_BY_STATUS.get(exc.status_code, "http_error")
     return error_response(exc.status_code, error, str(exc.detail), headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's own ``Allow`` names only the first route
+    matching the path, so a path served by two routes (GET and POST apart) would be under-reported."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 # What a database that cannot answer raises: the pool's acquire or command timeout, a lost connection.
