@@ -26,8 +26,6 @@ from quota.store import PostgresLedgerSource
 
 pytestmark = pytest.mark.integration
 
-NOW = datetime.now(UTC)
-TODAY = Window(NOW - timedelta(hours=1), NOW + timedelta(minutes=5))
 # Far from today's requests: a window of its own for the broken streams.
 PAST = Window(datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC))
 
@@ -37,17 +35,29 @@ def _window_args(window: Window) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-async def books(module_settings: Settings) -> AsyncIterator[Settings]:
+def now() -> datetime:
+    """When the books are written: taken at the fixture, not at import (the suite may reach this module
+    many minutes after collecting it, and the running request must still be young then)."""
+    return datetime.now(UTC)
+
+
+@pytest.fixture(scope="module")
+def today(now: datetime) -> Window:
+    return Window(now - timedelta(hours=1), now + timedelta(minutes=5))
+
+
+@pytest.fixture(scope="module")
+async def books(module_settings: Settings, now: datetime) -> AsyncIterator[Settings]:
     """Requests of every outcome, and one still running, stored and projected as the collector does;
     the quota counters built from that ledger as the services do after a Redis restart."""
-    start = NOW - timedelta(minutes=2)
+    start = now - timedelta(minutes=2)
     streams = [
         request_stream("r-done-1", user_id="alice", start=start, tokens=(10, 5)),
         request_stream("r-done-2", user_id="alice", start=start, tokens=(20, 7)),
         request_stream("r-done-3", user_id="bob", start=start, tokens=(3, 4)),
         request_stream("r-failed", user_id="bob", outcome="failed", start=start),
         request_stream("r-rejected", user_id="bob", outcome="rejected", start=start),
-        request_stream("r-running", user_id="carol", outcome="running", start=NOW - timedelta(seconds=5)),
+        request_stream("r-running", user_id="carol", outcome="running", start=now - timedelta(seconds=5)),
         # broken streams, long ago: no outcome; an outcome without its request
         request_stream("r-lost", user_id="dave", outcome="queued", start=PAST.start + timedelta(hours=1)),
         request_stream("r-orphan", user_id="dave", start=PAST.start + timedelta(hours=2))[1:],
@@ -95,8 +105,10 @@ async def run_cli(settings: Settings, *args: str) -> tuple[int, dict[str, Any]]:
     return code, report
 
 
-async def test_clean_books_have_zero_drift(books: Settings, conn: asyncpg.Connection, client: redis.Redis) -> None:
-    findings = await check(conn, client, books, TODAY)
+async def test_clean_books_have_zero_drift(
+    books: Settings, conn: asyncpg.Connection, client: redis.Redis, today: Window
+) -> None:
+    findings = await check(conn, client, books, today)
     assert findings.drift == []
     assert (findings.requests, findings.events) == (6, 3 + 3 + 3 + 3 + 2 + 2)
     # the open reservation is in Redis and in the ledger's view (running, not charged): they agree
@@ -104,14 +116,14 @@ async def test_clean_books_have_zero_drift(books: Settings, conn: asyncpg.Connec
     assert await client.hget(keys.amounts("carol"), "r-running") == "33"
 
 
-def test_the_command_prints_zero_rows_and_exits_0_on_clean_books(books: Settings) -> None:
+def test_the_command_prints_zero_rows_and_exits_0_on_clean_books(books: Settings, today: Window) -> None:
     out = io.StringIO()
-    assert reconcile.main(_window_args(TODAY), out=out, settings=books) == 0
+    assert reconcile.main(_window_args(today), out=out, settings=books) == 0
     assert "0 drift row(s)" in out.getvalue()
 
 
 async def test_a_corrupted_row_and_counter_are_reported_exactly_and_repaired(
-    books: Settings, conn: asyncpg.Connection, client: redis.Redis
+    books: Settings, conn: asyncpg.Connection, client: redis.Redis, today: Window
 ) -> None:
     await conn.execute(
         "UPDATE inference_requests SET status = 'failed', error_code = 'model_error' WHERE request_id = 'r-done-1'"
@@ -122,7 +134,7 @@ async def test_a_corrupted_row_and_counter_are_reported_exactly_and_repaired(
     assert before == 10 + 5 + 20 + 7
     await client.incrby(used, 5)
 
-    code, report = await run_cli(books, *_window_args(TODAY))
+    code, report = await run_cli(books, *_window_args(today))
     assert code == 1
     assert report["drift"] == [
         {
@@ -134,37 +146,37 @@ async def test_a_corrupted_row_and_counter_are_reported_exactly_and_repaired(
         {"check": "redis", "key": f"quota/used_day/alice/{day}", "expected": str(before), "actual": str(before + 5)},
     ]
 
-    code, report = await run_cli(books, *_window_args(TODAY), "--repair")
+    code, report = await run_cli(books, *_window_args(today), "--repair")
     assert code == 0
     assert len(report["drift"]) == 2
     assert report["repaired"] == {"requests": 1, "daily_rows": 1, "cache_entries": 1, "counters": True}
     assert report["after_repair"] == []
     assert await conn.fetchval("SELECT status FROM inference_requests WHERE request_id = 'r-done-1'") == "completed"
     assert int(await client.get(used) or 0) == before
-    assert (await check(conn, client, books, TODAY)).drift == []
+    assert (await check(conn, client, books, today)).drift == []
 
 
 async def test_a_daily_aggregate_and_a_row_without_events_are_found_and_repaired(
-    books: Settings, conn: asyncpg.Connection, client: redis.Redis
+    books: Settings, conn: asyncpg.Connection, client: redis.Redis, today: Window
 ) -> None:
-    today = datetime.now(UTC).date()
+    day = datetime.now(UTC).date()
     await conn.execute(
-        "UPDATE token_usage_daily SET total_tokens = total_tokens + 1 WHERE user_id = 'bob' AND day = $1", today
+        "UPDATE token_usage_daily SET total_tokens = total_tokens + 1 WHERE user_id = 'bob' AND day = $1", day
     )
     await conn.execute(
         "INSERT INTO inference_requests (request_id, user_id, model, status, updated_at)"
         " VALUES ('r-phantom', 'erin', 'basic-model', 'queued', now())"
     )
-    findings = await check(conn, client, books, TODAY)
+    findings = await check(conn, client, books, today)
     assert [(d.check, d.key) for d in findings.drift] == [
-        ("ledger", f"token_usage_daily/bob/{today.isoformat()}/basic-model"),
+        ("ledger", f"token_usage_daily/bob/{day.isoformat()}/basic-model"),
         ("read_model", "inference_requests/r-phantom"),
     ]
     assert findings.drift[0].expected == "prompt=3 completion=4 total=7 requests=1"
     assert findings.drift[0].actual == "prompt=3 completion=4 total=8 requests=1"
     assert (findings.drift[1].expected, findings.drift[1].actual) == ("(no row)", "a row")
 
-    code, report = await run_cli(books, *_window_args(TODAY), "--repair")
+    code, report = await run_cli(books, *_window_args(today), "--repair")
     assert (code, report["after_repair"]) == (0, [])
     assert await conn.fetchval("SELECT count(*) FROM inference_requests WHERE request_id = 'r-phantom'") == 0
 
