@@ -175,6 +175,7 @@ class RedisLedger:
         self._lock_ttl_ms = round(lock_ttl_s * 1000)
         # register_script: EVALSHA, and SCRIPT LOAD again after NOSCRIPT (e.g. a restarted Redis).
         self._reserve = client.register_script(scripts.RESERVE)
+        self._claim = client.register_script(scripts.CLAIM)
         self._commit = client.register_script(scripts.COMMIT)
         self._release = client.register_script(scripts.RELEASE)
         self._snapshot = client.register_script(scripts.SNAPSHOT)
@@ -235,6 +236,18 @@ class RedisLedger:
             now,
         )
         return _reserve_result(reply)
+
+    async def claim(
+        self, request_id: str, user_id: str, now: datetime, *, claim: RequestClaim, status_key: str | None = None
+    ) -> bool:
+        """Claim the request for ``user_id`` unless another request holds the id (scripts.CLAIM). True: the
+        request is this message's (claimed now, or already its own); False: the id names another request."""
+        reply = await self._run(
+            self._claim,
+            [request_id, user_id, self._committed_ttl_s * 1000, status_key or "", claim.event_id, claim.digest],
+            now,
+        )
+        return reply[0] == "MINE"
 
     async def refuse(
         self,

@@ -223,6 +223,28 @@ return {'GRANTED', ARGV[4]}
 """
 )
 
+# ARGV: P, request_id, user, claim_ttl_ms, status_key ('' = none), event_id, digest
+# -> {'MINE'} | {'CONFLICT'} | {'NOT_BUILT'}
+# The collector's claim, before it stores an InferenceRequested: the same claim_check as RESERVE, so the
+# stream's owner in Postgres is always the claim's owner (whichever of collector and worker sees the
+# message first). A new claim is recorded as 'claimed': nothing reserved, not counted per minute.
+CLAIM: Final = (
+    _PRELUDE
+    + STATUS_LUA_FUNCTIONS
+    + _CLAIM_FUNCTIONS
+    + r"""
+if not built() then return {'NOT_BUILT'} end
+local rec = P .. 'rq:' .. ARGV[2]
+local answer, st = claim_check(rec, ARGV[3], ARGV[6], ARGV[7], ARGV[5])
+if answer and answer[1] == 'CONFLICT' then return {'CONFLICT'} end
+if not st[2] then
+  redis.call('HSET', rec, 's', 'claimed', 'u', ARGV[3], 'ev', ARGV[6], 'dg', ARGV[7])
+  redis.call('PEXPIRE', rec, ARGV[4])
+end
+return {'MINE'}
+"""
+)
+
 # ARGV: P, request_id, actual_tokens, now_ms, day_id, month_id, day_ttl_s, month_ttl_s,
 #       committed_ttl_ms, fallback_user ('' = none), outcome ('' = none)
 # -> {'COMMITTED', charged, released_hold} | {'ALREADY', charged} | {'UNKNOWN'} | {'NOT_BUILT'}

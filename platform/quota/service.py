@@ -334,6 +334,10 @@ class QuotaService:
             return _refused(result, limits, tokens, refusal)
         return _answered(result)
 
+    async def claim(self, request_id: str, user_id: str, claim: RequestClaim, *, status_key: str | None = None) -> bool:
+        """The collector's claim before it stores a request: False when the id names another request."""
+        return await self.ledger.claim(request_id, user_id, self._clock(), claim=claim, status_key=status_key)
+
     async def refuse(
         self,
         request_id: str,

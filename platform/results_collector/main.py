@@ -68,16 +68,15 @@ def build_app(settings: Settings) -> Consumer:
         redis_client = create_redis(settings)
         try:
             cache = StatusCache(redis_client, StatusKeys(settings.redis_prefix))
-            follow_up = FollowUp(
-                EventPublisher(broker, settings.publish_timeout_s),
-                QuotaService(pool, redis_client, QuotaSettings.of(settings)),
-                settings.models,
-            )
+            quota = QuotaService(pool, redis_client, QuotaSettings.of(settings))
+            follow_up = FollowUp(EventPublisher(broker, settings.publish_timeout_s), quota, settings.models)
             collector = Collector(
                 pool,
                 CacheSync(cache),
                 limits=settings.request_limits(),
                 follow_up=follow_up,
+                claims=quota,
+                status_keys=StatusKeys(settings.redis_prefix),
                 # A batch never outgrows the prefetch window: with all deliveries in hand, write at once.
                 batch_size=min(settings.collector_batch_size, settings.prefetch),
                 batch_wait_s=settings.collector_batch_wait_ms / 1000,

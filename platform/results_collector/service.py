@@ -6,6 +6,9 @@ The bus adapter decides ack/nack/reject here and nowhere else:
 - an untrusted request beyond the platform's limits, for a model nobody serves, or under a request id
   its user may not name -> ``ack`` without storing it (``guards.unstorable_request``): its rejection is
   stored instead when it arrives (the worker's; the follow-up's for a model no worker serves);
+- a request whose id another request already claimed (the quota's claim, the one the worker checks too)
+  -> ``ack`` without storing it: the stream's owner is the claim's, whichever consumer saw it first; the
+  worker answers its publisher with ``duplicate_request_id``;
 - written (newly stored, or a duplicate already stored) -> ``ack``, only after the commit;
 - Postgres down -> the handler keeps waiting while its batch is retried (the message stays unacked;
   no requeue, which a quorum queue would count towards its delivery limit);
@@ -20,17 +23,21 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 import asyncpg
 from faststream.rabbit import RabbitMessage
 from opentelemetry.trace import SpanContext
 
+from events.identity import RequestClaim, claim_of
 from events.model import AnyEvent, EventDecodeError, InferenceRequested, decode_event
 from events.request_rules import RequestLimits
 from mlp import metrics as platform_metrics
 from mlp.backoff import Backoff
 from projections.postgres import is_transient, store_and_project
 from projections.projector import invalid_reason
+from projections.status_cache import StatusKeys
+from quota.ledger import QuotaUnavailable
 from results_collector import metrics
 from results_collector.batcher import WRITE_BACKOFF, Batcher, ItemFailed, ShuttingDown
 from results_collector.cache_sync import CacheSync
@@ -39,6 +46,14 @@ from results_collector.guards import routing_mismatch, unstorable_request
 from results_collector.tracing import batch_span, consumer_parent, record_stored
 
 log = logging.getLogger(__name__)
+
+
+class Claims(Protocol):
+    """The request-id claim (quota.service.QuotaService.claim): False when the id names another request."""
+
+    async def claim(
+        self, request_id: str, user_id: str, claim: RequestClaim, *, status_key: str | None = None
+    ) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -62,8 +77,13 @@ class Collector:
         backoff: Backoff = WRITE_BACKOFF,
         limits: RequestLimits,
         follow_up: FollowUp | None = None,
+        claims: Claims | None = None,
+        status_keys: StatusKeys | None = None,
     ) -> None:
-        """``limits``: the platform's request limits and served models (guards.unstorable_request)."""
+        """``limits``: the platform's request limits and served models (guards.unstorable_request);
+        ``claims``: who owns a request id (None: every storable request is stored, as in unit tests)."""
+        self._claims = claims
+        self._status_keys = status_keys
         self._pool = pool
         self._cache_sync = cache_sync
         self._follow_up = follow_up
@@ -114,6 +134,11 @@ class Collector:
                     self._follow_up.refuse(event, refusal)
                 await message.ack()
                 return
+            if not await self._claimed(event):
+                metrics.EVENTS.labels(type(event).__name__, "refused").inc()
+                log.info("request %s not stored: the id names another request", event.request_id[:200])
+                await message.ack()
+                return
         try:
             newly_stored = await self._batcher.submit(Incoming(event, body, consumer_parent(event)))
         except ItemFailed as exc:
@@ -125,6 +150,20 @@ class Collector:
             return
         metrics.EVENTS.labels(type(event).__name__, "stored" if newly_stored else "duplicate").inc()
         await message.ack()
+
+    async def _claimed(self, request: InferenceRequested) -> bool:
+        """Whether the request is its message's to store. Redis down: stored (the worker cannot claim either
+        then, and the projection keeps going through a Redis outage); logged."""
+        if self._claims is None:
+            return True
+        status_key = self._status_keys.status(request.request_id) if self._status_keys is not None else None
+        try:
+            return await self._claims.claim(
+                request.request_id, request.user_id, claim_of(request), status_key=status_key
+            )
+        except QuotaUnavailable as exc:
+            log.warning("request %s stored unclaimed, the claim is unavailable: %s", request.request_id[:200], exc)
+            return True
 
     async def _reject(self, message: RabbitMessage, kind: str, reason: str) -> None:
         metrics.EVENTS.labels(kind, "rejected").inc()

@@ -271,3 +271,34 @@ async def test_a_request_no_worker_serves_is_answered_through_its_claim_and_neve
         assert await _stream(collector.pool, alices.request_id) == []  # alice's stream untouched
     finally:
         await redis_client.aclose()
+
+
+async def test_the_stream_of_a_claimed_id_holds_the_claims_request_whichever_arrives_first(
+    collector: Running,
+) -> None:
+    settings = collector.settings
+    redis_client = create_redis(settings)
+    quota = QuotaService(collector.pool, redis_client, QuotaSettings.of(settings))
+    try:
+        # Alice's request holds the UUID (the worker reserved it); bob's request under the same id reaches
+        # the collector first. The event store and read model must follow the claim, not the arrival order.
+        alices = _requested(new_event_id(), "alice-c")
+        await quota.reserve(alices.request_id, "alice-c", 10, claim=claim_of(alices))
+        bobs = _requested(alices.request_id, "bob-c")
+        await collector.publisher.publish(bobs)
+        await eventually(lambda: _eq(_ready_messages(collector, PROJECTIONS_QUEUE), 0), "bob's request acked")
+        assert await _stream(collector.pool, alices.request_id) == []  # bob's was not stored
+        await collector.publisher.publish(alices)
+        await eventually(lambda: _eq(_stored_count(collector.pool, [alices.request_id]), 1), "alice's stored")
+        [(kind, payload)] = await _stream(collector.pool, alices.request_id)
+        assert (kind, msgspec.json.decode(payload)["user_id"]) == ("InferenceRequested", "alice-c")
+
+        # An unclaimed UUID: the collector's claim decides, and the worker's reservation then agrees.
+        carols = _requested(new_event_id(), "carol-c")
+        await collector.publisher.publish(carols)
+        await eventually(lambda: _eq(_stored_count(collector.pool, [carols.request_id]), 1), "carol's stored")
+        daves = _requested(carols.request_id, "dave-c")
+        assert (await quota.reserve(daves.request_id, "dave-c", 10, claim=claim_of(daves))).answer == "conflict"
+        assert (await quota.reserve(carols.request_id, "carol-c", 10, claim=claim_of(carols))).answer == "run"
+    finally:
+        await redis_client.aclose()
