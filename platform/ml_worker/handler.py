@@ -312,15 +312,19 @@ class RequestHandler:
                     request.request_id, tokens, user_id=request.user_id, at=at, outcome=encode_event(event)
                 )
             case Release():
-                released = await self._deps.quota.release(
-                    request.request_id, outcome=encode_event(event), user_id=request.user_id, claim=claim_of(request)
-                )
-                if released.outcome == "conflict":  # the request is not this message's to end
-                    event = duplicate_rejection(request)
+                event = await self._release(request, event)
         await self._deps.publisher.publish(event)
         record_outcome(event)
         await message.ack()
         _count_outcome(self._model_label(request.model), event, request.occurred_at)
+
+    async def _release(self, request: InferenceRequested, event: decide.Terminal) -> decide.Terminal:
+        """Free the request's hold, keeping ``event`` with its claim; the event to publish: ``event``, or
+        the publisher's ``duplicate_request_id`` when the id turned out to be another request's."""
+        released = await self._deps.quota.release(
+            request.request_id, outcome=encode_event(event), user_id=request.user_id, claim=claim_of(request)
+        )
+        return duplicate_rejection(request) if released.outcome == "conflict" else event
 
     async def _answer_again(self, message: RabbitMessage, request: InferenceRequested, kept: bytes | None) -> None:
         """The request already ended: publish the outcome it ended with (same event_id: subscribers and the
@@ -396,11 +400,7 @@ class RequestHandler:
         outcome = decide.delivery_limit_outcome(request, _describe(exc))
         event: decide.Terminal = with_worker_traceparent(outcome.event)
         try:
-            released = await self._deps.quota.release(
-                request.request_id, outcome=encode_event(event), user_id=request.user_id, claim=claim_of(request)
-            )
-            if released.outcome == "conflict":  # the request is not this message's to end
-                event = duplicate_rejection(request)
+            event = await self._release(request, event)
             await self._deps.publisher.publish(event)
             record_outcome(event)
         except Exception:

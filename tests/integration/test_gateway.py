@@ -4,42 +4,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aio_pika
 import httpx
 import pytest
 import redis.asyncio as redis
 
 from api_gateway.main import create_app
-from events import InferenceRequested, decode_event
-from events.topology import requests_queue
 from mlp.settings import Settings
 from projections.status_cache import StatusKeys
 from tests.support.apps import running
 from tests.support.isolation import broker_admin, isolated_namespace
+from tests.support.queues import drain_requests
 
 pytestmark = pytest.mark.integration
 
 SEED = {"prompt": "test prompt", "user_id": "test-user", "model": "basic-model"}
 
 
-async def _drain(module_settings: Settings) -> list[InferenceRequested]:
-    """Take every message from the basic-model request queue (so each test sees only its own)."""
-    connection = await aio_pika.connect(module_settings.rabbitmq_url)
-    found: list[InferenceRequested] = []
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(requests_queue("basic-model").name, ensure=False)
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            event = decode_event(message.body)
-            assert isinstance(event, InferenceRequested)
-            found.append(event)
-    return found
-
-
 @pytest.fixture
 async def gateway(module_settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Settings]]:
     async with running(create_app(module_settings)) as client:
-        await _drain(module_settings)
+        await drain_requests(module_settings)
         yield client, module_settings
 
 
@@ -50,7 +34,7 @@ async def test_the_seed_request_is_accepted_published_and_visible(gateway: tuple
     body = response.json()
     assert body["status"] == "queued"
     assert body["status_url"].endswith(f"/api/v1/inference/{body['request_id']}")
-    published = await _drain(settings)
+    published = await drain_requests(settings)
     assert [e.request_id for e in published] == [body["request_id"]]
     event = published[0]
     assert (event.prompt, event.user_id, event.model, event.max_tokens) == (
@@ -90,7 +74,7 @@ async def test_bad_input_is_refused_with_a_clear_message_and_nothing_is_publishe
         response = await client.post("/api/v1/inference", json=payload)
     assert response.status_code == status, response.text
     assert needle in response.text
-    assert await _drain(settings) == []
+    assert await drain_requests(settings) == []
 
 
 async def test_idempotency_key_returns_the_same_request_and_publishes_once(
@@ -102,13 +86,13 @@ async def test_idempotency_key_returns_the_same_request_and_publishes_once(
     second = await client.post("/api/v1/inference", json=SEED, headers=headers)
     assert first.status_code == second.status_code == 202
     assert first.json()["request_id"] == second.json()["request_id"]
-    assert len(await _drain(settings)) == 1
+    assert len(await drain_requests(settings)) == 1
 
 
 async def test_api_key_decides_the_user_not_the_body(module_settings: Settings) -> None:
     keyed = module_settings.model_copy(update={"api_keys": "k-alice=alice"})
     async with running(create_app(keyed)) as client:
-        await _drain(keyed)
+        await drain_requests(keyed)
         no_key = await client.post("/api/v1/inference", json={**SEED, "user_id": "alice"})
         other_user = await client.post(
             "/api/v1/inference", json={**SEED, "user_id": "bob"}, headers={"X-API-Key": "k-alice"}
@@ -117,7 +101,7 @@ async def test_api_key_decides_the_user_not_the_body(module_settings: Settings) 
             "/api/v1/inference", json={**SEED, "user_id": "alice"}, headers={"Authorization": "Bearer k-alice"}
         )
         assert (no_key.status_code, other_user.status_code, ok.status_code) == (401, 403, 202)
-        assert [e.user_id for e in await _drain(keyed)] == ["alice"]
+        assert [e.user_id for e in await drain_requests(keyed)] == ["alice"]
 
 
 async def test_broker_gone_at_submit_answers_503_and_records_nothing(module_settings: Settings) -> None:
@@ -143,12 +127,12 @@ async def test_redis_unreachable_at_submit_answers_503_not_500(module_settings: 
 
     no_redis = module_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     async with running(create_app(no_redis)) as client:
-        await _drain(no_redis)
+        await drain_requests(no_redis)
         response = await client.post("/api/v1/inference", json=SEED)
         assert response.status_code == 503, response.text
         assert response.json()["error"] == "dependency_unavailable"
         assert response.headers["Retry-After"]
-        assert await _drain(no_redis) == []
+        assert await drain_requests(no_redis) == []
 
 
 async def test_quota_admission_uses_the_same_upper_bound_as_the_worker(module_settings: Settings) -> None:
@@ -171,7 +155,7 @@ async def test_quota_admission_uses_the_same_upper_bound_as_the_worker(module_se
     finally:
         await conn.close()
     async with running(create_app(module_settings)) as client:
-        await _drain(module_settings)
+        await drain_requests(module_settings)
         fits = await client.post("/api/v1/inference", json={**SEED, "user_id": "tight-user", "max_tokens": 50})
         too_long = {**SEED, "user_id": "tight-user", "prompt": "x" * 190, "max_tokens": 50}
         refused = await client.post("/api/v1/inference", json=too_long)
@@ -179,4 +163,4 @@ async def test_quota_admission_uses_the_same_upper_bound_as_the_worker(module_se
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"] == "quota_exceeded:tokens_per_day"
         assert int(refused.headers["Retry-After"]) > 0
-        assert len(await _drain(module_settings)) == 1
+        assert len(await drain_requests(module_settings)) == 1

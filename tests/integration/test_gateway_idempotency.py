@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -16,14 +15,13 @@ from api_gateway.deps import submit_of
 from api_gateway.idempotency import PENDING, IdempotencyRecords
 from api_gateway.main import create_app
 from api_gateway.submit import SubmitService, SubmitSettings
-from events import InferenceRequested, decode_event
-from events.topology import requests_queue
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import Keys
 from mlp.settings import Settings
 from projections.status_cache import StatusCache, StatusKeys
 from quota.service import QuotaService, QuotaSettings
 from tests.support.apps import running
+from tests.support.queues import drain_requests
 from tests.support.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -31,24 +29,10 @@ pytestmark = pytest.mark.integration
 SEED = {"prompt": "test prompt", "user_id": "test-user", "model": "basic-model"}
 
 
-async def _drain(settings: Settings) -> list[InferenceRequested]:
-    """Take every message from the basic-model request queue (so each test sees only its own)."""
-    connection = await aio_pika.connect(settings.rabbitmq_url)
-    found: list[InferenceRequested] = []
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(requests_queue("basic-model").name, ensure=False)
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            event = decode_event(message.body)
-            assert isinstance(event, InferenceRequested)
-            found.append(event)
-    return found
-
-
 @pytest.fixture
 async def gateway(module_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with running(create_app(module_settings)) as client:
-        await _drain(module_settings)
+        await drain_requests(module_settings)
         yield client
 
 
@@ -60,12 +44,12 @@ async def test_user_ids_holding_colons_never_share_a_record(
     second = await gateway.post("/api/v1/inference", json={**SEED, "user_id": "a"}, headers={"Idempotency-Key": "b:c"})
     assert first.status_code == second.status_code == 202, (first.text, second.text)
     assert first.json()["request_id"] != second.json()["request_id"]
-    published = await _drain(module_settings)
+    published = await drain_requests(module_settings)
     assert sorted(e.user_id for e in published) == ["a", "a:b"]
     # Each pair still replays its own request.
     again = await gateway.post("/api/v1/inference", json={**SEED, "user_id": "a"}, headers={"Idempotency-Key": "b:c"})
     assert again.json()["request_id"] == second.json()["request_id"]
-    assert await _drain(module_settings) == []
+    assert await drain_requests(module_settings) == []
 
 
 @pytest.mark.parametrize(
@@ -80,14 +64,14 @@ async def test_an_idempotency_key_out_of_bounds_is_refused_with_a_clear_422(
     body = response.json()
     assert body["error"] == "invalid_request"
     assert "idempotency-key" in body["detail"].lower()
-    assert await _drain(module_settings) == []
+    assert await drain_requests(module_settings) == []
 
 
 @pytest.mark.parametrize("key", ["0193a5b2-7c3e-7d4f-8a9b-0c1d2e3f4a5b", "k" * 128, "order:42/try=1", "YWJj+/=="])
 async def test_keys_within_bounds_are_accepted(gateway: httpx.AsyncClient, module_settings: Settings, key: str) -> None:
     response = await gateway.post("/api/v1/inference", json=SEED, headers={"Idempotency-Key": key})
     assert response.status_code == 202, response.text
-    assert len(await _drain(module_settings)) == 1
+    assert len(await drain_requests(module_settings)) == 1
 
 
 class RedisGoneAfterPublish(IdempotencyRecords):
@@ -137,12 +121,12 @@ async def test_redis_lost_after_the_confirmed_publish_answers_202_and_leaves_no_
         app = create_app(settings)
         app.dependency_overrides[submit_of] = lambda: service
         async with running(app) as client:
-            await _drain(settings)
+            await drain_requests(settings)
             response = await client.post("/api/v1/inference", json=SEED, headers={"Idempotency-Key": "window-1"})
             # Queued: the answer is the 202, not a 503 that would make the client submit it again.
             assert response.status_code == 202, response.text
             request_id = response.json()["request_id"]
-            assert [e.request_id for e in await _drain(settings)] == [request_id]
+            assert [e.request_id for e in await drain_requests(settings)] == [request_id]
             assert (await live_redis.hget(StatusKeys(settings.redis_prefix).status(request_id), "status")) == "queued"
             # The claim that could not be completed is pending for seconds, not 24 h ...
             record = keys.idempotency(SEED["user_id"], "window-1")
@@ -171,4 +155,4 @@ async def test_a_completed_record_keeps_the_request_id_for_a_day(
         assert await live_redis.ttl(record) > 86_000
     finally:
         await live_redis.aclose()
-    await _drain(module_settings)
+    await drain_requests(module_settings)
