@@ -165,6 +165,9 @@ def _describe(exc: BaseException | None) -> str:
 
 
 def _trace_headers(request: InferenceRequested) -> dict[str, str] | None:
-    # The Triton span's context when tracing is on (Triton's own tracing joins below it), else the request's.
-    traceparent = telemetry.current_traceparent() or request.traceparent
-    return {"traceparent": traceparent} if traceparent else None
+    # Tracing on: the gRPC client instrumentation puts its own span's traceparent in the metadata; a second
+    # one of ours made Triton start a root trace now and then (two values for one key). Tracing off: the
+    # request's, so Triton's own tracing can still join the request's trace.
+    if telemetry.current_traceparent() is not None:
+        return None
+    return {"traceparent": request.traceparent} if request.traceparent else None
