@@ -78,6 +78,10 @@ class InferenceRequested(Event, frozen=True, kw_only=True):
     source: Literal["http", "bus"] = "http"
     # Trace id of the submit, stored with the request so users can open it in Jaeger.
     trace_id: str | None = None
+    # When the request expires unless finished (the submit's ``timeout_s`` from acceptance, or the plan's
+    # default): a request still queued then never runs, a running one has its Triton call cancelled.
+    # None: no deadline. Bus publishers may set it too; the worker bounds it by the plan's max_timeout_s.
+    deadline_at: datetime | None = None
 
 
 class InferenceStarted(Event, frozen=True, kw_only=True):
@@ -109,8 +113,52 @@ class InferenceRejected(Event, frozen=True, kw_only=True):
     detail: str = ""
 
 
-AnyEvent = InferenceRequested | InferenceStarted | InferenceCompleted | InferenceFailed | InferenceRejected
-TERMINAL_EVENTS: Final = (InferenceCompleted, InferenceFailed, InferenceRejected)
+# Where a request was when it was cancelled or expired: still waiting in its queue (never reached
+# Triton, nothing charged) or running (its Triton call was cancelled).
+Stage = Literal["queued", "running"]
+# Who asked for a cancel: the owner over HTTP (or an admin), or the owner by a bus command.
+CancelCause = Literal["http", "bus"]
+
+
+class InferenceCancelled(Event, frozen=True, kw_only=True):
+    """The request was cancelled by its owner before it finished (a terminal event)."""
+
+    stage: Stage
+    cause: CancelCause = "http"
+    started_at: datetime | None = None  # when it started running; None when cancelled while queued
+    # The tokens actually produced before the cancel, charged (0 when it never ran, or when the call was
+    # cancelled before Triton answered: a non-streaming call produces nothing the worker can count).
+    prompt_tokens: NonNegative = 0
+    completion_tokens: NonNegative = 0
+    detail: str = ""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class InferenceExpired(Event, frozen=True, kw_only=True):
+    """The request's deadline passed before it finished (a terminal event); never charged."""
+
+    stage: Stage
+    deadline_at: datetime
+    started_at: datetime | None = None
+    # Always 0 today: an expired request is never charged (kept for the outcomes' common shape).
+    prompt_tokens: NonNegative = 0
+    completion_tokens: NonNegative = 0
+    detail: str = ""
+
+
+AnyEvent = (
+    InferenceRequested
+    | InferenceStarted
+    | InferenceCompleted
+    | InferenceFailed
+    | InferenceRejected
+    | InferenceCancelled
+    | InferenceExpired
+)
+TERMINAL_EVENTS: Final = (InferenceCompleted, InferenceFailed, InferenceRejected, InferenceCancelled, InferenceExpired)
 
 
 class EventDecodeError(ValueError):

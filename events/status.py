@@ -6,19 +6,29 @@ from typing import Final, Literal
 
 from events.model import (
     Event,
+    InferenceCancelled,
     InferenceCompleted,
+    InferenceExpired,
     InferenceFailed,
     InferenceRejected,
     InferenceRequested,
     InferenceStarted,
 )
 
-Status = Literal["queued", "running", "completed", "failed", "rejected"]
-TERMINAL_STATUSES: Final[frozenset[str]] = frozenset({"completed", "failed", "rejected"})
+Status = Literal["queued", "running", "completed", "failed", "rejected", "cancelled", "expired"]
+TERMINAL_STATUSES: Final[frozenset[str]] = frozenset({"completed", "failed", "rejected", "cancelled", "expired"})
 
 # A status only ever moves to a higher rank: events may arrive out of order, and a
 # terminal state is never overwritten (the first terminal event wins).
-STATUS_RANK: Final[dict[str, int]] = {"queued": 0, "running": 1, "completed": 2, "failed": 2, "rejected": 2}
+STATUS_RANK: Final[dict[str, int]] = {
+    "queued": 0,
+    "running": 1,
+    "completed": 2,
+    "failed": 2,
+    "rejected": 2,
+    "cancelled": 2,
+    "expired": 2,
+}
 
 
 def status_of(event: Event) -> Status:
@@ -33,6 +43,10 @@ def status_of(event: Event) -> Status:
             return "failed"
         case InferenceRejected():
             return "rejected"
+        case InferenceCancelled():
+            return "cancelled"
+        case InferenceExpired():
+            return "expired"
     raise TypeError(f"not a domain event: {type(event).__name__}")
 
 

@@ -15,7 +15,9 @@ from typing import Final
 
 from events.model import (
     Event,
+    InferenceCancelled,
     InferenceCompleted,
+    InferenceExpired,
     InferenceFailed,
     InferenceRejected,
     InferenceRequested,
@@ -36,8 +38,10 @@ EVENT_KINDS: Final[dict[type[Event], str]] = {
     InferenceCompleted: "completed",
     InferenceFailed: "failed",
     InferenceRejected: "rejected",
+    InferenceCancelled: "cancelled",
+    InferenceExpired: "expired",
 }
-OUTCOME_KINDS: Final = ("completed", "failed", "rejected")
+OUTCOME_KINDS: Final = ("completed", "failed", "rejected", "cancelled", "expired")
 
 
 def routing_key(event: Event) -> str:

@@ -28,7 +28,9 @@ from msgspec.structs import replace
 
 from events.model import (
     Event,
+    InferenceCancelled,
     InferenceCompleted,
+    InferenceExpired,
     InferenceFailed,
     InferenceRejected,
     InferenceRequested,
@@ -161,7 +163,35 @@ def project(event: Event) -> list[Write]:
                     finished_at=event.occurred_at,
                 )
             ]
+        case InferenceCancelled():
+            writes: list[Write] = [_ended(base, event, "cancelled")]
+            if event.total_tokens > 0:  # only the tokens actually produced before the cancel are charged
+                writes.append(
+                    ChargeUsage(
+                        request_id=event.request_id,
+                        user_id=event.user_id,
+                        model=event.model,
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        total_tokens=event.total_tokens,
+                        occurred_at=event.occurred_at,
+                    )
+                )
+            return writes
+        case InferenceExpired():
+            return [_ended(base, event, "expired")]  # never charged
     raise TypeError(f"no projection for {type(event).__name__}")
+
+
+def _ended(base: UpsertRequest, event: InferenceCancelled | InferenceExpired, code: str) -> UpsertRequest:
+    """A cancelled or expired request's row: its code and detail as the error, its start when it ran."""
+    return replace(
+        base,
+        error_code=code,
+        error_message=event.detail,
+        started_at=event.started_at,
+        finished_at=event.occurred_at,
+    )
 
 
 _T = TypeVar("_T", int, datetime)

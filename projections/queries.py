@@ -18,6 +18,8 @@ from projections.postgres import LIVE, Connection, Tables
 from projections.status_cache import format_ts, parse_ts
 
 Row = asyncpg.Record | Mapping[str, Any]
+# The statuses whose error carries ``error_code``: a failure's code, or "cancelled"/"expired" with the detail.
+_CODED = frozenset({"failed", "cancelled", "expired"})
 
 
 class ResultView(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -77,7 +79,7 @@ class RequestView(msgspec.Struct, frozen=True, kw_only=True):
                 total_tokens=int(fields["total_tokens"]),
             )
         reason = fields.get("reason") if status == "rejected" else None
-        code = reason if reason is not None else fields.get("error_code") if status == "failed" else None
+        code = reason if reason is not None else fields.get("error_code") if status in _CODED else None
         if code is not None:
             error = ErrorView(code=code, message=fields.get("error_message", ""))
         return cls(
@@ -108,7 +110,7 @@ class RequestView(msgspec.Struct, frozen=True, kw_only=True):
                 total_tokens=row["total_tokens"],
             )
         reason = row["reject_reason"] if status == "rejected" else None
-        code = reason if reason is not None else row["error_code"] if status == "failed" else None
+        code = reason if reason is not None else row["error_code"] if status in _CODED else None
         if code is not None:
             error = ErrorView(code=code, message=row["error_message"] or "")
         return cls(
@@ -143,7 +145,7 @@ def cache_fields_of_row(row: Row) -> dict[str, str]:
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
             fields[name] = str(row[name])
         fields["latency_ms"] = repr(row["latency_ms"])
-    if row["status"] == "failed" and row["error_code"] is not None:
+    if row["status"] in _CODED and row["error_code"] is not None:
         fields["error_code"] = row["error_code"]
         fields["error_message"] = row["error_message"] or ""
     if row["status"] == "rejected" and row["reject_reason"] is not None:

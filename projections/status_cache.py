@@ -34,7 +34,9 @@ from redis.exceptions import RedisError
 
 from events.model import (
     Event,
+    InferenceCancelled,
     InferenceCompleted,
+    InferenceExpired,
     InferenceFailed,
     InferenceRejected,
     InferenceRequested,
@@ -86,6 +88,12 @@ class StatusKeys:
         """Pub/sub channel: the status key of each request the moment it becomes terminal."""
         return self.prefix + "status-terminal"
 
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel: the request id of each running request a cancel was asked for (its worker,
+        subscribed, cancels the Triton call; quota.scripts.CANCEL publishes it)."""
+        return self.prefix + "cancel-running"
+
 
 @dataclass(frozen=True, slots=True)
 class QueuedStatus:
@@ -135,6 +143,12 @@ def cache_update(event: Event) -> tuple[str, str, dict[str, str]]:
             fields["finished_at"] = format_ts(event.occurred_at)
             fields["reason"] = event.reason
             fields["error_message"] = event.detail
+        case InferenceCancelled() | InferenceExpired():
+            fields["finished_at"] = format_ts(event.occurred_at)
+            fields["error_code"] = status_of(event)
+            fields["error_message"] = event.detail
+            if event.started_at is not None:
+                fields["started_at"] = format_ts(event.started_at)
     return event.request_id, status_of(event), fields
 
 

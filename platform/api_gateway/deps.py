@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api_gateway.cancel import CancelService
 from api_gateway.submit import SubmitService
 from mlp.settings import Settings
 from tenancy.authenticator import Authenticator
@@ -18,6 +19,7 @@ class GatewayDeps:
     settings: Settings
     submit: SubmitService
     authenticator: Authenticator  # read by tenancy.http's CallerDep
+    cancel: CancelService
 
     @property
     def keys(self) -> KeyStore:
@@ -37,6 +39,10 @@ def submit_of(request: Request) -> SubmitService:
     return get_deps(request).submit
 
 
+def cancel_of(request: Request) -> CancelService:
+    return get_deps(request).cancel
+
+
 def keys_of(request: Request) -> KeyStore:
     return get_deps(request).keys
 
@@ -47,5 +53,6 @@ def authenticator_of(request: Request) -> Authenticator:
 
 SettingsDep = Annotated[Settings, Depends(settings_of)]
 SubmitDep = Annotated[SubmitService, Depends(submit_of)]
+CancelDep = Annotated[CancelService, Depends(cancel_of)]
 KeyStoreDep = Annotated[KeyStore, Depends(keys_of)]
 AuthenticatorDep = Annotated[Authenticator, Depends(authenticator_of)]

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from api_gateway import keys_routes
+from api_gateway.cancel import CancelService
 from api_gateway.deps import GatewayDeps
 from api_gateway.routes import count_invalid_body, count_refused_auth, router
 from api_gateway.schemas import document_limits
@@ -49,17 +50,21 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
         quota = QuotaService(pool, redis_client, QuotaSettings.of(settings))
         authenticator = Authenticator(settings, KeyStore(pool, pepper), clock)
         await authenticator.start()
+        publisher = EventPublisher(broker, settings.publish_timeout_s)
+        status_keys = StatusKeys(settings.redis_prefix)
+        status_cache = StatusCache(redis_client, status_keys)
         app.state.deps = GatewayDeps(
             settings=settings,
             submit=SubmitService(
                 SubmitSettings.of(settings),
-                EventPublisher(broker, settings.publish_timeout_s),
+                publisher,
                 quota,
                 redis_client,
-                StatusCache(redis_client, StatusKeys(settings.redis_prefix)),
+                status_cache,
                 TokenCounter(settings.model_specs()),
             ),
             authenticator=authenticator,
+            cancel=CancelService(publisher, quota, status_cache, status_keys, pool),
         )
         app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
         try:

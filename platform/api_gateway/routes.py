@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from msgspec import json as msgspec_json
 
-from api_gateway.deps import SettingsDep, SubmitDep
+from api_gateway.cancel import CancelUnavailable
+from api_gateway.deps import CancelDep, SettingsDep, SubmitDep
 from api_gateway.idempotency import IDEMPOTENCY_KEY_PATTERN
 from api_gateway.schemas import InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
@@ -19,8 +21,10 @@ from api_gateway.submit import (
     RequestRefused,
     StateUnavailable,
 )
+from events.request_rules import REQUEST_ID_PATTERN
 from mlp import metrics, telemetry
-from mlp.http_errors import error_responses, validation_error
+from mlp.http_errors import error_response, error_responses, validation_error
+from projections.queries import RequestView
 from quota.ledger import QuotaUnavailable
 from tenancy.http import AuthRefused, CallerDep, refusal_response
 
@@ -107,6 +111,7 @@ async def submit_inference(
             idempotency_key=idempotency_key,
             trace_id=telemetry.current_trace_id(),
             traceparent=telemetry.current_traceparent(),
+            timeout_s=body.timeout_s,
         )
     except RequestRefused as exc:  # counted by the rule's reason: unknown_model, prompt_too_large, ...
         return _refused(exc.rejection.reason, 422, "invalid_request", exc.rejection.message)
@@ -132,3 +137,59 @@ async def submit_inference(
     return InferenceAccepted(
         request_id=accepted.request_id, status_url=f"{base}/api/v1/inference/{accepted.request_id}"
     )
+
+
+_view_encoder = msgspec_json.Encoder()
+CANCEL_PATH = "/api/v1/inference/{request_id}/cancel"
+
+
+def _view_response(view: RequestView, status: int) -> Response:
+    return Response(_view_encoder.encode(view), status_code=status, media_type="application/json")
+
+
+@router.post(
+    CANCEL_PATH,
+    status_code=202,
+    response_class=Response,
+    responses={
+        202: {
+            "description": "the cancel is accepted: the request's view, as GET /api/v1/inference/{request_id}"
+            " answers it (status `cancelled` when it was still queued: it never runs and nothing is charged;"
+            " `running` when its worker was told to cancel its Triton call: it then ends `cancelled`, or"
+            " `completed` if Triton answered first). A second cancel answers the same (idempotent)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **error_responses(
+            401,
+            404,
+            409,
+            422,
+            503,
+            described={
+                404: "no such request, or another user's (the two are not told apart)",
+                409: "the request already ended otherwise (completed, failed, rejected or expired):"
+                " error `not_cancellable`",
+                503: "the cancel could not be recorded or confirmed now; retry (a cancel is idempotent)",
+            },
+        ),
+    },
+)
+async def cancel_inference(
+    request_id: Annotated[str, Path(pattern=REQUEST_ID_PATTERN, description="the request id the submit answered")],
+    service: CancelDep,
+    caller: CallerDep,
+) -> Response:
+    try:
+        outcome = await service.cancel(request_id, caller, traceparent=telemetry.current_traceparent())
+    except (CancelUnavailable, QuotaUnavailable) as exc:
+        log.warning("cancel of %s not done: %r", request_id, exc)
+        detail = "the cancel could not be recorded now; retry (a cancel is idempotent)"
+        return error_response(503, "dependency_unavailable", detail, {"Retry-After": "1"})
+    match outcome.answer:
+        case "accepted":
+            assert outcome.view is not None
+            return _view_response(outcome.view, 202)
+        case "not_cancellable":
+            status = outcome.view.status if outcome.view is not None else "ended"
+            return error_response(409, "not_cancellable", f"request {request_id} already ended ({status})")
+    return error_response(404, "not_found", f"no request {request_id}")

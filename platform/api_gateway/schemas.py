@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from events.control import MAX_TIMEOUT_S
 from events.request_rules import (
     IDENTIFIER_PATTERN,
     MIN_MAX_TOKENS,
@@ -32,6 +33,19 @@ class InferenceSubmit(BaseModel):
     user_id: UserId
     model: ModelName
     max_tokens: Annotated[int, Field(ge=MIN_MAX_TOKENS)] | None = None
+    timeout_s: (
+        Annotated[
+            float,
+            Field(
+                gt=0,
+                le=MAX_TIMEOUT_S,
+                description="seconds from acceptance after which the request ends `expired` unless finished"
+                " (never run if still queued; its Triton call cancelled if running; never charged); at most the"
+                " user's plan's max_timeout_s. Default: the plan's default_timeout_s (usually none)",
+            ),
+        ]
+        | None
+    ) = None
 
     @field_validator("prompt")
     @classmethod

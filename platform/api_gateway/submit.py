@@ -14,6 +14,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from api_gateway.idempotency import PENDING, IdempotencyRecords, pending_ttl_for
+from events import control
 from events.identity import claim_of
 from events.model import InferenceRequested, new_event_id, utc_now
 from events.request_rules import Rejection, RequestLimits, check_request
@@ -113,6 +114,7 @@ class SubmitService:
         idempotency_key: str | None,
         trace_id: str | None,
         traceparent: str | None,
+        timeout_s: float | None = None,
     ) -> Accepted:
         tokens = self._limits.effective_max_tokens(max_tokens, model)
         rejection = check_request(
@@ -120,6 +122,11 @@ class SubmitService:
         )
         if rejection is not None:
             raise RequestRefused(rejection)
+        # The plan bounds the deadline and may give one by default (events.control).
+        limits = await self._quota.limits_for(user_id)
+        if timeout_s is not None and (late := control.check_timeout(timeout_s, limits.max_timeout_s, limits.plan)):
+            raise RequestRefused(late)
+        default_timeout_s = limits.default_timeout_s
         try:
             return await self._submit(
                 user_id=user_id,
@@ -129,6 +136,8 @@ class SubmitService:
                 idempotency_key=idempotency_key,
                 trace_id=trace_id,
                 traceparent=traceparent,
+                timeout_s=timeout_s,
+                default_timeout_s=default_timeout_s,
             )
         except RedisError as exc:  # the admission translates its own (QuotaUnavailable); these are ours
             raise StateUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
@@ -149,6 +158,8 @@ class SubmitService:
         idempotency_key: str | None,
         trace_id: str | None,
         traceparent: str | None,
+        timeout_s: float | None,
+        default_timeout_s: int | None,
     ) -> Accepted:
         request_id = new_event_id()
         if idempotency_key is not None:
@@ -159,10 +170,11 @@ class SubmitService:
             if existing is not None:
                 return Accepted(request_id=existing, replayed=True)
         try:
+            accepted_at = utc_now()
             event = InferenceRequested(
                 event_id=new_event_id(),
                 request_id=request_id,
-                occurred_at=utc_now(),
+                occurred_at=accepted_at,
                 correlation_id=request_id,
                 traceparent=traceparent,
                 trace_id=trace_id,
@@ -171,6 +183,7 @@ class SubmitService:
                 prompt=prompt,
                 max_tokens=tokens,
                 source="http",
+                deadline_at=control.deadline_for(accepted_at, timeout_s, default_timeout_s),
             )
             # Status first: a GET right after the 202 must find the request. The admission writes it
             # (only when it admits) in its own Redis round trip, and claims the request id for the user

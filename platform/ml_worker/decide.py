@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from datetime import datetime
+from typing import Any, Final, Literal
 
+from events import control
 from events.model import (
+    CancelCause,
     ErrorCode,
+    InferenceCancelled,
     InferenceCompleted,
+    InferenceExpired,
     InferenceFailed,
     InferenceRejected,
     InferenceRequested,
@@ -43,7 +48,16 @@ class TritonFailed:
     message: str
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """The Triton call was cancelled before it answered: a cancel was asked for, or the deadline passed."""
+
+    why: Literal["cancelled", "expired"]
+    cause: CancelCause = "http"  # cancelled: who asked
+
+
 TritonOutcome = Succeeded | TritonFailed
+RunOutcome = TritonOutcome | Stopped
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,7 @@ class Release:
 
 
 QuotaAction = Commit | Release | None
-Terminal = InferenceCompleted | InferenceFailed | InferenceRejected
+Terminal = InferenceCompleted | InferenceFailed | InferenceRejected | InferenceCancelled | InferenceExpired
 
 
 @dataclass(frozen=True)
@@ -137,9 +151,45 @@ def refused(request: InferenceRequested, rejection: Rejection) -> Outcome:
     return Outcome(quota=None, event=rejected(request, rejection.reason, rejection.message))
 
 
-def decide_outcome(request: InferenceRequested, result: TritonOutcome) -> Outcome:
-    """Triton answered (or gave up): commit the actual tokens, or release the reservation."""
+def cancelled_outcome(
+    request: InferenceRequested, *, cause: CancelCause, started_at: datetime | None = None
+) -> Outcome:
+    """A cancel reached the worker holding the request: it ends cancelled and its reservation is released.
+    A non-streaming call produces nothing countable before it answers, so nothing is charged."""
+    event = control.cancelled(
+        request_id=request.request_id,
+        user_id=request.user_id,
+        model=request.model,
+        stage="running",
+        cause=cause,
+        started_at=started_at,
+        correlation_id=request.correlation_id or request.request_id,
+        causation_id=request.event_id,
+        traceparent=request.traceparent,
+    )
+    return Outcome(quota=Release(), event=event)
+
+
+def expired_outcome(request: InferenceRequested, *, started_at: datetime | None = None) -> Outcome:
+    """The deadline passed: queued (``started_at`` None: it never runs) or running (its call was cancelled).
+    Never charged: the reservation, if any, is released."""
+    stage: Literal["queued", "running"] = "queued" if started_at is None else "running"
+    return Outcome(quota=Release(), event=control.expired(request, stage=stage, started_at=started_at))
+
+
+def expired_before_start(request: InferenceRequested, now: datetime) -> Outcome | None:
+    """The request's deadline passed before it was taken: it ends expired, never run (None: it may run)."""
+    return expired_outcome(request) if control.is_expired(request.deadline_at, now) else None
+
+
+def decide_outcome(request: InferenceRequested, result: RunOutcome, *, started_at: datetime | None = None) -> Outcome:
+    """Triton answered (or gave up, or its call was stopped): commit the actual tokens, or release the
+    reservation. ``started_at``: when the request started running (for a stopped call's event)."""
     match result:
+        case Stopped(why="cancelled", cause=cause):
+            return cancelled_outcome(request, cause=cause, started_at=started_at)
+        case Stopped():
+            return expired_outcome(request, started_at=started_at or request.occurred_at)
         case Succeeded():
             event = InferenceCompleted(
                 **envelope(request),

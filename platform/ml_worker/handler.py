@@ -16,29 +16,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol
 
 from faststream.rabbit import RabbitMessage
 
+from events import control
 from events.identity import RequestClaim, claim_of, duplicate_rejection
 from events.model import (
     Event,
     EventDecodeError,
+    InferenceCancelled,
     InferenceCompleted,
+    InferenceExpired,
     InferenceFailed,
     InferenceRejected,
     InferenceRequested,
     InferenceStarted,
     decode_event,
     encode_event,
+    utc_now,
 )
 from events.request_rules import Rejection, RequestLimits
 from events.status import status_of
 from ml_worker import decide
-from ml_worker.decide import Commit, Outcome, Release, TritonOutcome
-from ml_worker.inbound import Delivery, Invalid, max_body_bytes, parse
+from ml_worker.cancels import CancelWatch, Watch
+from ml_worker.decide import Commit, Outcome, Release, RunOutcome, Stopped, TritonOutcome
+from ml_worker.inbound import CancelRequest, Delivery, Invalid, max_body_bytes, parse
 from ml_worker.metrics import REDELIVERIES
 from ml_worker.tracing import record_outcome, request_span, with_worker_traceparent
 from mlp import metrics
@@ -81,6 +86,26 @@ class Released(Protocol):
     def outcome(self) -> str: ...  # released | committed | none | conflict
 
 
+class PlanLimits(Protocol):
+    @property
+    def plan(self) -> str: ...
+    @property
+    def max_timeout_s(self) -> int: ...
+    @property
+    def default_timeout_s(self) -> int | None: ...
+
+
+class CancelAnswer(Protocol):
+    @property
+    def outcome(self) -> str: ...  # queued | running | cancelled | ended | unknown (quota.ledger.CancelResult)
+
+
+class StatusReader(Protocol):
+    """The status cache (``projections.status_cache.StatusCache.get``)."""
+
+    async def get(self, request_id: str) -> dict[str, str] | None: ...
+
+
 class Quota(Protocol):
     async def reserve(
         self,
@@ -120,6 +145,10 @@ class Quota(Protocol):
         user_id: str | None = None,
         claim: RequestClaim | None = None,
     ) -> Released: ...
+    async def limits_for(self, user_id: str) -> PlanLimits: ...
+    async def cancel(
+        self, request_id: str, user_id: str, *, outcome: bytes, status_key: str, channel: str, cause: str = "http"
+    ) -> CancelAnswer: ...
 
 
 class Publisher(Protocol):
@@ -146,6 +175,10 @@ class WorkerDeps:
     quota: Quota
     status_keys: StatusKeys  # the request's status-cache hash, checked by the reservation (quota.scripts.RESERVE)
     triton: Inferer
+    # Bus cancels (CancelInference) read the request's status here; None: they are acknowledged, not acted on.
+    status: StatusReader | None = None
+    # The requests this worker holds, for the cancel channel's listener (ml_worker.cancels).
+    cancels: CancelWatch = field(default_factory=CancelWatch)
 
 
 class RequestHandler:
@@ -186,6 +219,10 @@ class RequestHandler:
         if isinstance(parsed, Invalid):
             await self._dead_letter_invalid(message, parsed, count)
             return
+        if isinstance(parsed, CancelRequest):
+            with bind_request_id(parsed.request_id):
+                await self._handle_cancel(message, parsed)
+            return
         with bind_request_id(parsed.request_id), request_span(parsed, attempt=count + 1):
             await self._handle_request(message, parsed, count)
 
@@ -212,6 +249,22 @@ class RequestHandler:
     async def _process(self, message: RabbitMessage, request: InferenceRequested, *, attempt: int) -> None:
         if self.draining.is_set():
             raise Draining
+        # Watched from before the reservation: a cancel landing between it and the Triton call is seen.
+        with self._deps.cancels.watching(request.request_id) as watch:
+            await self._process_watched(message, request, watch, attempt=attempt)
+
+    async def _process_watched(
+        self, message: RabbitMessage, request: InferenceRequested, watch: Watch, *, attempt: int
+    ) -> None:
+        limits = await self._deps.quota.limits_for(request.user_id)
+        refusal = decide.check(request, self._limits, self._count(request)) or control.check_deadline(
+            request, limits.max_timeout_s, limits.plan
+        )
+        if request.source == "bus" and refusal is None:  # the gateway gave its own requests the plan's default
+            request = control.with_default_deadline(request, limits.default_timeout_s)
+        expiry = decide.expired_before_start(request, utc_now()) if refusal is None else None
+        if expiry is not None and await self._expire_queued(message, request, expiry):
+            return
         estimate = decide.reservation_estimate(request, self._limits)
         # The claim, the request rules' verdict, the plan's limits and the redelivery check (is the
         # outcome already cached?) all ride in the reservation's one Redis round trip.
@@ -222,7 +275,7 @@ class RequestHandler:
             estimate,
             status_key=status_key,
             claim=claim_of(request),
-            refusal=decide.check(request, self._limits, self._count(request)),
+            refusal=refusal,
             max_tokens=request.max_tokens,
             count_request=True,
         )
@@ -243,6 +296,12 @@ class RequestHandler:
                     metrics.QUOTA_REJECTIONS.labels(model=self._model_label(request.model), stage="worker").inc()
                 await self._finish(message, request, decide.refused(request, rejection))
                 return
+            case "cancel":  # a redelivery of a request cancelled while it ran: never run again
+                await self._finish(message, request, decide.cancelled_outcome(request, cause=watch.cause))
+                return
+        if watch.cancelled:  # the cancel came while the reservation was on its way
+            await self._finish(message, request, decide.cancelled_outcome(request, cause=watch.cause))
+            return
         reserved = reservation.reserved_tokens or estimate
         start = decide.started(request, reserved_tokens=reserved, worker=self._worker_id, attempt=attempt)
         # Started's confirm is awaited before the outcome is published (so before the ack), not before
@@ -252,10 +311,7 @@ class RequestHandler:
         try:
             if self.draining.is_set():
                 raise Draining  # the reservation stays; the redelivery reuses it (reserve is idempotent)
-            if started_confirm is not None:
-                result = await self._deps.triton.infer(request)
-            else:
-                result, started_confirm = await self._infer_announcing_if_slow(request, start)
+            result, started_confirm = await self._infer_controlled(request, start, watch, started_confirm)
         except Exception:
             if started_confirm is not None:
                 await _settle(started_confirm)
@@ -264,22 +320,108 @@ class RequestHandler:
             if started_confirm is not None:
                 started_confirm.cancel()
             raise
-        await self._finish(message, request, decide.decide_outcome(request, result), started=started_confirm)
+        outcome = decide.decide_outcome(request, result, started_at=start.occurred_at)
+        await self._finish(message, request, outcome, started=started_confirm)
 
-    def _publish_started(self, start: InferenceStarted) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self._deps.publisher.publish(with_worker_traceparent(start)))
+    async def _expire_queued(self, message: RabbitMessage, request: InferenceRequested, expiry: Outcome) -> bool:
+        """The deadline passed before the request was taken: end it expired through its claim (atomic with a
+        cancel: whichever ends the claim first decides). False: it ended otherwise; the reservation answers."""
+        event: decide.Terminal = with_worker_traceparent(expiry.event)
+        released = await self._deps.quota.release(
+            request.request_id, outcome=encode_event(event), user_id=request.user_id, claim=claim_of(request)
+        )
+        if released.outcome == "conflict":
+            await self._answer_publisher(message, request)
+            return True
+        if released.outcome != "released":
+            return False
+        await self._deps.publisher.publish(event)
+        record_outcome(event)
+        await message.ack()
+        _count_outcome(self._model_label(request.model), event, request.occurred_at)
+        return True
 
-    async def _infer_announcing_if_slow(
-        self, request: InferenceRequested, start: InferenceStarted
-    ) -> tuple[TritonOutcome, asyncio.Future[None] | None]:
-        """Triton's answer, and Started's publish when the inference outlasted ``started_after_s`` (else None)."""
+    async def _handle_cancel(self, message: RabbitMessage, command: CancelRequest) -> None:
+        """A bus publisher's cancel of one of its own requests (docs/bus.md): the routing key's user is the
+        only one it may cancel for; anything else is acknowledged and left alone."""
+        for tries in range(1, TRANSIENT_MAX_TRIES + 1):
+            try:
+                await self._cancel_for_publisher(command)
+                await message.ack()
+                return
+            except TRANSIENT_ERRORS as exc:
+                if self.draining.is_set() or tries == TRANSIENT_MAX_TRIES or _channel_closed(message):
+                    log.warning("cancel of %s: %s; requeueing", command.request_id, _describe(exc))
+                    await _requeue(message, self._model_label(command.model))
+                    return
+                await asyncio.sleep(TRANSIENT_BACKOFF.delay(tries - 1))
+            except Exception:
+                log.exception("cancel of %s failed; dropped", command.request_id)
+                await message.ack()
+                return
+
+    async def _cancel_for_publisher(self, command: CancelRequest) -> None:
+        status = self._deps.status
+        if status is None:
+            log.info("cancel of %s not acted on: this worker reads no status", command.request_id)
+            return
+        fields = await status.get(command.request_id)
+        if fields is not None and fields.get("user_id") != command.user_id:
+            log.info("cancel of %s by %s refused: not theirs", command.request_id, command.user_id)
+            return
+        if control.cancel_verdict(fields.get("status") if fields else "queued") != "attempt":
+            return  # cancelled already, or ended otherwise: nothing to do
+        event = control.cancelled(
+            request_id=command.request_id,
+            user_id=command.user_id,
+            model=(fields or {}).get("model") or command.model,
+            stage="queued",
+            cause="bus",
+            causation_id=command.event_id,
+        )
+        result = await self._deps.quota.cancel(
+            command.request_id,
+            command.user_id,
+            outcome=encode_event(event),
+            status_key=self._deps.status_keys.status(command.request_id),
+            channel=self._deps.status_keys.cancel_channel,
+            cause="bus",
+        )
+        log.info("cancel of %s by its publisher: %s", command.request_id, result.outcome)
+        if result.outcome == "queued":
+            await self._deps.publisher.publish(event)
+            record_outcome(event)
+
+    async def _infer_controlled(
+        self,
+        request: InferenceRequested,
+        start: InferenceStarted,
+        watch: Watch,
+        started: asyncio.Future[None] | None,
+    ) -> tuple[RunOutcome, asyncio.Future[None] | None]:
+        """Triton's answer, or Stopped when a cancel or the deadline cancelled the call first; and Started's
+        publish (``started``, or made here once the inference outlasted ``started_after_s``)."""
+        loop = asyncio.get_running_loop()
+        left = control.seconds_left(request.deadline_at, utc_now())
+        stop_at = None if left is None else loop.time() + left
         inference = asyncio.ensure_future(self._deps.triton.infer(request))
-        started: asyncio.Future[None] | None = None
+        watch.task = inference
         try:
-            done, _ = await asyncio.wait({inference}, timeout=self._started_after_s)
-            if not done:
-                started = self._publish_started(start)  # occurred_at stays the inference's start
-            return await inference, started
+            if started is None:
+                await asyncio.wait({inference}, timeout=_first(self._started_after_s, _left(stop_at, loop)))
+                if not inference.done() and (stop_at is None or loop.time() < stop_at):
+                    started = self._publish_started(start)  # occurred_at stays the inference's start
+            if not inference.done():
+                await asyncio.wait({inference}, timeout=_left(stop_at, loop))
+            if not inference.done():  # the deadline: cancel the call (gRPC cancellation reaches Triton)
+                inference.cancel()
+                await asyncio.wait({inference})
+                if not inference.cancelled():  # it answered as it was being cancelled
+                    return inference.result(), started
+                return Stopped("expired"), started
+            if inference.cancelled():  # the cancel channel's listener cancelled it (CancelWatch.notify)
+                return Stopped("cancelled", watch.cause), started
+            return inference.result(), started
         except Exception:
             if started is not None:
                 await _settle(started)
@@ -289,6 +431,11 @@ class RequestHandler:
             if started is not None:
                 started.cancel()
             raise
+        finally:
+            watch.task = None
+
+    def _publish_started(self, start: InferenceStarted) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self._deps.publisher.publish(with_worker_traceparent(start)))
 
     async def _finish(
         self,
@@ -450,6 +597,14 @@ async def _settle(publish: asyncio.Future[None]) -> None:
         log.debug("publish settled with %s", _describe(exc))
 
 
+def _left(stop_at: float | None, loop: asyncio.AbstractEventLoop) -> float | None:
+    return None if stop_at is None else max(0.0, stop_at - loop.time())
+
+
+def _first(a: float, b: float | None) -> float:
+    return a if b is None else min(a, b)
+
+
 def _channel_closed(message: RabbitMessage) -> bool:
     channel = getattr(message.raw_message, "channel", None)
     return bool(getattr(channel, "is_closed", False))
@@ -470,3 +625,7 @@ def _count_outcome(model: str, event: decide.Terminal, submitted_at: datetime) -
             metrics.record_outcome("failed", event.error_code)
         case InferenceRejected():
             metrics.record_outcome("rejected", event.reason)
+        case InferenceCancelled():
+            metrics.record_outcome("cancelled", event.stage)
+        case InferenceExpired():
+            metrics.record_outcome("expired", event.stage)

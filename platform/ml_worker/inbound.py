@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import msgspec
 
+from events.control import cancel_command
 from events.identity import RequestClaim, publisher_rejection
 from events.model import EventDecodeError, InferenceRejected, InferenceRequested, decode_event, utc_now
 from events.model import new_event_id as _new_event_id
@@ -35,7 +36,7 @@ from events.request_rules import (
 from ml_worker.decide import truncate
 from projections.projector import invalid_reason
 
-__all__ = ["Delivery", "Invalid", "InvalidClaim", "max_body_bytes", "parse"]
+__all__ = ["CancelRequest", "Delivery", "Invalid", "InvalidClaim", "max_body_bytes", "parse"]
 
 _TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -91,9 +92,31 @@ class Invalid:
     claim: InvalidClaim | None = None
 
 
-def parse(delivery: Delivery, max_body: int) -> InferenceRequested | Invalid:
+@dataclass(frozen=True)
+class CancelRequest:
+    """A ``CancelInference`` command (events.control): cancel ``request_id`` for the routing key's user.
+
+    Only what the broker vouches for says who asks: the routing key's user (and its model, the request's
+    own routing key). Whether the request is that user's is the cancel's to check (quota.scripts.CANCEL).
+    """
+
+    request_id: str
+    user_id: str
+    model: str
+    event_id: str | None
+
+
+def parse(delivery: Delivery, max_body: int) -> InferenceRequested | CancelRequest | Invalid:
     if len(delivery.body) > max_body:
         return invalid(delivery, f"message body has {len(delivery.body)} bytes; the limit is {max_body}")
+    command = cancel_command(delivery.body)
+    if command is not None:
+        key_model, key_user = _routing_key_parts(delivery.routing_key)
+        user_id, model = _match(key_user, IDENTIFIER), _match(key_model, MODEL_NAME)
+        if user_id is None or model is None:
+            return Invalid(detail=f"a CancelInference on routing key {delivery.routing_key!r}", rejection=None)
+        event_id = command.event_id if command.event_id and IDENTIFIER.fullmatch(command.event_id) else None
+        return CancelRequest(command.request_id, user_id, model, event_id)
     try:
         event = decode_event(delivery.body)
     except EventDecodeError as exc:

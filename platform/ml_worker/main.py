@@ -32,6 +32,7 @@ from events.registry import model_specs
 from events.topology import requests_queue
 from ml_service.client import TritonClient
 from ml_service.tokens import TokenCounter
+from ml_worker.cancels import CancelListener, CancelWatch
 from ml_worker.handler import RequestHandler, WorkerDeps
 from ml_worker.inference import TritonCaller
 from mlp import logs
@@ -41,7 +42,7 @@ from mlp.consumer import Consumer, HealthAddress, consumer_broker, run_consumer
 from mlp.db import create_pool
 from mlp.health import ReadinessCheck, dependency_checks
 from mlp.settings import Settings, get_settings
-from projections.status_cache import StatusKeys
+from projections.status_cache import StatusCache, StatusKeys
 from quota.service import QuotaService, QuotaSettings
 
 log = logging.getLogger("ml_worker")
@@ -136,6 +137,11 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
         redis = create_redis(settings)
         triton = TritonClient(settings.triton_url, settings.triton_timeout_s)
         specs = model_specs(served)
+        status_keys = StatusKeys(settings.redis_prefix)
+        cancels = CancelWatch()
+        # Cancels of running requests arrive on one pub/sub channel (ml_worker.cancels).
+        listener = CancelListener(redis, status_keys.cancel_channel, cancels)
+        listener.start()
         try:
             caller = TritonCaller(
                 triton,
@@ -148,8 +154,10 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
             deps = WorkerDeps(
                 publisher=EventPublisher(broker, settings.publish_timeout_s),
                 quota=QuotaService(pool, redis, QuotaSettings.of(settings)),
-                status_keys=StatusKeys(settings.redis_prefix),
+                status_keys=status_keys,
                 triton=caller,
+                status=StatusCache(redis, status_keys),
+                cancels=cancels,
             )
             worker.handler = RequestHandler(
                 deps,
@@ -164,6 +172,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
 
             yield {**dependency_checks(pool=pool, redis_client=redis), "triton": triton_ready}
         finally:
+            await listener.close()
             await triton.close()
             await redis.aclose()
             await pool.close()

@@ -14,7 +14,16 @@ import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
-from events.model import Event, InferenceCompleted, InferenceFailed, InferenceRejected, InferenceRequested
+from events.model import (
+    Event,
+    InferenceCancelled,
+    InferenceCompleted,
+    InferenceExpired,
+    InferenceFailed,
+    InferenceRejected,
+    InferenceRequested,
+)
+from events.status import status_of
 from ml_worker.decide import Succeeded, TritonFailed, TritonOutcome
 from mlp import telemetry
 from mlp.trace_context import parent_for
@@ -89,3 +98,6 @@ def record_outcome(event: Event) -> None:
         case InferenceRejected():
             span.set_attribute("mlp.outcome", "rejected")
             span.set_attribute("mlp.reject_reason", event.reason)
+        case InferenceCancelled() | InferenceExpired():
+            span.set_attribute("mlp.outcome", status_of(event))
+            span.set_attribute("mlp.stage", event.stage)

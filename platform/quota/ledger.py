@@ -92,7 +92,8 @@ class QuotaKeys:
 
 # finished: the status cache holds the outcome; done: the claim ended (committed or released), see
 # ReserveResult.ended; conflict: the request id names another request (another owner, event or content).
-ReserveOutcome = Literal["finished", "granted", "already", "committed", "released", "refused", "conflict"]
+# cancelling: it holds a reservation and a cancel was asked for meanwhile (scripts.CANCEL's mark).
+ReserveOutcome = Literal["finished", "granted", "already", "committed", "released", "refused", "conflict", "cancelling"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,19 @@ class CommitResult:
 class ReleaseResult:
     outcome: Literal["released", "committed", "none", "conflict"]
     freed: int = 0
+
+
+# scripts.CANCEL's answers: queued (the cancel won the request: publish its InferenceCancelled), running
+# (its worker was told), cancelled (before: ``kept`` is the InferenceCancelled kept, when kept), ended
+# (another terminal state, ``state``), unknown (another owner's, or no such request).
+CancelOutcome = Literal["queued", "running", "cancelled", "ended", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    outcome: CancelOutcome
+    kept: bytes | None = None
+    state: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +192,7 @@ class RedisLedger:
         self._claim = client.register_script(scripts.CLAIM)
         self._commit = client.register_script(scripts.COMMIT)
         self._release = client.register_script(scripts.RELEASE)
+        self._cancel = client.register_script(scripts.CANCEL)
         self._snapshot = client.register_script(scripts.SNAPSHOT)
         self._admit = client.register_script(scripts.ADMIT)
         self._finish = client.register_script(scripts.FINISH_REBUILD)
@@ -537,6 +552,38 @@ class RedisLedger:
                     pipe.execute_command(*command)
                 await pipe.execute()
 
+    async def cancel(
+        self,
+        request_id: str,
+        user_id: str,
+        now: datetime,
+        *,
+        outcome: bytes,
+        status_key: str,
+        channel: str,
+        cause: str = "http",
+    ) -> CancelResult:
+        """Cancel the request for its owner ``user_id``, atomically with the worker's reservation
+        (scripts.CANCEL). ``outcome``: the InferenceCancelled kept with the claim when the cancel wins it
+        while queued; ``channel``: where a running request's id is announced to its worker."""
+        reply = await self._run(
+            self._cancel,
+            [request_id, user_id, status_key, outcome, self._committed_ttl_s * 1000, channel, cause],
+            now,
+        )
+        match reply[0]:
+            case "QUEUED":
+                return CancelResult("queued")
+            case "RUNNING":
+                return CancelResult("running")
+            case "CANCELLED":
+                return CancelResult("cancelled", reply[1].encode() or None)
+            case "ENDED":
+                return CancelResult("ended", state=reply[1])
+            case "UNKNOWN":
+                return CancelResult("unknown")
+        raise QuotaUnavailable(f"unexpected cancel reply {reply!r}")
+
     # --- plumbing -------------------------------------------------------------------------------
 
     async def _run(self, script: AsyncScript, args: list[Any], now: datetime) -> list[str]:
@@ -568,4 +615,6 @@ def _reserve_result(reply: list[str]) -> ReserveResult:
             return ReserveResult("refused", 0, reply[1], retry_ms=int(reply[2]))
         case "CONFLICT":
             return ReserveResult("conflict", 0)
+        case "CANCELLING":
+            return ReserveResult("cancelling", int(reply[1]))
     raise QuotaUnavailable(f"unexpected reserve reply {reply!r}")

@@ -28,6 +28,8 @@ WindowKind = Literal["day", "month"]
 PLAN_NAME: Final = re.compile(r"^[a-z0-9_\-]{1,32}$")
 # The Redis scripts compute in Lua numbers (doubles): integers are exact up to 2**53.
 MAX_LIMIT: Final = 2**53 - 1
+# A plan's max_timeout_s unless it sets one (the column's default, migration 0010).
+DEFAULT_MAX_TIMEOUT_S: Final = 3600
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -77,11 +79,19 @@ class Limits:
     tokens_per_month: int
     requests_per_minute: int
     max_tokens_per_request: int
+    # The plan's bounds on a request's deadline (plan-wide; migration 0010): a submit's timeout_s is at most
+    # max_timeout_s; default_timeout_s (None: no deadline) applies to a request that names none.
+    max_timeout_s: int = DEFAULT_MAX_TIMEOUT_S
+    default_timeout_s: int | None = None
 
     def __post_init__(self) -> None:
         check_plan_name(self.plan)
         for name in LIMIT_NAMES:
             check_limit(name, getattr(self, name))
+        if self.max_timeout_s < 1:
+            raise InvalidQuota(f"max_timeout_s must be >= 1, got {self.max_timeout_s}")
+        if self.default_timeout_s is not None and not 1 <= self.default_timeout_s <= self.max_timeout_s:
+            raise InvalidQuota(f"default_timeout_s must be within 1..max_timeout_s, got {self.default_timeout_s}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ this targets a standalone Redis or one shard, which is what the platform runs):
   P..'built'                 marker: the counters were built from the Postgres ledger (no TTL)
   P..'rebuild-lock'          SET NX lock held while one process rebuilds
   P..'rq:'..request_id       hash: the request's claim and reservation (docs/bus.md, "Request identity"):
-                             s=state (admitted|reserved|committed|released|refused), u=owner (user),
+                             s=state (admitted|claimed|reserved|committed|released|refused), u=owner (user),
+                             x=a cancel was asked for while it was reserved (CANCEL),
                              ev=claiming event_id, dg=content digest (events.request_rules.request_digest;
                              absent on records rebuilt from the ledger), t=reserved tokens, e=reservation
                              expiry (ms), c=charged tokens, l=refused limit or reason, o=the outcome event
@@ -165,7 +166,9 @@ end
 #       grace_ms, claim_ttl_ms, status_key ('' = none), event_id, digest, refusal ('' = none),
 #       rpm_limit ('' = this caller does not count requests)
 # -> {'GRANTED', tokens} | {'ALREADY', tokens} | {'DONE', state, charged, outcome} | {'FINISHED'}
-#    | {'REFUSED', limit_or_reason, retry_ms} | {'CONFLICT'} | {'NOT_BUILT'}
+#    | {'REFUSED', limit_or_reason, retry_ms} | {'CONFLICT'} | {'CANCELLING', tokens} | {'NOT_BUILT'}
+# CANCELLING: the request holds a reservation and a cancel was asked for meanwhile (CANCEL's mark): the
+# redelivery of a request whose worker was running it must end it cancelled, not run it again.
 # The claim first (claim_check). status_key: the request's status-cache hash; a terminal status there
 # means the request needs no work and no quota (FINISHED): the worker's redelivery check, in the round
 # trip it makes anyway (the status cache's own function, projections.status_cache.STATUS_LUA_FUNCTIONS).
@@ -184,6 +187,8 @@ local claim_ttl, ev, dg = ARGV[12], ARGV[14], ARGV[15]
 local rec = P .. 'rq:' .. rid
 local answer, st = claim_check(rec, user, ev, dg, ARGV[13])
 if answer then return answer end
+-- a cancel was asked for while it ran (CANCEL's mark): a redelivery ends it cancelled, never runs it again
+if st[1] == 'reserved' and redis.call('HEXISTS', rec, 'x') == 1 then return {'CANCELLING', st[7] or '0'} end
 if st[1] == 'reserved' then
   purge(user, now)
   if redis.call('ZSCORE', P .. 'rz:' .. user, rid) then return {'ALREADY', st[7] or '0'} end
@@ -317,6 +322,54 @@ redis.call('HSET', rec, 's', 'released')
 if outcome ~= '' then redis.call('HSET', rec, 'o', outcome) end
 redis.call('PEXPIRE', rec, ttl)
 return {'RELEASED', freed}
+"""
+)
+
+# ARGV: P, request_id, user (the request's owner, as the caller authorized it), status_key ('' = none),
+#       outcome (the InferenceCancelled to keep when the cancel wins), claim_ttl_ms, cancel channel,
+#       cause ('http' | 'bus': published with the request id, '<cause> <request_id>')
+# -> {'QUEUED'} | {'RUNNING'} | {'CANCELLED', kept_outcome} | {'ENDED', state} | {'UNKNOWN'} | {'NOT_BUILT'}
+# A cancel, atomic with the worker's RESERVE on the request's claim record: whichever runs first decides.
+# QUEUED: not reserved yet (admitted by the gateway, claimed by the collector, or no claim record while the
+# status cache knows the request): the claim is ended as released with the caller's InferenceCancelled
+# (a worker's RESERVE then answers DONE with it and never runs the request); the caller publishes it.
+# RUNNING: a worker holds its reservation: the claim is marked ('x') and the request id is published on
+# the cancel channel, for the worker running it to cancel its Triton call (and a redelivery answers
+# CANCELLING). CANCELLED: it was cancelled before (idempotent; the kept InferenceCancelled, when kept).
+# ENDED: it reached another terminal state. UNKNOWN: the claim or the status cache names another owner.
+CANCEL: Final = (
+    _PRELUDE
+    + STATUS_LUA_FUNCTIONS
+    + r"""
+if not built() then return {'NOT_BUILT'} end
+local rid, user, skey = ARGV[2], ARGV[3], ARGV[4]
+local rec = P .. 'rq:' .. rid
+local st = redis.call('HMGET', rec, 's', 'u', 'o')
+if st[2] and st[2] ~= user then return {'UNKNOWN'} end
+local cached_status = false
+if skey ~= '' then
+  local cached = redis.call('HMGET', skey, 'user_id', 'status')
+  if cached[1] and cached[1] ~= user then return {'UNKNOWN'} end
+  cached_status = cached[2]
+end
+local state = st[1]
+if state == 'released' then
+  local kept = st[3] or ''
+  if string.find(kept, '"type":"InferenceCancelled"', 1, true) == 2 then return {'CANCELLED', kept} end
+  return {'ENDED', state}
+end
+if state == 'committed' or state == 'refused' then return {'ENDED', state} end
+if state == 'reserved' then
+  redis.call('HSET', rec, 'x', '1')
+  redis.call('PUBLISH', ARGV[7], ARGV[8] .. ' ' .. rid)
+  return {'RUNNING'}
+end
+if cached_status == 'cancelled' then return {'CANCELLED', ''} end
+if cached_status and status_terminal[cached_status] then return {'ENDED', cached_status} end
+if not state and not cached_status then return {'UNKNOWN'} end
+redis.call('HSET', rec, 's', 'released', 'u', user, 'o', ARGV[5])
+redis.call('PEXPIRE', rec, ARGV[6])
+return {'QUEUED'}
 """
 )
 

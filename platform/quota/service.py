@@ -27,7 +27,7 @@ from events.request_rules import Rejection, RejectReason, check_max_tokens_per_r
 from mlp.settings import Settings
 from projections.status_cache import QueuedStatus
 from quota import store
-from quota.ledger import QuotaUnavailable, RedisLedger, ReleaseResult, ReserveResult
+from quota.ledger import CancelResult, QuotaUnavailable, RedisLedger, ReleaseResult, ReserveResult
 from quota.plans import (
     LimitName,
     Limits,
@@ -72,7 +72,8 @@ class Admission:
 # done: the request ended (committed or released): publish ``outcome_event`` again when kept, acknowledge;
 # refused: publish ``rejection`` on the request; conflict: the id names another request, answer the
 # publisher alone (events.identity.duplicate_rejection).
-Answer = Literal["run", "finished", "done", "refused", "conflict"]
+# cancel: a cancel was asked for while it held its reservation (a redelivery): end it cancelled, never run it.
+Answer = Literal["run", "finished", "done", "refused", "conflict", "cancel"]
 _REJECT_REASONS: Final = frozenset(get_args(RejectReason))
 # The limits the quota scripts refuse by (max_tokens_per_request is a request rule: see reserve's max_tokens).
 _COUNTED_LIMITS: Final = frozenset({"tokens_per_day", "tokens_per_month", "requests_per_minute"})
@@ -156,6 +157,8 @@ def _answered(result: ReserveResult) -> Reservation:
             return Reservation(False, True, None, 0, answer="done", outcome_event=result.outcome_event)
         case "conflict":
             return Reservation(False, False, None, 0, answer="conflict")
+        case "cancelling":
+            return Reservation(True, True, None, result.tokens, answer="cancel")
     raise QuotaUnavailable(f"unexpected reservation outcome {result.outcome!r}")
 
 
@@ -380,6 +383,16 @@ class QuotaService:
         """Free the request's hold (it failed). ``outcome``: its encoded outcome event, kept with the claim;
         ``user_id``/``claim``: the ending message's, checked against the claim (see RedisLedger.release)."""
         return await self.ledger.release(request_id, self._clock(), outcome=outcome, user_id=user_id, claim=claim)
+
+    async def cancel(
+        self, request_id: str, user_id: str, *, outcome: bytes, status_key: str, channel: str, cause: str = "http"
+    ) -> CancelResult:
+        """Cancel the owner's request, atomically with the worker's reservation (see RedisLedger.cancel).
+        Nothing is charged here: a request cancelled while queued never held a reservation, and a running
+        one's reservation is released by its worker when its Triton call is cancelled."""
+        return await self.ledger.cancel(
+            request_id, user_id, self._clock(), outcome=outcome, status_key=status_key, channel=channel, cause=cause
+        )
 
     # --- read API -------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any
 
@@ -33,12 +33,23 @@ class UserQuota:
     updated_at: datetime
 
 
+# The plan's deadline bounds (migration 0010), read with its limits.
+_TIMEOUT_COLUMNS = "max_timeout_s, default_timeout_s"
+
+
 def _limits(row: asyncpg.Record, plan_column: str = "name") -> Limits:
-    return Limits(row[plan_column], *(int(row[name]) for name in LIMIT_NAMES))
+    default = row["default_timeout_s"]
+    counted = [int(row[name]) for name in LIMIT_NAMES]
+    limits = Limits(row[plan_column], *counted)
+    return replace(
+        limits, max_timeout_s=int(row["max_timeout_s"]), default_timeout_s=None if default is None else int(default)
+    )
 
 
 async def list_plans(db: Executor) -> list[Limits]:
-    rows = await db.fetch(f"SELECT name, {_LIMIT_COLUMNS} FROM quota_plans ORDER BY tokens_per_day, name")
+    rows = await db.fetch(
+        f"SELECT name, {_LIMIT_COLUMNS}, {_TIMEOUT_COLUMNS} FROM quota_plans ORDER BY tokens_per_day, name"
+    )
     return [_limits(r) for r in rows]
 
 
@@ -50,7 +61,8 @@ async def fetch_limits(db: Executor, user_id: str, default_plan: str) -> Limits:
     """The limits in force for ``user_id``: their plan (or the default plan) with their overrides."""
     row = await db.fetchrow(
         f"""
-        SELECT p.name, {", ".join(f"COALESCE(u.{n}, p.{n}) AS {n}" for n in LIMIT_NAMES)}
+        SELECT p.name, {", ".join(f"COALESCE(u.{n}, p.{n}) AS {n}" for n in LIMIT_NAMES)},
+               p.max_timeout_s, p.default_timeout_s
         FROM (SELECT $1::text AS user_id) AS who
         LEFT JOIN user_quotas AS u ON u.user_id = who.user_id
         JOIN quota_plans AS p ON p.name = COALESCE(u.plan, $2::text)
