@@ -33,7 +33,9 @@ from faststream.specification import AsyncAPI
 
 from events.model import (
     Event,
+    InferenceCancelled,
     InferenceCompleted,
+    InferenceExpired,
     InferenceFailed,
     InferenceRejected,
     InferenceRequested,
@@ -60,6 +62,8 @@ OUTCOME_EVENTS: Final[tuple[type[Event], ...]] = (
     InferenceCompleted,
     InferenceFailed,
     InferenceRejected,
+    InferenceCancelled,
+    InferenceExpired,
 )
 ALL_EVENTS: Final[tuple[type[Event], ...]] = (InferenceRequested, *OUTCOME_EVENTS)
 REQUESTS_CHANNEL: Final = "requests"
@@ -82,7 +86,14 @@ durable topic exchange `{EVENTS_EXCHANGE}` with the routing key `inference.<kind
   Set the AMQP `message_id` to the event's `event_id` and `correlation_id` to its `request_id`.
 * **Subscribe** to outcomes by binding a queue of your own (named `ext.<rabbitmq-user>.<anything>`) to
   `{EVENTS_EXCHANGE}`, e.g. `inference.completed.*.<user_id>` or `inference.*.<model>.<user_id>`.
-  Every request ends with exactly one of `InferenceCompleted`, `InferenceFailed`, `InferenceRejected`.
+  Every request ends with exactly one of `InferenceCompleted`, `InferenceFailed`, `InferenceRejected`,
+  `InferenceCancelled`, `InferenceExpired`.
+* **Cancel** one of your requests by publishing `{{"type": "CancelInference", "request_id": "<id>"}}` on your
+  own requests routing key, `inference.requested.<model>.<user_id>` (the request's model). Only your own
+  requests are cancelled; anything else is left alone. A queued request then never runs
+  (`InferenceCancelled`, `stage` `queued`); a running one has its Triton call cancelled (`stage` `running`).
+* **Deadlines**: `InferenceRequested.deadline_at` (optional; at most your plan's `max_timeout_s` after
+  `occurred_at`): a request not finished by then ends `InferenceExpired`, never charged.
 * **Models** come from the platform's model registry; a deployment serves those its `MLP_MODELS` names.
   A `generate` model answers `InferenceCompleted.completion`; an `embed` model answers
   `InferenceCompleted.embedding` (`completion` is empty, `completion_tokens` 0, `max_tokens` is ignored).
@@ -133,6 +144,13 @@ FIELD_DESCRIPTIONS: Final[dict[str, str]] = {
     "detail": "A human-readable explanation of the rejection.",
     "error_code": "Why the request failed.",
     "error_message": "A human-readable explanation of the failure.",
+    "deadline_at": (
+        "When the request expires unless finished (RFC 3339 with a time zone); at most the plan's max_timeout_s"
+        " after occurred_at. Null: no deadline (or the plan's default_timeout_s, if it has one)."
+    ),
+    "stage": "Where the request was: `queued` (it never ran, nothing charged) or `running` (its call was cancelled).",
+    "cause": "Who asked for the cancel: `http` (POST /api/v1/inference/{id}/cancel) or `bus` (CancelInference).",
+    "started_at": "When the request started running; null when it ended while queued.",
 }
 
 SUMMARIES: Final[dict[type[Event], str]] = {
@@ -141,6 +159,8 @@ SUMMARIES: Final[dict[type[Event], str]] = {
     InferenceCompleted: "The model answered; carries the completion and the token counts charged.",
     InferenceFailed: "The inference failed (Triton unavailable, timeout, model error, poison message).",
     InferenceRejected: "The request was refused before inference (invalid, unknown model, too large, quota).",
+    InferenceCancelled: "The request was cancelled by its owner (queued: never ran; running: its call was cancelled).",
+    InferenceExpired: "The request's deadline passed before it finished; never charged.",
 }
 
 _EXAMPLE_TIME: Final = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -185,6 +205,21 @@ def example_events() -> dict[type[Event], Event]:
             event_id="0194212e-4c00-7000-8000-0000000000e5",
             reason="prompt_too_large",
             detail="prompt has 40000 characters; the limit is 32768",
+        ),
+        InferenceCancelled: InferenceCancelled(
+            **caused,
+            event_id="0194212e-4c00-7000-8000-0000000000e6",
+            stage="queued",
+            cause="http",
+            detail="cancelled while queued; it never ran and nothing was charged",
+        ),
+        InferenceExpired: InferenceExpired(
+            **caused,
+            event_id="0194212e-4c00-7000-8000-0000000000e7",
+            stage="running",
+            deadline_at=_EXAMPLE_TIME,
+            started_at=_EXAMPLE_TIME,
+            detail="deadline 2025-01-01T12:00:00+00:00 passed while running; its Triton call was cancelled",
         ),
     }
 

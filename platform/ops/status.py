@@ -133,11 +133,13 @@ class Outcomes:
     completed: int = 0
     failed: int = 0
     rejected: int = 0
+    cancelled: int = 0
+    expired: int = 0
     error_codes: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.completed + self.failed + self.rejected
+        return self.completed + self.failed + self.rejected + self.cancelled + self.expired
 
     @property
     def failure_ratio(self) -> float | None:
@@ -268,6 +270,8 @@ _STATUS_OF_TYPE: Final = {
     "InferenceCompleted": "completed",
     "InferenceFailed": "failed",
     "InferenceRejected": "rejected",
+    "InferenceCancelled": "cancelled",
+    "InferenceExpired": "expired",
 }
 
 
@@ -285,7 +289,7 @@ FROM (SELECT recorded_at FROM event_store ORDER BY position DESC LIMIT $1) AS ne
 
 def outcomes_of(rows: Sequence[Mapping[str, Any] | asyncpg.Record], window_s: float) -> Outcomes:
     """(event type, error code or reject reason, count) rows -> the outcome counts."""
-    counts = {"completed": 0, "failed": 0, "rejected": 0}
+    counts = dict.fromkeys(_STATUS_OF_TYPE.values(), 0)
     codes: dict[str, int] = {}
     for r in rows:
         status = _STATUS_OF_TYPE.get(r["type"])
@@ -496,8 +500,8 @@ def render(status: Status, problems: Sequence[Problem]) -> str:
         ratio = "-" if o.failure_ratio is None else f"{o.failure_ratio:.1%}"
         codes = ", ".join(f"{k} {v}" for k, v in sorted(o.error_codes.items()))
         lines.append(
-            f"last {o.window_s / 60:.0f} min   completed {o.completed}, failed {o.failed}, rejected {o.rejected};"
-            f" failure ratio {ratio}" + (f" ({codes})" if codes else "")
+            f"last {o.window_s / 60:.0f} min   completed {o.completed}, failed {o.failed}, rejected {o.rejected},"
+            f" cancelled {o.cancelled}, expired {o.expired}; failure ratio {ratio}" + (f" ({codes})" if codes else "")
         )
     lines += ["", "problems" if problems else "no problems"]
     lines += [f"  {p.severity:<8}  {p.what}" for p in problems]

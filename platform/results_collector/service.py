@@ -1,6 +1,7 @@
 """The collector's message handling: decode, batch, store-and-project, then acknowledge.
 
 The bus adapter decides ack/nack/reject here and nowhere else:
+- a bus publisher's ``CancelInference`` command (events.control; the worker acts on it) -> ``ack``;
 - a body that is not a valid event, or an event the store would refuse -> ``reject`` (no requeue):
   the queue's dead-letter exchange moves it to ``mlp.projections.dlq``; the reason is logged;
 - an untrusted request beyond the platform's limits, for a model nobody serves, or under a request id
@@ -29,6 +30,7 @@ import asyncpg
 from faststream.rabbit import RabbitMessage
 from opentelemetry.trace import SpanContext
 
+from events.control import cancel_command
 from events.identity import RequestClaim, claim_of
 from events.model import AnyEvent, EventDecodeError, InferenceRequested, decode_event
 from events.request_rules import RequestLimits
@@ -118,6 +120,10 @@ class Collector:
         try:
             event = decode_event(body)
         except EventDecodeError as exc:
+            if cancel_command(body) is not None:  # a bus publisher's cancel (the worker's): not an event
+                metrics.EVENTS.labels("CancelInference", "ignored").inc()
+                await message.ack()
+                return
             await self._reject(message, "undecodable", str(exc))
             return
         if (
