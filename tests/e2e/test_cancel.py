@@ -112,7 +112,7 @@ async def _stored(platform: Platform, request_id: str) -> list[dict[str, Any]]:
 
 async def _running(client: httpx.AsyncClient, platform: Platform, request_id: str) -> None:
     async def started() -> bool:
-        return (await _view(client, platform, request_id))["status"] == "running"
+        return bool((await _view(client, platform, request_id))["status"] == "running")
 
     await eventually(started, f"{request_id} running")
 
@@ -229,7 +229,6 @@ async def test_concurrent_cancel_and_start_end_in_exactly_one_state_with_the_quo
             else:
                 running_cancels += 1
         completed = count - queued_cancels - running_cancels
-        print("RACE", completed, queued_cancels, running_cancels)
         reached = await _inferences(triton_server, FAST) - before
         # every completion ran on Triton; a request cancelled while queued never did
         assert completed <= reached <= completed + running_cancels, (reached, completed, running_cancels)
