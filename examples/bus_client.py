@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 
 EXCHANGE = "mlp.events"
-TERMINAL = ("InferenceCompleted", "InferenceFailed", "InferenceRejected")
+TERMINAL = ("InferenceCompleted", "InferenceFailed", "InferenceRejected", "InferenceCancelled", "InferenceExpired")
 
 
 def uuid7() -> str:
@@ -61,7 +61,7 @@ async def submit_and_wait(url: str, event: dict[str, Any], timeout_s: float) -> 
         # with a fixed name instead when outcomes must survive a restart of the client).
         queue = await channel.declare_queue(f"ext.{rabbit_user}.{uuid.uuid4().hex}", exclusive=True, auto_delete=True)
         exchange = await channel.get_exchange(EXCHANGE, ensure=False)
-        for kind in ("completed", "failed", "rejected"):
+        for kind in ("completed", "failed", "rejected", "cancelled", "expired"):
             await queue.bind(exchange, routing_key=f"inference.{kind}.{event['model']}.{event['user_id']}")
 
         await exchange.publish(

@@ -18,7 +18,7 @@ import uuid
 
 import httpx
 
-TERMINAL = ("completed", "failed", "rejected")
+TERMINAL = ("completed", "failed", "rejected", "cancelled", "expired")
 
 
 def main(argv: list[str] | None = None) -> int:
