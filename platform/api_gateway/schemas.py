@@ -16,6 +16,7 @@ from events.request_rules import (
 )
 from mlp.http_errors import ErrorBody as ErrorBody  # the shared error body, where the gateway's routes name it
 from mlp.settings import Settings
+from quota.plans import DEFAULT_MAX_TIMEOUT_S
 
 # The request rules' alphabets and bounds (events.request_rules), so the OpenAPI document shows them.
 UserId = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
@@ -78,6 +79,11 @@ def document_limits(schema: dict[str, Any], settings: Settings) -> None:
     for branch in submit["max_tokens"].get("anyOf", [submit["max_tokens"]]):
         if branch.get("type") == "integer":
             branch["maximum"] = settings.max_tokens_limit
+    # The plan's bound (quota_plans.max_timeout_s, per user) as the default plan's usual one: a plan with
+    # another bound answers by it (a lower one is a documented 422, like max_tokens over a plan's limit).
+    for branch in submit["timeout_s"].get("anyOf", [submit["timeout_s"]]):
+        if branch.get("type") == "number":
+            branch["maximum"] = DEFAULT_MAX_TIMEOUT_S
     submit["max_tokens"]["description"] = (
         f"tokens to generate at most (default {settings.default_max_tokens}); the user's plan may allow fewer"
     )
