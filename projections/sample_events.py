@@ -9,7 +9,9 @@ from typing import Literal
 
 from events.model import (
     AnyEvent,
+    InferenceCancelled,
     InferenceCompleted,
+    InferenceExpired,
     InferenceFailed,
     InferenceRejected,
     InferenceRequested,
@@ -17,7 +19,8 @@ from events.model import (
     new_event_id,
 )
 
-Outcome = Literal["completed", "failed", "rejected", "running", "queued"]
+# cancelled: while running (after its Started events); expired: while queued (no Started).
+Outcome = Literal["completed", "failed", "rejected", "running", "queued", "cancelled", "expired"]
 
 
 def request_stream(
@@ -63,6 +66,20 @@ def request_stream(
         return events
     if outcome == "queued":
         return events
+    if outcome == "expired":
+        events.append(
+            InferenceExpired(
+                event_id=new_event_id(),
+                request_id=request_id,
+                occurred_at=at(5),
+                user_id=user_id,
+                model=model,
+                stage="queued",
+                deadline_at=at(5),
+                detail="deadline passed while queued",
+            )
+        )
+        return events
     for attempt in range(1, attempts + 1):
         events.append(
             InferenceStarted(
@@ -100,6 +117,20 @@ def request_stream(
                 model=model,
                 error_code="triton_timeout",
                 error_message="no answer within 10s",
+            )
+        )
+    elif outcome == "cancelled":
+        events.append(
+            InferenceCancelled(
+                event_id=new_event_id(),
+                request_id=request_id,
+                occurred_at=at(100),
+                user_id=user_id,
+                model=model,
+                stage="running",
+                cause="http",
+                started_at=at(10),
+                detail="cancelled while running",
             )
         )
     return events

@@ -15,7 +15,20 @@ CREATE OR REPLACE FUNCTION mlp_status_rank(status text) RETURNS integer
                        WHEN 'completed' THEN 2 WHEN 'failed' THEN 2 WHEN 'rejected' THEN 2
                        WHEN 'cancelled' THEN 2 WHEN 'expired' THEN 2 END;
 
-ALTER TABLE inference_requests DROP CONSTRAINT inference_requests_status_check;
+-- The status check by whatever name it has (0001 named it implicitly; `mlp replay` restores the names).
+DO $$
+DECLARE
+    found text;
+BEGIN
+    FOR found IN
+        SELECT conname FROM pg_constraint
+        WHERE conrelid = 'inference_requests'::regclass AND contype = 'c'
+          AND pg_get_constraintdef(oid) LIKE '%status%'
+    LOOP
+        EXECUTE format('ALTER TABLE inference_requests DROP CONSTRAINT %I', found);
+    END LOOP;
+END;
+$$;
 ALTER TABLE inference_requests ADD CONSTRAINT inference_requests_status_check
     CHECK (status IN ('queued', 'running', 'completed', 'failed', 'rejected', 'cancelled', 'expired'));
 

@@ -26,7 +26,7 @@ from projections.status_cache import StatusCache, StatusKeys, cache_update
 
 pytestmark = pytest.mark.integration
 
-OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "rejected", "running", "queued")
+OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "rejected", "running", "queued", "cancelled", "expired")
 
 
 @pytest.fixture

@@ -86,7 +86,7 @@ def _final_state(events: list[AnyEvent]) -> tuple[UpsertRequest, list[RecordResu
     return current, list(results.values()), list(usage.values())
 
 
-@pytest.mark.parametrize("outcome", ["completed", "failed", "rejected", "running", "queued"])
+@pytest.mark.parametrize("outcome", ["completed", "failed", "rejected", "running", "queued", "cancelled", "expired"])
 def test_every_order_with_duplicates_converges_to_the_same_state(outcome: Outcome) -> None:
     # Two attempts (a redelivered request started twice) and a duplicate of the first event.
     stream = request_stream("r", outcome=outcome, attempts=2, start=T0)
