@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -274,3 +275,46 @@ async def test_a_bus_cancel_cancels_its_publishers_request_and_never_another_ten
         events = await _stored(worker, alices)
         assert events[-1]["cause"] == "bus", events
         assert (await _final(client, worker, others))["status"] == "completed"
+
+
+async def test_a_bus_requests_deadline_is_kept_and_bounded_by_the_plan(
+    worker: Platform, triton_server: TritonProcess
+) -> None:
+    now = datetime.now(UTC)
+    key = f"inference.requested.{FAST}.deadline-bus"
+
+    def bus_request(occurred_at: datetime, deadline_at: datetime) -> dict[str, Any]:
+        return {
+            "type": "InferenceRequested",
+            "event_id": new_event_id(),
+            "request_id": new_event_id(),
+            "occurred_at": occurred_at.isoformat(),
+            "deadline_at": deadline_at.isoformat(),
+            "user_id": "deadline-bus",
+            "model": FAST,
+            "prompt": "test prompt",
+            "max_tokens": 8,
+            "source": "bus",
+        }
+
+    before = await _inferences(triton_server, FAST)
+    past = bus_request(now - timedelta(seconds=10), now - timedelta(seconds=5))  # its deadline has passed
+    too_far = bus_request(now, now + timedelta(hours=2))  # the free plan allows 3600 s
+    for body in (past, too_far):
+        await _bus_publish(worker, body, key)
+    async with httpx.AsyncClient(timeout=40) as client:
+
+        async def both_projected() -> bool:
+            for body in (past, too_far):
+                response = await client.get(f"{worker.api_url}/api/v1/inference/{body['request_id']}")
+                if response.status_code != 200:
+                    return False
+            return True
+
+        await eventually(both_projected, "both bus requests projected")
+        expired = await _final(client, worker, past["request_id"])
+        assert expired["status"] == "expired", expired
+        refused = await _final(client, worker, too_far["request_id"])
+        assert refused["status"] == "rejected", refused
+        assert "max_timeout_s" in refused["error"]["message"]
+    assert await _inferences(triton_server, FAST) == before  # neither reached Triton
