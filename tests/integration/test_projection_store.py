@@ -109,6 +109,20 @@ async def test_a_second_outcome_for_a_request_is_dropped_and_not_projected(pool:
     assert await pool.fetchval("SELECT count(*) FROM token_usage WHERE request_id = $1", rid) == 1
 
 
+async def test_a_cancel_or_expiry_after_another_outcome_is_dropped_and_the_reverse_too(pool: asyncpg.Pool) -> None:
+    done = _rid("done-then-cancel")
+    assert await apply_batch(pool, request_stream(done, outcome="completed")) == 3
+    for late in ("cancelled", "expired"):
+        assert await apply_batch(pool, [request_stream(done, outcome=late)[-1]]) == 0
+    assert (await _row(pool, done))["status"] == "completed"
+    cancelled = _rid("cancel-then-done")
+    assert await apply_batch(pool, request_stream(cancelled, outcome="cancelled")) == 3
+    assert await apply_batch(pool, [request_stream(cancelled, outcome="completed")[-1]]) == 0
+    row = await _row(pool, cancelled)
+    assert (row["status"], row["error_code"]) == ("cancelled", "cancelled")
+    assert await pool.fetchval("SELECT count(*) FROM token_usage WHERE request_id = $1", cancelled) == 0
+
+
 async def test_the_event_store_keeps_the_body_verbatim_with_fields_of_a_newer_schema(pool: asyncpg.Pool) -> None:
     event = request_stream(_rid("newer"))[0]
     body = msgspec.json.encode({**msgspec.json.decode(encode_event(event)), "priority": "high", "schema_version": 2})
