@@ -78,6 +78,9 @@ class InferenceRequested(Event, frozen=True, kw_only=True):
     source: Literal["http", "bus"] = "http"
     # Trace id of the submit, stored with the request so users can open it in Jaeger.
     trace_id: str | None = None
+    # A one-off webhook target of this request's outcome (an HTTP submit's `webhook_url`, SSRF-checked
+    # by the gateway, which also records it for the webhook dispatcher; docs/http.md "Webhooks").
+    webhook_url: str | None = None
 
 
 class InferenceStarted(Event, frozen=True, kw_only=True):

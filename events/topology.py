@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from events.model import (
+    TERMINAL_EVENTS,
     Event,
     InferenceCompleted,
     InferenceFailed,
@@ -25,6 +26,7 @@ from events.model import (
 EVENTS_EXCHANGE: Final = "mlp.events"  # durable topic exchange carrying every domain event
 DEAD_LETTER_EXCHANGE: Final = "mlp.dead-letter"  # durable direct exchange; key = source queue name
 PROJECTIONS_QUEUE: Final = "mlp.projections"
+WEBHOOKS_QUEUE: Final = "mlp.webhooks"
 REQUESTS_QUEUE_PREFIX: Final = "mlp.requests."
 DLQ_SUFFIX: Final = ".dlq"
 # RabbitMQ 3.10 has no default delivery limit: without one a poison message loops forever.
@@ -87,6 +89,11 @@ def projections_queue() -> QueueSpec:
     return _work_queue(PROJECTIONS_QUEUE, ("inference.#",))
 
 
+def webhooks_queue() -> QueueSpec:
+    """The outcome events (every terminal event type of events.model), consumed by the webhook dispatcher."""
+    return _work_queue(WEBHOOKS_QUEUE, tuple(f"inference.{EVENT_KINDS[t]}.#" for t in TERMINAL_EVENTS))
+
+
 def dead_letter_queue(source: QueueSpec) -> QueueSpec:
     assert source.dead_letter_queue is not None
     return QueueSpec(
@@ -98,5 +105,5 @@ def dead_letter_queue(source: QueueSpec) -> QueueSpec:
 
 
 def all_queues(models: tuple[str, ...]) -> list[QueueSpec]:
-    work = [projections_queue(), *(requests_queue(m) for m in models)]
+    work = [projections_queue(), webhooks_queue(), *(requests_queue(m) for m in models)]
     return work + [dead_letter_queue(q) for q in work]

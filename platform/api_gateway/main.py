@@ -9,8 +9,8 @@ from datetime import datetime
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from api_gateway import keys_routes
-from api_gateway.deps import GatewayDeps
+from api_gateway import keys_routes, webhook_routes
+from api_gateway.deps import GatewayDeps, WebhookDeps
 from api_gateway.routes import count_invalid_body, count_refused_auth, router
 from api_gateway.schemas import document_limits
 from api_gateway.submit import SubmitService, SubmitSettings
@@ -29,6 +29,8 @@ from tenancy.authenticator import Authenticator
 from tenancy.http import AuthRefused
 from tenancy.key_store import KeyStore
 from tenancy.keys import pepper_of
+from webhooks.ssrf import TargetGuard
+from webhooks.store import PostgresTargets
 
 SERVICE = "api-gateway"
 
@@ -39,6 +41,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
     tel = telemetry.setup_telemetry(SERVICE, settings)
     telemetry.instrument_clients(tel)  # before the Redis client exists
     broker = make_broker(settings, middlewares=telemetry.broker_middlewares(tel), app_id=SERVICE)
+    guard = TargetGuard(allow_private=settings.webhook_allow_private)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,8 +61,10 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
                 redis_client,
                 StatusCache(redis_client, StatusKeys(settings.redis_prefix)),
                 TokenCounter(settings.model_specs()),
+                targets=PostgresTargets(pool),
             ),
             authenticator=authenticator,
+            webhooks=WebhookDeps(pool, guard, settings.webhook_max_per_user),
         )
         app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
         try:
@@ -74,6 +79,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
     app = service_app("inference-platform gateway", lifespan, tel)
     app.include_router(router)
     app.include_router(keys_routes.router)
+    app.include_router(webhook_routes.router)
     app.add_exception_handler(RequestValidationError, count_invalid_body)
     app.add_exception_handler(AuthRefused, count_refused_auth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from api_gateway.deps import SettingsDep, SubmitDep
+from api_gateway.deps import SettingsDep, SubmitDep, WebhooksDep
 from api_gateway.idempotency import IDEMPOTENCY_KEY_PATTERN
 from api_gateway.schemas import InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
@@ -18,11 +18,13 @@ from api_gateway.submit import (
     QuotaExceeded,
     RequestRefused,
     StateUnavailable,
+    TargetUnavailable,
 )
 from mlp import metrics, telemetry
 from mlp.http_errors import error_responses, validation_error
 from quota.ledger import QuotaUnavailable
 from tenancy.http import AuthRefused, CallerDep, refusal_response
+from webhooks.ssrf import UnsafeTarget
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ async def submit_inference(
     service: SubmitDep,
     settings: SettingsDep,
     caller: CallerDep,
+    webhooks: WebhooksDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -98,6 +101,11 @@ async def submit_inference(
     user_id = caller.submits_as(body.user_id)
     if user_id is None:  # never let one user spend another's quota
         return _refused("forbidden", 403, "forbidden", "user_id in the body does not match the API key's user")
+    if body.webhook_url is not None:
+        try:
+            await webhooks.guard.check(body.webhook_url)
+        except UnsafeTarget as exc:
+            return _refused("invalid_webhook_url", 422, "invalid_request", f"webhook_url: {exc}")
     try:
         accepted = await service.submit(
             user_id=user_id,
@@ -107,6 +115,7 @@ async def submit_inference(
             idempotency_key=idempotency_key,
             trace_id=telemetry.current_trace_id(),
             traceparent=telemetry.current_traceparent(),
+            webhook_url=body.webhook_url,
         )
     except RequestRefused as exc:  # counted by the rule's reason: unknown_model, prompt_too_large, ...
         return _refused(exc.rejection.reason, 422, "invalid_request", exc.rejection.message)
@@ -122,6 +131,10 @@ async def submit_inference(
     except BrokerUnavailable:
         detail = "the request could not be queued; it was not accepted"
         return _refused("publish_failed", 503, "broker_unavailable", detail, {"Retry-After": "5"})
+    except TargetUnavailable as exc:
+        log.warning("submit refused, the webhook target could not be recorded: %r", exc)
+        detail = "the request's webhook_url could not be recorded now; the request was not accepted"
+        return _refused("webhook_unavailable", 503, "dependency_unavailable", detail, {"Retry-After": "5"})
     except (QuotaUnavailable, StateUnavailable) as exc:  # quota cannot be checked (Redis down or rebuilding)
         log.warning("submit refused, quota unavailable: %r", exc)
         detail = "the quota could not be checked now; the request was not accepted"

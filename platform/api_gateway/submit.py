@@ -55,6 +55,10 @@ class StateUnavailable(SubmitError):
     """Redis (idempotency keys, the first status entry) cannot answer now: nothing was accepted."""
 
 
+class TargetUnavailable(SubmitError):
+    """The request's one-off webhook target could not be recorded (Postgres): nothing was accepted."""
+
+
 @dataclass(frozen=True, slots=True)
 class SubmitSettings:
     """The settings a submit uses (built from the platform's ``Settings`` by the gateway's composition root)."""
@@ -66,6 +70,12 @@ class SubmitSettings:
     @classmethod
     def of(cls, settings: Settings) -> SubmitSettings:
         return cls(settings.redis_prefix, settings.request_limits(), settings.publish_timeout_s)
+
+
+class OneOffTargets(Protocol):
+    """Records a request's one-off webhook target before it is published (``webhooks.store.PostgresTargets``)."""
+
+    async def remember(self, request_id: str, user_id: str, url: str) -> None: ...
 
 
 class PromptTokens(Protocol):
@@ -90,8 +100,10 @@ class SubmitService:
         status_cache: StatusCache,
         tokens: PromptTokens | None = None,
         idempotency: IdempotencyRecords | None = None,
+        targets: OneOffTargets | None = None,
     ) -> None:
         self._publisher = publisher
+        self._targets = targets
         # None: no model's input is limited in tokens here (only in characters).
         self._tokens = tokens
         self._quota = quota
@@ -113,7 +125,9 @@ class SubmitService:
         idempotency_key: str | None,
         trace_id: str | None,
         traceparent: str | None,
+        webhook_url: str | None = None,
     ) -> Accepted:
+        """``webhook_url``: already checked by the caller (the SSRF guard); recorded before the publish."""
         tokens = self._limits.effective_max_tokens(max_tokens, model)
         rejection = check_request(
             model=model, prompt=prompt, max_tokens=tokens, limits=self._limits, prompt_tokens=self._count(model, prompt)
@@ -129,9 +143,21 @@ class SubmitService:
                 idempotency_key=idempotency_key,
                 trace_id=trace_id,
                 traceparent=traceparent,
+                webhook_url=webhook_url,
             )
         except RedisError as exc:  # the admission translates its own (QuotaUnavailable); these are ours
             raise StateUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def _remember_target(self, request_id: str, user_id: str, url: str) -> None:
+        # Before the publish: the dispatcher finds the target once the request's outcome exists. A failure
+        # refuses the request (503) as a failed publish does, the status entry removed again.
+        try:
+            if self._targets is None:
+                raise RuntimeError("this gateway records no webhook targets")
+            await self._targets.remember(request_id, user_id, url)
+        except Exception as exc:
+            await self._status_cache.forget(request_id)
+            raise TargetUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def _count(self, model: str, prompt: str) -> int | None:
         # Only a model with an input limit in tokens is counted, and only a prompt within the character limit.
@@ -149,6 +175,7 @@ class SubmitService:
         idempotency_key: str | None,
         trace_id: str | None,
         traceparent: str | None,
+        webhook_url: str | None,
     ) -> Accepted:
         request_id = new_event_id()
         if idempotency_key is not None:
@@ -171,6 +198,7 @@ class SubmitService:
                 prompt=prompt,
                 max_tokens=tokens,
                 source="http",
+                webhook_url=webhook_url,
             )
             # Status first: a GET right after the 202 must find the request. The admission writes it
             # (only when it admits) in its own Redis round trip, and claims the request id for the user
@@ -187,6 +215,8 @@ class SubmitService:
             )
             if not admission.allowed:
                 raise QuotaExceeded(admission)
+            if webhook_url is not None:
+                await self._remember_target(request_id, user_id, webhook_url)
             try:
                 await self._publisher.publish(event)
             except PublishError as exc:

@@ -80,6 +80,25 @@ class Settings(BaseSettings):
     health_host: str = "127.0.0.1"
     collector_health_port: int = 8082
     worker_health_port: int = 8083
+    dispatcher_health_port: int = 8084
+
+    # Webhooks (docs/http.md "Webhooks"; the dispatcher: docs/operations.md "Webhook dispatcher").
+    # true: targets on private, loopback and link-local addresses may be called (local development and
+    # tests only; refused in production).
+    webhook_allow_private: bool = False
+    webhook_max_per_user: int = Field(default=10, ge=1, le=1000)
+    # One attempt: connect + send + the answer, at most this long; the answer's body is read up to
+    # webhook_max_response_bytes and otherwise ignored. Redirects are not followed (a 3xx is a failure).
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    webhook_max_response_bytes: int = Field(default=65_536, ge=0)
+    # Retries: exponential backoff with jitter (mlp.backoff) from base to cap, for the retry window (at
+    # least 24 h in production), then the delivery is marked failed (`mlp webhooks replay` re-drives it).
+    webhook_backoff_base_s: float = Field(default=5.0, gt=0)
+    webhook_backoff_cap_s: float = Field(default=3600.0, gt=0)
+    webhook_retry_window_s: float = Field(default=86_400.0, gt=0)
+    # The delivery loop: how often it looks for due deliveries when idle, and how many it sends at once.
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    webhook_concurrency: int = Field(default=16, ge=1, le=512)
 
     # Messaging.
     # declare: create the exchanges, queues and bindings at start-up (idempotent; any service may start
@@ -162,6 +181,12 @@ class Settings(BaseSettings):
     def _refuse_placeholders(self) -> Settings:
         if self.environment == "development":
             return self
+        if self.environment == "production" and self.webhook_allow_private:
+            raise ValueError("MLP_WEBHOOK_ALLOW_PRIVATE=true is for development and tests; production refuses it")
+        if self.environment == "production" and self.webhook_retry_window_s < 86_400:
+            raise ValueError(
+                "MLP_WEBHOOK_RETRY_WINDOW_S is under 24 h; production retries deliveries for a day at least"
+            )
         for name in ("rabbitmq_url", "postgres_dsn", "redis_url"):
             password = urlsplit(getattr(self, name)).password or ""
             if any(p in password.lower() for p in _PLACEHOLDERS):

@@ -1,0 +1,166 @@
+"""The dispatcher: enqueue on outcome events, deliver from Postgres.
+
+The bus adapter decides ack/nack/reject here and nowhere else:
+- a body that is not a valid event -> ``reject`` (dead-lettered, as the collector does);
+- an event on another routing key than its own (forged by a publisher), or not an outcome -> ``ack``, dropped;
+- an outcome -> its deliveries are inserted in one transaction, then ``ack`` (Postgres down: retried with
+  backoff while the message stays unacked; shutting down first -> ``nack(requeue=True)``).
+
+The delivery loop claims due rows (``webhooks.store.claim_due``: FOR UPDATE SKIP LOCKED, a lease), sends
+them concurrently and records each outcome. A dispatcher killed mid-attempt loses nothing: the row stays
+pending and is due again when its lease ends, for this replica or another, with the same webhook-id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import asyncpg
+from faststream.rabbit import RabbitMessage
+
+from events.model import EventDecodeError, decode_event, utc_now
+from events.topology import routing_key
+from mlp.backoff import Backoff
+from webhook_dispatcher import metrics
+from webhook_dispatcher.sender import Sender
+from webhooks import store
+from webhooks.rules import RetryPolicy, after_attempt, is_delivered
+
+log = logging.getLogger(__name__)
+
+DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_ENQUEUE_BACKOFF = Backoff(base_s=0.2, cap_s=5.0, jitter=0.5)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        sender: Sender,
+        policy: RetryPolicy,
+        *,
+        concurrency: int,
+        poll_interval_s: float,
+        lease_s: float,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._pool = pool
+        self._sender = sender
+        self._policy = policy
+        self._concurrency = concurrency
+        self._poll_interval_s = poll_interval_s
+        self._lease_s = lease_s
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # --- enqueue (the bus side) ----------------------------------------------------------------
+
+    async def handle(self, message: RabbitMessage) -> None:
+        try:
+            event = decode_event(message.body)
+        except EventDecodeError as exc:
+            log.warning("rejecting message %s to the dead-letter queue: %s", message.message_id, str(exc)[:500])
+            await message.reject(requeue=False)
+            return
+        delivered_with = message.raw_message.routing_key or ""
+        if not is_delivered(event) or delivered_with != routing_key(event):
+            if is_delivered(event):
+                log.warning(
+                    "dropping %s %s: it arrived on routing key %r",
+                    type(event).__name__,
+                    event.event_id,
+                    delivered_with[:200],
+                )
+            await message.ack()
+            return
+        added = 0
+        for attempt in itertools.count():
+            try:
+                added = await store.enqueue(self._pool, event)
+                break
+            except DB_ERRORS as exc:
+                log.warning("enqueue of %s failed, retrying: %r", event.event_id, exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_ENQUEUE_BACKOFF.delay(attempt)):
+                        await self._closing.wait()
+                if self._closing.is_set():
+                    await message.nack(requeue=True)
+                    return
+        if added:
+            metrics.ENQUEUED.inc(added)
+            self._wake.set()
+        await message.ack()
+
+    # --- deliver (the Postgres side) -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="webhook-deliveries")
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop claiming; attempts in flight get ``timeout_s`` to finish (an unfinished one stays pending)."""
+        self._closing.set()
+        self._wake.set()
+        if self._loop_task is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._loop_task)
+        except TimeoutError:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        self._loop_task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing.is_set():
+            try:
+                sent = await self.run_once()
+                failures = 0
+            except DB_ERRORS as exc:
+                log.warning("delivery loop: Postgres unavailable: %r", exc)
+                sent = 0
+                failures += 1
+            if sent:
+                continue  # there may be more due at once
+            self._wake.clear()
+            wait_s = self._poll_interval_s if not failures else _ENQUEUE_BACKOFF.delay(failures)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._wake.wait()
+
+    async def run_once(self) -> int:
+        """Claim the due deliveries (up to the concurrency), attempt them together, record the outcomes."""
+        claimed = await store.claim_due(self._pool, self._concurrency, self._lease_s)
+        if claimed:
+            await asyncio.gather(*(self._deliver(due) for due in claimed))
+        with contextlib.suppress(*DB_ERRORS):
+            metrics.PENDING.set(await store.pending_count(self._pool))
+        return len(claimed)
+
+    async def _deliver(self, due: store.DueDelivery) -> None:
+        result = await self._sender.attempt(due)
+        outcome = after_attempt(
+            ok=result.ok, attempts=due.attempts, created_at=due.retry_from, now=self._clock(), policy=self._policy
+        )
+        recorded = await store.record_attempt(
+            self._pool, due, outcome, status_code=result.status_code, error=result.error
+        )
+        if not recorded:
+            return
+        metrics.DELIVERIES.labels(outcome="retry" if outcome.state == "pending" else outcome.state).inc()
+        if outcome.state == "failed":
+            log.warning(
+                "webhook delivery %d (event %s) failed after %d attempts: %s",
+                due.delivery_id,
+                due.event_id,
+                due.attempts,
+                result.error,
+            )
