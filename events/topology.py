@@ -10,6 +10,7 @@ A client can therefore bind its own queue to ``inference.completed.*.alice`` (on
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -59,6 +60,9 @@ class QueueSpec:
     binding_keys: tuple[str, ...]
     dead_letter_queue: str | None = None
     arguments: dict[str, str | int] = field(default_factory=dict)
+    # True: only the queue's consumer binds it (mlp.bus.declare_own_queue); the other services declare the
+    # queue and its DLQ but leave its bindings out, so their RabbitMQ users need no read on its binding keys.
+    consumer_binds: bool = False
 
 
 def _work_queue(name: str, binding_keys: tuple[str, ...]) -> QueueSpec:
@@ -90,8 +94,10 @@ def projections_queue() -> QueueSpec:
 
 
 def webhooks_queue() -> QueueSpec:
-    """The outcome events (every terminal event type of events.model), consumed by the webhook dispatcher."""
-    return _work_queue(WEBHOOKS_QUEUE, tuple(f"inference.{EVENT_KINDS[t]}.#" for t in TERMINAL_EVENTS))
+    """The outcome events (every terminal event type of events.model), consumed by the webhook dispatcher,
+    which alone binds it (a worker's or collector's user may not bind outcome keys: docs/kubernetes.md)."""
+    keys = tuple(f"inference.{EVENT_KINDS[t]}.#" for t in TERMINAL_EVENTS)
+    return dataclasses.replace(_work_queue(WEBHOOKS_QUEUE, keys), consumer_binds=True)
 
 
 def dead_letter_queue(source: QueueSpec) -> QueueSpec:

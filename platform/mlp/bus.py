@@ -21,6 +21,7 @@ from events.topology import (
     EVENTS_EXCHANGE,
     QueueSpec,
     all_queues,
+    dead_letter_queue,
     routing_key,
 )
 from mlp import telemetry
@@ -105,9 +106,26 @@ async def declare_topology(broker: RabbitBroker, models: Sequence[str], *, verif
     dead_letters = await broker.declare_exchange(DEAD_LETTERS)
     for spec in all_queues(tuple(models)):
         queue = await broker.declare_queue(rabbit_queue(spec))
+        if spec.consumer_binds:
+            continue  # its consumer binds it (declare_own_queue)
         exchange = events if spec.exchange == EVENTS_EXCHANGE else dead_letters
         for key in spec.binding_keys:
             await queue.bind(exchange, routing_key=key)
+
+
+async def declare_own_queue(broker: RabbitBroker, spec: QueueSpec) -> None:
+    """A consumer's start-up for a queue it alone binds (``QueueSpec.consumer_binds``): the exchanges, the
+    queue with every binding, its DLQ. Nothing else of the topology (the other services declare that)."""
+    events = await broker.declare_exchange(EVENTS)
+    dead_letters = await broker.declare_exchange(DEAD_LETTERS)
+    queue = await broker.declare_queue(rabbit_queue(spec))
+    for key in spec.binding_keys:
+        await queue.bind(events if spec.exchange == EVENTS_EXCHANGE else dead_letters, routing_key=key)
+    if spec.dead_letter_queue is not None:
+        dlq = dead_letter_queue(spec)
+        dead = await broker.declare_queue(rabbit_queue(dlq))
+        for key in dlq.binding_keys:
+            await dead.bind(dead_letters, routing_key=key)
 
 
 async def _verify_topology(broker: RabbitBroker, models: Sequence[str]) -> None:

@@ -18,12 +18,12 @@ from datetime import timedelta
 
 from faststream import AckPolicy
 from faststream.message import StreamMessage
-from faststream.rabbit import RabbitMessage
+from faststream.rabbit import RabbitBroker, RabbitMessage
 
 from events.topology import webhooks_queue
 from mlp import logs
 from mlp.backoff import Backoff
-from mlp.bus import EVENTS, rabbit_queue
+from mlp.bus import EVENTS, declare_own_queue, rabbit_queue
 from mlp.consumer import Consumer, HealthAddress, consumer_broker, run_consumer
 from mlp.db import create_pool
 from mlp.health import ReadinessCheck, dependency_checks
@@ -100,7 +100,12 @@ def build_app(settings: Settings) -> Consumer:
             await asyncio.gather(subscriber.stop(), dispatcher.close(drain_timeout_s))
 
     health = HealthAddress(settings.health_host, settings.dispatcher_health_port)
-    return Consumer(SERVICE, broker, tel, settings.models, health, resources=resources, drain=drain)
+
+    async def declare(broker: RabbitBroker) -> None:
+        # Its own queue only, bound to the outcome keys: its RabbitMQ user may bind nothing else.
+        await declare_own_queue(broker, webhooks_queue())
+
+    return Consumer(SERVICE, broker, tel, settings.models, health, resources=resources, drain=drain, declare=declare)
 
 
 def main(argv: list[str]) -> int:
