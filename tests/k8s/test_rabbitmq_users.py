@@ -29,7 +29,7 @@ pytestmark = pytest.mark.k8s
 EXAMPLES_FILE = REPO / "examples" / "rabbitmq" / "external-publisher.definitions.json"
 SERVICES_FILE = REPO / "examples" / "rabbitmq" / "platform-services.definitions.json"
 # The services with a RabbitMQ user (the read API has none: it reads Postgres and Redis).
-BUS_SERVICES = ("gateway", "worker", "collector")
+BUS_SERVICES = ("gateway", "worker", "collector", "dispatcher")
 KIND_DATA = K8S_DIR / "overlays" / "kind" / "data"
 KIND_TEMPLATE = KIND_DATA / "secrets" / "rabbitmq-definitions.json.example"
 DEFINITIONS_SECRET = "mlp-rabbitmq-definitions"
