@@ -62,7 +62,7 @@ class Sender:
                 )
         except httpx.TimeoutException:
             return AttemptResult(None, f"timed out after {self._timeout_s:g} s")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return AttemptResult(None, f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS])
 
     async def _read_bounded(self, response: httpx.Response) -> None:

@@ -27,13 +27,25 @@ from events.model import EventDecodeError, decode_event, utc_now
 from events.topology import routing_key
 from mlp.backoff import Backoff
 from webhook_dispatcher import metrics
-from webhook_dispatcher.sender import Sender
+from webhook_dispatcher.sender import AttemptResult, Sender
 from webhooks import store
 from webhooks.rules import RetryPolicy, after_attempt, is_delivered
 
 log = logging.getLogger(__name__)
 
-DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Postgres cannot answer now (down, restarting, out of connections, a conflict) or is not set up for it
+# yet (a migration or a grant missing: an operator's fix): retried. Any other PostgresError is about the
+# data: the message is dead-lettered instead of retried without end.
+DB_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.SyntaxOrAccessError,
+)
 _ENQUEUE_BACKOFF = Backoff(base_s=0.2, cap_s=5.0, jitter=0.5)
 
 
@@ -93,6 +105,10 @@ class Dispatcher:
                 if self._closing.is_set():
                     await message.nack(requeue=True)
                     return
+            except asyncpg.PostgresError as exc:  # about the data, not the server: retrying will not help
+                log.warning("rejecting %s to the dead-letter queue: Postgres refused it: %r", event.event_id, exc)
+                await message.reject(requeue=False)
+                return
         if added:
             metrics.ENQUEUED.inc(added)
             self._wake.set()
@@ -128,6 +144,10 @@ class Dispatcher:
                 log.warning("delivery loop: Postgres unavailable: %r", exc)
                 sent = 0
                 failures += 1
+            except Exception:  # a bug must not end the loop: logged, retried after a pause
+                log.exception("delivery loop: unexpected error")
+                sent = 0
+                failures += 1
             if sent:
                 continue  # there may be more due at once
             self._wake.clear()
@@ -146,7 +166,11 @@ class Dispatcher:
         return len(claimed)
 
     async def _deliver(self, due: store.DueDelivery) -> None:
-        result = await self._sender.attempt(due)
+        try:
+            result = await self._sender.attempt(due)
+        except Exception as exc:  # one bad delivery must not hold up the others: a failed attempt
+            log.exception("webhook delivery %d: unexpected error", due.delivery_id)
+            result = AttemptResult(None, f"internal error: {type(exc).__name__}")
         outcome = after_attempt(
             ok=result.ok, attempts=due.attempts, created_at=due.retry_from, now=self._clock(), policy=self._policy
         )
