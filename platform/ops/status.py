@@ -35,7 +35,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from events.model import TERMINAL_EVENTS
-from events.topology import DLQ_SUFFIX, PROJECTIONS_QUEUE, all_queues
+from events.topology import DLQ_SUFFIX, PROJECTIONS_QUEUE, WEBHOOKS_QUEUE, all_queues
 from mlp.cache import create_redis
 from mlp.settings import Settings, get_settings
 from quota.ledger import QuotaKeys
@@ -184,6 +184,8 @@ def assess(status: Status) -> list[Problem]:
             found.append(Problem("critical", f"queue {q.name} does not exist (nothing declared the topology)"))
         elif q.dead_letters and q.messages:
             found.append(Problem("warning", f"{q.messages} dead-lettered message(s) in {q.name} (mlp dlq list)"))
+        elif not q.dead_letters and q.consumers == 0 and q.name == WEBHOOKS_QUEUE and not q.messages:
+            continue  # bound by the dispatcher alone: empty and unconsumed, webhooks are not in use (yet)
         elif not q.dead_letters and q.consumers == 0:
             found.append(Problem("critical", f"queue {q.name} has no consumer ({q.messages} message(s) waiting)"))
     if p.stalled:

@@ -46,6 +46,11 @@ def fine() -> Status:
     )
 
 
+def test_an_empty_webhooks_queue_without_a_dispatcher_is_no_problem() -> None:
+    # Only a dispatcher binds mlp.webhooks: where none ever ran, nothing waits for one.
+    assert assess(replace(fine(), queues=[QueueState("mlp.webhooks", True, 0, 0)])) == []
+
+
 def test_a_healthy_platform_has_no_problems() -> None:
     status = fine()
     assert assess(status) == []
@@ -69,6 +74,10 @@ def test_a_healthy_platform_has_no_problems() -> None:
         (
             lambda s: replace(s, queues=[QueueState("mlp.requests.basic-model", True, 40, 0)]),
             "queue mlp.requests.basic-model has no consumer (40 message(s) waiting)",
+        ),
+        (
+            lambda s: replace(s, queues=[QueueState("mlp.webhooks", True, 7, 0)]),
+            "queue mlp.webhooks has no consumer (7 message(s) waiting)",
         ),
         (
             lambda s: replace(s, projections=ProjectionState(120, 0, 45.0, 0.02)),
