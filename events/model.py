@@ -80,7 +80,7 @@ class InferenceRequested(Event, frozen=True, kw_only=True):
     trace_id: str | None = None
     # A one-off webhook target of this request's outcome (an HTTP submit's `webhook_url`, SSRF-checked
     # by the gateway, which also records it for the webhook dispatcher; docs/http.md "Webhooks").
-    webhook_url: str | None = None
+    webhook_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # webhooks.ssrf.MAX_URL_CHARS
 
 
 class InferenceStarted(Event, frozen=True, kw_only=True):
