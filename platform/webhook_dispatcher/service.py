@@ -47,6 +47,7 @@ DB_ERRORS = (
     asyncpg.exceptions.SyntaxOrAccessError,
 )
 _ENQUEUE_BACKOFF = Backoff(base_s=0.2, cap_s=5.0, jitter=0.5)
+_PENDING_EVERY_S = 5.0  # how often the pending gauge is counted (a count over the pending rows)
 
 
 class Dispatcher:
@@ -71,6 +72,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._pending_at = float("-inf")
 
     # --- enqueue (the bus side) ----------------------------------------------------------------
 
@@ -135,35 +137,55 @@ class Dispatcher:
         self._loop_task = None
 
     async def _run(self) -> None:
+        """Keep up to ``concurrency`` attempts in flight: claim as many due deliveries as there are free slots,
+        again whenever a slot frees, a new delivery is enqueued (the wake) or the poll interval passes. A slow
+        endpoint holds one slot, never the others' turn."""
+        inflight: set[asyncio.Task[None]] = set()
         failures = 0
-        while not self._closing.is_set():
-            try:
-                sent = await self.run_once()
-                failures = 0
-            except DB_ERRORS as exc:
-                log.warning("delivery loop: Postgres unavailable: %r", exc)
-                sent = 0
-                failures += 1
-            except Exception:  # a bug must not end the loop: logged, retried after a pause
-                log.exception("delivery loop: unexpected error")
-                sent = 0
-                failures += 1
-            if sent:
-                continue  # there may be more due at once
-            self._wake.clear()
-            wait_s = self._poll_interval_s if not failures else _ENQUEUE_BACKOFF.delay(failures)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await self._wake.wait()
+        try:
+            while not self._closing.is_set():
+                free = self._concurrency - len(inflight)
+                claimed = 0
+                if free > 0:
+                    self._wake.clear()
+                    try:
+                        due = await store.claim_due(self._pool, free, self._lease_s)
+                        failures = 0
+                    except DB_ERRORS as exc:
+                        log.warning("delivery loop: Postgres unavailable: %r", exc)
+                        due, failures = [], failures + 1
+                    except Exception:  # a bug must not end the loop: logged, retried after a pause
+                        log.exception("delivery loop: unexpected error")
+                        due, failures = [], failures + 1
+                    for one in due:
+                        task = asyncio.create_task(self._deliver(one), name=f"webhook-delivery-{one.delivery_id}")
+                        inflight.add(task)
+                        task.add_done_callback(inflight.discard)
+                    claimed = len(due)
+                    await self._refresh_pending()
+                if free > 0 and claimed == free:
+                    continue  # every free slot taken: more may be due at once
+                wait_s = self._poll_interval_s if not failures else _ENQUEUE_BACKOFF.delay(failures)
+                wake = asyncio.create_task(self._wake.wait())
+                try:
+                    await asyncio.wait({wake, *inflight}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+        except asyncio.CancelledError:
+            for task in inflight:
+                task.cancel()  # past the drain's bound: those rows stay pending, due again after their lease
+            raise
+        finally:
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
 
-    async def run_once(self) -> int:
-        """Claim the due deliveries (up to the concurrency), attempt them together, record the outcomes."""
-        claimed = await store.claim_due(self._pool, self._concurrency, self._lease_s)
-        if claimed:
-            await asyncio.gather(*(self._deliver(due) for due in claimed))
+    async def _refresh_pending(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._pending_at < _PENDING_EVERY_S:
+            return
+        self._pending_at = now
         with contextlib.suppress(*DB_ERRORS):
             metrics.PENDING.set(await store.pending_count(self._pool))
-        return len(claimed)
 
     async def _deliver(self, due: store.DueDelivery) -> None:
         try:
@@ -174,9 +196,13 @@ class Dispatcher:
         outcome = after_attempt(
             ok=result.ok, attempts=due.attempts, created_at=due.retry_from, now=self._clock(), policy=self._policy
         )
-        recorded = await store.record_attempt(
-            self._pool, due, outcome, status_code=result.status_code, error=result.error
-        )
+        try:
+            recorded = await store.record_attempt(
+                self._pool, due, outcome, status_code=result.status_code, error=result.error
+            )
+        except DB_ERRORS as exc:  # the row stays pending: attempted again after its lease (same webhook-id)
+            log.warning("webhook delivery %d: its outcome could not be recorded: %r", due.delivery_id, exc)
+            return
         if not recorded:
             return
         metrics.DELIVERIES.labels(outcome="retry" if outcome.state == "pending" else outcome.state).inc()

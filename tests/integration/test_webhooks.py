@@ -29,6 +29,10 @@ from tests.support.services import free_port
 from tests.support.waiting import eventually
 from tests.support.webhook_receiver import Received, WebhookReceiver
 from webhook_dispatcher.main import build_app
+from webhook_dispatcher.sender import Sender, http_client
+from webhooks import signing
+from webhooks.ssrf import TargetGuard
+from webhooks.store import DueDelivery
 
 pytestmark = pytest.mark.integration
 
@@ -391,3 +395,35 @@ async def test_mlp_webhooks_replay_redrives_failed_deliveries(stack: Stack, rece
     await eventually(lambda: _async(len(receiver.delivered()) == 1), "delivered after the replay")
     assert receiver.delivered()[0].headers["webhook-id"] == event.event_id
     assert [d["state"] for d in await stack.deliveries(hook["id"])] == ["delivered"]
+
+
+async def test_a_redirect_is_not_followed_and_a_hanging_endpoint_holds_up_no_other(stack: Stack) -> None:
+    user = a_user()
+    slow, redirecting = WebhookReceiver().start(), WebhookReceiver().start()
+    try:
+        slow.hold_from = 0  # never answers while held: each attempt runs into the timeout
+        redirecting.answers.append(302)
+        await stack.register(user, slow.url)
+        hook = await stack.register(user, redirecting.url)
+        event = completed(user)
+        await stack.publisher.publish(event)
+        await eventually(lambda: _async(len(redirecting.delivered()) == 1), "delivered beside the hanging endpoint")
+        assert [r.answered for r in redirecting.all()] == [302, 200]  # the 302 was a failed attempt, not followed
+        await eventually(lambda: _async(slow.hung.is_set()), "the hanging endpoint was called too")
+        (logged,) = await stack.deliveries(hook["id"])
+        assert (logged["state"], logged["attempts"]) == ("delivered", 2)
+    finally:
+        slow.stop()
+        redirecting.stop()
+
+
+async def test_the_guard_runs_again_at_delivery_time(receiver: WebhookReceiver) -> None:
+    """A target that passed at registration (say, its DNS changed since) is refused before the call."""
+    async with http_client(2.0) as client:
+        sender = Sender(client, TargetGuard(allow_private=False), timeout_s=2.0, max_response_bytes=1024)
+        due = DueDelivery(1, 1, receiver.url, new_event_id(), b"{}", signing.new_secret(), utc_now())
+        result = await sender.attempt(due)
+    assert result.status_code is None
+    assert result.error is not None
+    assert "refused target" in result.error
+    assert receiver.all() == []
