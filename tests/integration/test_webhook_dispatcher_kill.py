@@ -128,8 +128,56 @@ async def test_the_dispatcher_killed_mid_retry_loses_nothing(
         assert {r.headers["webhook-id"] for r in attempts} == {event.event_id}
         assert all(signed_by(secret, r) for r in attempts)
         assert len(receiver.delivered()) == 1
+        assert second.terminate() == 0  # SIGTERM: a drained stop
     finally:
         first.kill()
         second.terminate()
+        await broker.stop()
+        receiver.stop()
+
+
+async def test_two_dispatchers_share_the_deliveries_each_delivered_once(
+    module_settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    receiver = WebhookReceiver().start()
+    broker = make_broker(module_settings, app_id="test-publisher")
+    replicas = [dispatcher_process(module_settings, tmp_path / f"replica-{i}.log") for i in range(2)]
+    try:
+        hook, secret = await store.create_webhook(
+            pool, "shared-user", receiver.url, ["InferenceCompleted"], max_per_user=5
+        )
+        for replica in replicas:
+            replica.start().wait_ready()
+        await broker.connect()
+        await declare_topology(broker, module_settings.models)
+        events = [
+            InferenceCompleted(
+                event_id=new_event_id(),
+                request_id=new_event_id(),
+                occurred_at=utc_now(),
+                user_id="shared-user",
+                model="basic-model",
+                completion="done",
+                prompt_tokens=1,
+                completion_tokens=1,
+                latency_ms=1.0,
+            )
+            for _ in range(40)
+        ]
+        await EventPublisher(broker, timeout_s=5).publish_many(events)
+
+        async def all_delivered() -> bool:
+            done = await pool.fetchval(
+                "SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1 AND state = 'delivered'", hook.webhook_id
+            )
+            return bool(done == len(events))
+
+        await eventually(all_delivered, "every delivery delivered", deadline_s=90)
+        ids = [r.headers["webhook-id"] for r in receiver.delivered()]
+        assert sorted(ids) == sorted(e.event_id for e in events)  # each once: claims are never shared
+        assert all(signed_by(secret, r) for r in receiver.delivered())
+    finally:
+        for replica in replicas:
+            replica.terminate()
         await broker.stop()
         receiver.stop()
