@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
+
+import msgspec
 
 from events.model import (
     ErrorCode,
@@ -137,12 +140,14 @@ def refused(request: InferenceRequested, rejection: Rejection) -> Outcome:
     return Outcome(quota=None, event=rejected(request, rejection.reason, rejection.message))
 
 
-def decide_outcome(request: InferenceRequested, result: TritonOutcome) -> Outcome:
-    """Triton answered (or gave up): commit the actual tokens, or release the reservation."""
+def decide_outcome(request: InferenceRequested, result: TritonOutcome, started_at: datetime | None = None) -> Outcome:
+    """Triton answered (or gave up): commit the actual tokens, or release the reservation.
+    ``started_at``: when the inference started (the outcome carries it: InferenceStarted may not exist)."""
     match result:
         case Succeeded():
             event = InferenceCompleted(
                 **envelope(request),
+                started_at=started_at,
                 completion=result.text,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
@@ -151,7 +156,10 @@ def decide_outcome(request: InferenceRequested, result: TritonOutcome) -> Outcom
             )
             return Outcome(quota=Commit(event.total_tokens), event=event)
         case TritonFailed():
-            return Outcome(quota=Release(), event=failed(request, result.error_code, result.message))
+            event_failed = msgspec.structs.replace(
+                failed(request, result.error_code, result.message), started_at=started_at
+            )
+            return Outcome(quota=Release(), event=event_failed)
 
 
 def delivery_limit_outcome(request: InferenceRequested, error: str) -> Outcome:

@@ -264,7 +264,8 @@ class RequestHandler:
             if started_confirm is not None:
                 started_confirm.cancel()
             raise
-        await self._finish(message, request, decide.decide_outcome(request, result), started=started_confirm)
+        outcome = decide.decide_outcome(request, result, started_at=start.occurred_at)
+        await self._finish(message, request, outcome, started=started_confirm)
 
     def _publish_started(self, start: InferenceStarted) -> asyncio.Future[None]:
         return asyncio.ensure_future(self._deps.publisher.publish(with_worker_traceparent(start)))

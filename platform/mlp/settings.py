@@ -101,10 +101,11 @@ class Settings(BaseSettings):
     triton_timeout_s: float = Field(default=10.0, gt=0)
     triton_retries: int = Field(default=3, ge=0)
     triton_backoff_s: float = Field(default=0.2, gt=0)
-    # 0: the worker publishes InferenceStarted for every request, as it calls Triton. N > 0: only for an
-    # inference that has not answered within N ms; a faster one goes from queued to its outcome, is
+    # N > 0 (default 50): the worker publishes InferenceStarted only for an inference that has not
+    # answered within N ms; a faster one goes from queued to its outcome (which carries started_at), is
     # never seen running and costs one event less (a publish, a delivery, an event-store row).
-    started_event_after_ms: int = Field(default=0, ge=0)
+    # 0: InferenceStarted for every request, as it calls Triton.
+    started_event_after_ms: int = Field(default=50, ge=0)
     # Requests the worker sends to Triton in one call (those it has in hand in one loop turn); at most
     # the served models' max_batch_size (64 for the models in triton_models/).
     triton_max_batch: int = Field(default=64, ge=1)
