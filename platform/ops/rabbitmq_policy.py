@@ -7,7 +7,8 @@ services' users lack on purpose: ``mlp up`` applies it locally, Kubernetes impor
 definitions, and an operator runs this command (or the ``rabbitmqctl set_policy`` line it prints).
 
 Two routes, like the tests' admin (tests/support/rabbitmq_admin.py): the management HTTP API when
-``MLP_RABBITMQ_MANAGEMENT_URL`` names one, else ``rabbitmqctl`` on this machine (the local broker).
+``MLP_RABBITMQ_MANAGEMENT_URL`` names one; else ``rabbitmqctl`` for a broker on this machine; else the
+management API on its default port of the broker's host, with the AMQP URL's credentials (``management_url_for``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ def vhost_of(amqp_url: str) -> str:
     """The vhost an AMQP URL names: its path without the leading slash, unquoted; "/" when empty."""
     path = urlsplit(amqp_url).path
     return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def management_url_for(amqp_url: str, management_url: str, rabbitmqctl_on_path: bool) -> str:
+    """The management API to use ("" for rabbitmqctl): the named one, else none for a broker on this
+    machine when rabbitmqctl is here, else the broker host's management port with the AMQP credentials."""
+    if management_url:
+        return management_url
+    amqp = urlsplit(amqp_url)
+    host = amqp.hostname or "127.0.0.1"
+    if rabbitmqctl_on_path and host in LOOPBACK_HOSTS:
+        return ""
+    netloc = f"{amqp.username or 'guest'}:{amqp.password or 'guest'}@{host}:{MANAGEMENT_PORT}"
+    return urlunsplit(("http", netloc, "", "", ""))
 
 
 def rabbitmqctl_args(policy: QueuePolicy, vhost: str) -> list[str]:
@@ -95,10 +112,11 @@ def apply_policy(policy: QueuePolicy, vhost: str, management_url: str = "") -> s
 
 def apply_requests_bound(settings: Settings) -> str:
     """The bound of ``settings`` on its vhost (``mlp up``, the tests' fixtures); returns the route taken."""
+    management = management_url_for(
+        settings.rabbitmq_url, settings.rabbitmq_management_url, shutil.which("rabbitmqctl") is not None
+    )
     return apply_policy(
-        requests_bound_policy(settings.max_queued_per_model),
-        vhost_of(settings.rabbitmq_url),
-        settings.rabbitmq_management_url,
+        requests_bound_policy(settings.max_queued_per_model), vhost_of(settings.rabbitmq_url), management
     )
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from events.topology import all_queues, requests_bound_policy
 from mlp.bus import is_nack
-from ops.rabbitmq_policy import management_request, rabbitmqctl_args, vhost_of
+from ops.rabbitmq_policy import management_request, management_url_for, rabbitmqctl_args, vhost_of
 
 
 def test_the_policy_matches_every_request_queue_and_nothing_else() -> None:
@@ -64,3 +64,11 @@ def test_a_nack_is_a_refusal_and_a_timeout_is_not() -> None:
     assert is_nack(aiormq.exceptions.DeliveryError(None, aiormq.spec.Basic.Nack(delivery_tag=1)))
     assert not is_nack(TimeoutError())
     assert not is_nack(aiormq.exceptions.ChannelInvalidStateError("closed"))
+
+
+def test_rabbitmqctl_only_for_a_broker_on_this_machine() -> None:
+    local, remote = "amqp://guest:guest@127.0.0.1:5672/", "amqp://ops:secret@broker.internal:5672/mlp"
+    assert management_url_for(local, "", rabbitmqctl_on_path=True) == ""
+    assert management_url_for(local, "", rabbitmqctl_on_path=False) == "http://guest:guest@127.0.0.1:15672"
+    assert management_url_for(remote, "", rabbitmqctl_on_path=True) == "http://ops:secret@broker.internal:15672"
+    assert management_url_for(remote, "http://a:b@mgmt:15672", rabbitmqctl_on_path=True) == "http://a:b@mgmt:15672"
