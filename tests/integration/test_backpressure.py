@@ -1,5 +1,6 @@
 """The requests queues' bound (MLP_MAX_QUEUED_PER_MODEL) on the real RabbitMQ: a policy applied to queues that
-already exist, a refused publish answered 503 queue_full, and nothing half-accepted."""
+already exist, a refused publish answered 503 queue_full, nothing half-accepted, everything accepted ending
+once a worker runs (real collector, worker and Triton)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ops.rabbitmq_policy import apply_requests_bound, vhost_of
 from projections.queries import get_request
 from projections.status_cache import StatusKeys
 from results_collector.main import build_app
-from tests.integration.test_worker_harness import observed, queue_depth, requested
+from tests.integration.test_worker_harness import observed, queue_depth, requested, running_worker
 from tests.support.apps import running
 from tests.support.isolation import Namespace, broker_admin, isolated_namespace
 from tests.support.rabbitmq_admin import MANAGEMENT_URL_VARIABLE
@@ -152,7 +153,7 @@ async def test_a_publish_past_the_bound_is_refused_by_a_nack(bounded: Settings) 
 
 
 async def test_submits_past_the_bound_answer_503_queue_full_and_nothing_of_them_is_accepted(
-    gateway: httpx.AsyncClient, bounded: Settings
+    gateway: httpx.AsyncClient, bounded: Settings, triton_grpc_url: str
 ) -> None:
     async with observed(bounded) as log:
         accepted: list[str] = []
@@ -203,10 +204,18 @@ async def test_submits_past_the_bound_answer_503_queue_full_and_nothing_of_them_
                 )
 
             await eventually(projected, "every request projected")
-        for request_id in accepted:
-            view = await get_request(pool, request_id)
-            assert view is not None
-            assert view.status == "queued"
+            for request_id in accepted:
+                view = await get_request(pool, request_id)
+                assert view is not None
+                assert view.status == "queued"
+            # Everything accepted ends once a worker runs.
+            async with running_worker(bounded.model_copy(update={"triton_url": triton_grpc_url})):
+
+                async def completed() -> bool:
+                    views = [await get_request(pool, rid) for rid in accepted]
+                    return all(v is not None and v.status == "completed" for v in views)
+
+                await eventually(completed, "every accepted request completed", deadline_s=WAIT_S * 2)
     finally:
         await pool.close()
     metrics = (await gateway.get("/metrics")).text
