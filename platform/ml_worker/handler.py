@@ -19,6 +19,7 @@ publisher alone (``duplicate_request_id`` on a fresh id in its namespace).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -182,6 +183,19 @@ class RequestHandler:
             await self._handle(message)
         finally:
             self.in_flight.pop(task, None)
+
+    async def give_back(self, message: RabbitMessage) -> None:
+        """A delivery a shutdown could not finish in time (``ml_worker.main.Worker.drain``): requeued, or on its
+        last delivery, where the requeue would dead-letter it with no outcome, ended failed like any other cause."""
+        delivery = _delivery(message)
+        count = decide.delivery_count(delivery.headers)
+        parsed = parse(delivery, self._max_body)
+        if isinstance(parsed, Invalid) or not decide.is_last_delivery(count):
+            with contextlib.suppress(Exception):  # a closed channel requeues it anyway
+                await message.nack(requeue=True)
+            return
+        with bind_request_id(parsed.request_id):
+            await self._after_transient(message, parsed, count, "the worker was shutting down")
 
     async def _handle(self, message: RabbitMessage) -> None:
         delivery = _delivery(message)
