@@ -38,6 +38,8 @@ ErrorCode = Literal[
     "poison_message",
     "delivery_limit_exceeded",
     "internal_error",
+    # A dependency outage (Redis, Postgres, the broker) outlasted the request's last allowed delivery.
+    "transient_exhausted",
 ]
 
 

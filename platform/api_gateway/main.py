@@ -16,7 +16,7 @@ from api_gateway.schemas import document_limits
 from api_gateway.submit import SubmitService, SubmitSettings
 from events.model import utc_now
 from ml_service.tokens import TokenCounter
-from mlp import telemetry
+from mlp import metrics, telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
 from mlp.db import create_pool
@@ -31,6 +31,11 @@ from tenancy.key_store import KeyStore
 from tenancy.keys import pepper_of
 
 SERVICE = "api-gateway"
+# Readiness (mlp.health): the gateway serves through a Postgres outage (the last known limits and key answers,
+# quota.service and tenancy.authenticator), never without the broker (nothing can be accepted) nor without
+# Redis (every admission is one Redis script: rate window, first status, request claim; there is no fallback,
+# so submits would answer 503 dependency_unavailable anyway).
+DEGRADABLE = ("postgres",)
 
 
 def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> FastAPI:
@@ -62,6 +67,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
             authenticator=authenticator,
         )
         app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
+        for model in settings.models:  # the bound the policy applies (ops.rabbitmq_policy), shown in /metrics
+            metrics.QUEUE_MAX_LENGTH.labels(model=model).set(settings.max_queued_per_model)
         try:
             yield
         finally:
@@ -71,7 +78,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
             await pool.close()
             tel.shutdown()
 
-    app = service_app("inference-platform gateway", lifespan, tel)
+    app = service_app("inference-platform gateway", lifespan, tel, degradable=DEGRADABLE)
     app.include_router(router)
     app.include_router(keys_routes.router)
     app.add_exception_handler(RequestValidationError, count_invalid_body)

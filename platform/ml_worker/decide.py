@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -166,6 +166,33 @@ def delivery_limit_outcome(request: InferenceRequested, error: str) -> Outcome:
     """The last allowed delivery failed unexpectedly: the request ends failed, the message goes to the DLQ."""
     message = f"gave up after {DELIVERY_LIMIT + 1} deliveries: {error}"
     return Outcome(quota=Release(), event=failed(request, "delivery_limit_exceeded", message))
+
+
+def transient_outcome(request: InferenceRequested, count: int, cause: str) -> Outcome | None:
+    """A try could not finish for a transient cause (a dependency outage past the in-process retries, or a
+    shutdown): None to requeue it (a later delivery may succeed); on the last allowed delivery, where a
+    requeue would dead-letter it with no outcome, the failure it ends with, naming the cause."""
+    if not is_last_delivery(count):
+        return None
+    message = f"a transient failure outlasted {DELIVERY_LIMIT + 1} deliveries: {cause}"
+    return Outcome(quota=Release(), event=failed(request, "transient_exhausted", message))
+
+
+# What the last delivery publishes, given the release's answer (quota.ledger.ReleaseResult.outcome):
+# released: the request's hold was freed (or it had none), the failure is its outcome; conflict: the id names
+# another request, only its publisher hears (``duplicate_request_id``); committed or none: the request had
+# already ended (charged, or failed/refused earlier, its outcome kept with the claim): no second outcome, the
+# message is dead-lettered and ``mlp dlq replay`` answers it again with the kept one.
+LastDeliveryAction = Literal["publish", "answer_publisher", "dead_letter"]
+
+
+def last_delivery_action(released: str) -> LastDeliveryAction:
+    match released:
+        case "released":
+            return "publish"
+        case "conflict":
+            return "answer_publisher"
+    return "dead_letter"
 
 
 def delivery_count(headers: Mapping[str, Any]) -> int:

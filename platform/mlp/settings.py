@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # so that it is a known setting.
     secrets_dir: str = ""
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # The broker's management API (http://user:password@host:15672), used only by `mlp policy` and `mlp up` to
+    # set the requests queues' bound; empty: rabbitmqctl on this machine.
+    rabbitmq_management_url: str = ""
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/mlp"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Prefix of every Redis key, so several platforms (or test runs) can share one server.
@@ -87,6 +90,9 @@ class Settings(BaseSettings):
     # right (the gateway in Kubernetes; honoured by the gateway).
     topology: Literal["declare", "verify"] = "declare"
     prefetch: int = Field(default=200, ge=1, le=1000)
+    # Ready messages a model's request queue may hold; past it the broker refuses (nacks) a publish and
+    # the gateway answers 503 queue_full. Applied as a RabbitMQ policy (events.topology.requests_bound_policy).
+    max_queued_per_model: int = Field(default=10_000, ge=1)
     # Triton calls a worker has in flight per model; requests arriving meanwhile form the next call's
     # batch (up to triton_max_batch rows). Two: one executing while the next is on its way.
     worker_concurrency: int = Field(default=2, ge=1)
