@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     # Quota defaults (plans in Postgres override them).
     default_plan: str = "free"
     reservation_ttl_s: int = Field(default=300, ge=1)
+    # How long a request's claim and its committed record live in Redis: they answer its redeliveries (the
+    # status cache, a day, answers a finished request's after that); a quota rebuild keeps its ledger snapshot
+    # as long. More than reservation_ttl_s (a claim outlives its hold).
+    quota_committed_ttl_s: int = Field(default=900, ge=2)
+    # The quota rebuild's lock: renewed every third of it while the rebuild runs; a dead rebuilder's expires.
+    quota_rebuild_lock_ttl_s: float = Field(default=30.0, gt=0)
 
     # Long-poll bound for GET /api/v1/inference/{id}?wait=.
     max_wait_s: float = Field(default=30.0, gt=0)
@@ -157,6 +163,12 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"not in the model registry (events/registry.py): {', '.join(unknown)}")
         return value
+
+    @model_validator(mode="after")
+    def _claims_outlive_holds(self) -> Settings:
+        if self.quota_committed_ttl_s <= self.reservation_ttl_s:
+            raise ValueError("MLP_QUOTA_COMMITTED_TTL_S must be more than MLP_RESERVATION_TTL_S")
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:
