@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     # How long the collector waits after a batch's first event for more. Under load batches fill while
     # the previous write runs, so a short wait costs no throughput; a long one is pure latency at low load.
     collector_batch_wait_ms: int = Field(default=2, ge=0)
+    # What the collector may hold in memory while Redis is slow or away (its pod's limit is 512 Mi): the
+    # status cache backlog (at the bound the oldest updates are dropped and their entries resynced from
+    # Postgres) and the follow-up queue (quota commits shed, refusals wait). See docs/operations.md.
+    collector_backlog_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    collector_follow_up_max_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     graceful_timeout_s: float = Field(default=20.0, gt=0)
 
