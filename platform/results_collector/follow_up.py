@@ -154,7 +154,7 @@ class FollowUp:
 
     def _fits(self, size: int) -> bool:
         # An item larger than the whole bound still goes through, alone.
-        return self._bytes + size <= self._max_bytes or self._queue.empty()
+        return self._bytes + size <= self._max_bytes or self._bytes == 0
 
     def _put(self, item: Item, size: int) -> None:
         self._queue.put_nowait((item, size))
