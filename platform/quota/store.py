@@ -147,7 +147,9 @@ class LedgerSnapshot:
         ``xmin``) was visible in this snapshot, i.e. counted by the rebuild. Pure.
 
         The 32-bit id is placed in the 64-bit space nearest to the snapshot's xmax (exact for any row
-        written within 2^31 transactions of the rebuild; an older row was frozen, or is visible anyway)."""
+        written within 2^31 transactions of the rebuild; an older row was frozen, or is visible anyway).
+        ``mlp replay`` rewrites every ledger row in its own transaction: after a replay within a snapshot's
+        life, rebuild the counters (``mlp reconcile --repair``) so that the snapshot is the replayed ledger's."""
         if xmin32 < _FIRST_NORMAL_XID:
             return True
         ahead = (xmin32 - self.xmax) % _XID_SPACE
