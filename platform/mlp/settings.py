@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     # How long the collector waits after a batch's first event for more. Under load batches fill while
     # the previous write runs, so a short wait costs no throughput; a long one is pure latency at low load.
     collector_batch_wait_ms: int = Field(default=2, ge=0)
+    # What the collector may hold in memory while Redis is slow or away (its pod's limit is 512 Mi): the
+    # status cache backlog (at the bound the oldest updates are dropped and their entries resynced from
+    # Postgres) and the follow-up queue (quota commits shed, refusals wait). See docs/operations.md.
+    collector_backlog_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    collector_follow_up_max_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     graceful_timeout_s: float = Field(default=20.0, gt=0)
 
@@ -119,6 +124,12 @@ class Settings(BaseSettings):
     # Quota defaults (plans in Postgres override them).
     default_plan: str = "free"
     reservation_ttl_s: int = Field(default=300, ge=1)
+    # How long a request's claim and its committed record live in Redis: they answer its redeliveries (the
+    # status cache, a day, answers a finished request's after that); a quota rebuild keeps its ledger snapshot
+    # as long. More than reservation_ttl_s (a claim outlives its hold).
+    quota_committed_ttl_s: int = Field(default=900, ge=2)
+    # The quota rebuild's lock: renewed every third of it while the rebuild runs; a dead rebuilder's expires.
+    quota_rebuild_lock_ttl_s: float = Field(default=30.0, gt=0)
 
     # Long-poll bound for GET /api/v1/inference/{id}?wait=.
     max_wait_s: float = Field(default=30.0, gt=0)
@@ -164,6 +175,12 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"not in the model registry (events/registry.py): {', '.join(unknown)}")
         return value
+
+    @model_validator(mode="after")
+    def _claims_outlive_holds(self) -> Settings:
+        if self.quota_committed_ttl_s <= self.reservation_ttl_s:
+            raise ValueError("MLP_QUOTA_COMMITTED_TTL_S must be more than MLP_RESERVATION_TTL_S")
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

@@ -1,7 +1,8 @@
-"""A TCP forwarder a test can cut: a dependency becomes unreachable for one app only, never for the machine.
+"""A TCP proxy a test can open and cut: a dependency "goes away" for one app only, never for the machine.
 
-The shared services are never stopped for a test outside tests/fault; an app pointed at this proxy sees its
-dependency go away when the proxy is cut (live connections reset, new ones refused), as after a crash.
+The shared services are never stopped outside tests/fault; an app pointed at this proxy sees its
+dependency go away when the proxy is cut (its port refuses connections, the connections it carried are
+reset, as after a crash) and come back when it is opened again on the same port.
 """
 
 from __future__ import annotations
@@ -9,64 +10,66 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 CHUNK = 65_536
 
 
-@dataclass
 class TcpProxy:
-    target_host: str
-    target_port: int
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    def __init__(self, port: int, target_host: str, target_port: int) -> None:
+        """``port`` 0: the kernel picks one at the first ``open`` (kept for later opens)."""
+        self.port = port
+        self._target = (target_host, target_port)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+    @property
+    def url_host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def open(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
+            self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def cut(self) -> None:
-        """Refuse new connections and close the open ones."""
+        """Refuse new connections and reset the open ones."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
             self._server = None
         for writer in list(self._writers):
             writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._writers.clear()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    close = cut
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(self.target_host, self.target_port)
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:
             writer.close()
             return
-        self._writers.update({writer, upstream_writer})
-        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        self._writers |= {writer, up_writer}
         try:
-            while data := await source.read(CHUNK):
-                sink.write(data)
-                await sink.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         finally:
-            sink.close()
-            self._writers.discard(sink)
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.close()
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(CHUNK):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
 
 
 @contextlib.asynccontextmanager
 async def tcp_proxy(target_host: str, target_port: int) -> AsyncIterator[TcpProxy]:
-    proxy = TcpProxy(target_host, target_port)
-    await proxy.start()
+    """An open proxy to ``target_host:target_port`` on a free port, cut afterwards."""
+    proxy = TcpProxy(0, target_host, target_port)
+    await proxy.open()
     try:
         yield proxy
     finally:
