@@ -148,8 +148,8 @@ def test_counters_after_known_requests(platform: Platform) -> None:
         assert delta(co_before, co_after, "mlp_events_projected_total", {"type": event_type}) == N, event_type
     assert value(co_after, "mlp_projection_lag_seconds") >= 0
     assert ("mlp_projection_lag_seconds", frozenset()) in co_after
-    received = delta(co_before, co_after, "faststream_received_messages_total", {"app_name": "results-collector"})
-    assert received == 2 * N + started
+    projected = delta(co_before, co_after, "faststream_received_messages_total", {"app_name": "results-collector"})
+    assert projected == 2 * N + started
 
     # Read API: its /metrics answers; the token rate counts exactly these requests' tokens.
     assert after["api"]
