@@ -38,6 +38,8 @@ ErrorCode = Literal[
     "poison_message",
     "delivery_limit_exceeded",
     "internal_error",
+    # A dependency outage (Redis, Postgres, the broker) outlasted the request's last allowed delivery.
+    "transient_exhausted",
 ]
 
 
@@ -96,6 +98,9 @@ class InferenceCompleted(Event, frozen=True, kw_only=True):
     latency_ms: Annotated[float, msgspec.Meta(ge=0)]
     # An embed model's answer (events.registry, task "embed"): the vector; None for a generate model.
     embedding: list[float] | None = None
+    # When the worker called Triton (InferenceStarted's occurred_at, published only for slow
+    # inferences): the read model's started_at for every request. None from publishers before it.
+    started_at: datetime | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -105,6 +110,7 @@ class InferenceCompleted(Event, frozen=True, kw_only=True):
 class InferenceFailed(Event, frozen=True, kw_only=True):
     error_code: ErrorCode
     error_message: str = ""
+    started_at: datetime | None = None  # when it was started on Triton; None if it never was
 
 
 class InferenceRejected(Event, frozen=True, kw_only=True):

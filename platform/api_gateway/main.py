@@ -16,7 +16,7 @@ from api_gateway.schemas import document_limits
 from api_gateway.submit import SubmitService, SubmitSettings
 from events.model import utc_now
 from ml_service.tokens import TokenCounter
-from mlp import telemetry
+from mlp import metrics, telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
 from mlp.db import create_pool
@@ -33,6 +33,11 @@ from webhooks.ssrf import TargetGuard
 from webhooks.store import PostgresTargets
 
 SERVICE = "api-gateway"
+# Readiness (mlp.health): the gateway serves through a Postgres outage (the last known limits and key answers,
+# quota.service and tenancy.authenticator), never without the broker (nothing can be accepted) nor without
+# Redis (every admission is one Redis script: rate window, first status, request claim; there is no fallback,
+# so submits would answer 503 dependency_unavailable anyway).
+DEGRADABLE = ("postgres",)
 
 
 def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> FastAPI:
@@ -67,6 +72,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
             webhooks=WebhookDeps(pool, guard, settings.webhook_max_per_user),
         )
         app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
+        for model in settings.models:  # the bound the policy applies (ops.rabbitmq_policy), shown in /metrics
+            metrics.QUEUE_MAX_LENGTH.labels(model=model).set(settings.max_queued_per_model)
         try:
             yield
         finally:
@@ -76,7 +83,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
             await pool.close()
             tel.shutdown()
 
-    app = service_app("inference-platform gateway", lifespan, tel)
+    app = service_app("inference-platform gateway", lifespan, tel, degradable=DEGRADABLE)
     app.include_router(router)
     app.include_router(keys_routes.router)
     app.include_router(webhook_routes.router)

@@ -15,6 +15,7 @@ from api_gateway.schemas import InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
     BrokerUnavailable,
     IdempotencyConflict,
+    QueueFull,
     QuotaExceeded,
     RequestRefused,
     StateUnavailable,
@@ -44,12 +45,16 @@ _SUBMIT_ERRORS = error_responses(
         422: "invalid input (the detail names the field and the rule), an unknown model, or max_tokens over"
         " the user's plan limit per request",
         429: "the user's quota or request rate is spent; retry after the Retry-After header's seconds",
-        503: "the request could not be queued or its quota checked; it was NOT accepted",
+        503: "the request could not be queued (`queue_full`: the model's queue is at its bound;"
+        " `broker_unavailable`) or its quota checked; it was NOT accepted. Retry after the Retry-After"
+        " header's seconds",
     },
 )
 
 
 SUBMIT_PATH = "/api/v1/inference"
+# A full queue drains at the workers' pace: a few seconds before a retry, not at once.
+QUEUE_FULL_RETRY_AFTER_S = 5
 
 
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -128,6 +133,13 @@ async def submit_inference(
         return _refused("quota_exceeded", 429, error, exc.admission.detail, {"Retry-After": retry})
     except IdempotencyConflict as exc:
         return _refused("idempotency_conflict", 409, "idempotency_conflict", str(exc), {"Retry-After": "1"})
+    except QueueFull as exc:  # the broker's nack: the bound (docs/bus.md, "Backpressure"), not an outage
+        detail = (
+            f"the request queue of model {exc.model} is full (at most {settings.max_queued_per_model} queued);"
+            " the request was not accepted, retry later"
+        )
+        headers = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
+        return _refused("queue_full", 503, "queue_full", detail, headers)
     except BrokerUnavailable:
         detail = "the request could not be queued; it was not accepted"
         return _refused("publish_failed", 503, "broker_unavailable", detail, {"Retry-After": "5"})

@@ -7,6 +7,7 @@ confirmed it, the request IS accepted: the client gets its 202 whatever fails af
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,14 +16,32 @@ from redis.exceptions import RedisError
 
 from api_gateway.idempotency import PENDING, IdempotencyRecords, pending_ttl_for
 from events.identity import claim_of
-from events.model import InferenceRequested, new_event_id, utc_now
+from events.model import InferenceRejected, InferenceRequested, new_event_id, utc_now
 from events.request_rules import Rejection, RequestLimits, check_request
-from mlp.bus import EventPublisher, PublishError
+from mlp.bus import EventPublisher, PublishError, PublishRefused
 from mlp.cache import Keys
 from mlp.settings import Settings
 from projections.status_cache import StatusCache
 from quota.plans import reservation_estimate
 from quota.service import Admission, QuotaService
+
+log = logging.getLogger(__name__)
+
+
+def queue_full_rejection(refused: InferenceRequested) -> InferenceRejected:
+    """The outcome of a request the broker refused (its queue full): ``queue_full`` on its own stream."""
+    return InferenceRejected(
+        event_id=new_event_id(),
+        request_id=refused.request_id,
+        occurred_at=utc_now(),
+        correlation_id=refused.correlation_id or refused.request_id,
+        causation_id=refused.event_id,
+        traceparent=refused.traceparent,
+        user_id=refused.user_id,
+        model=refused.model,
+        reason="queue_full",
+        detail="the model's request queue was full; the submit was answered 503 and not accepted",
+    )
 
 
 class SubmitError(Exception):
@@ -45,6 +64,14 @@ class QuotaExceeded(SubmitError):
 
 class BrokerUnavailable(SubmitError):
     pass
+
+
+class QueueFull(SubmitError):
+    """The broker refused the request: the model's request queue is at its bound (MLP_MAX_QUEUED_PER_MODEL)."""
+
+    def __init__(self, model: str, detail: str) -> None:
+        super().__init__(detail)
+        self.model = model
 
 
 class IdempotencyConflict(SubmitError):
@@ -76,6 +103,8 @@ class OneOffTargets(Protocol):
     """Records a request's one-off webhook target before it is published (``webhooks.store.PostgresTargets``)."""
 
     async def remember(self, request_id: str, user_id: str, url: str) -> None: ...
+
+    async def forget(self, request_id: str) -> None: ...
 
 
 class PromptTokens(Protocol):
@@ -159,6 +188,25 @@ class SubmitService:
             await self._status_cache.forget(request_id)
             raise TargetUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
+    async def _forget_target(self, request_id: str) -> None:
+        # A request that was not accepted calls no webhook (its queue_full rejection, say); best effort.
+        if self._targets is None:
+            return
+        try:
+            await self._targets.forget(request_id)
+        except Exception as exc:
+            log.warning("request %s: not accepted, its webhook target not removed: %r", request_id, exc)
+
+    async def _withdraw(self, refused: InferenceRequested) -> None:
+        """End a refused request where it still arrived: a nack from the full requests queue does not undo the
+        copy the projections queue took, so the read model would keep it queued forever. Its rejection
+        (``queue_full``) reaches only the projections (and subscribers); best effort: a failure leaves a stream
+        without an outcome, which ``mlp reconcile`` reports."""
+        try:
+            await self._publisher.publish(queue_full_rejection(refused))
+        except PublishError as exc:
+            log.warning("request %s: refused (queue full), its rejection not published: %s", refused.request_id, exc)
+
     def _count(self, model: str, prompt: str) -> int | None:
         # Only a model with an input limit in tokens is counted, and only a prompt within the character limit.
         if self._tokens is None or len(prompt) > self._limits.max_prompt_chars:
@@ -219,8 +267,16 @@ class SubmitService:
                 await self._remember_target(request_id, user_id, webhook_url)
             try:
                 await self._publisher.publish(event)
+            except PublishRefused as exc:
+                await self._status_cache.forget(request_id)
+                if webhook_url is not None:
+                    await self._forget_target(request_id)  # before the rejection exists
+                await self._withdraw(event)
+                raise QueueFull(model, str(exc)) from exc
             except PublishError as exc:
                 await self._status_cache.forget(request_id)
+                if webhook_url is not None:
+                    await self._forget_target(request_id)
                 raise BrokerUnavailable(str(exc)) from exc
         except BaseException:
             if idempotency_key is not None:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import aiormq
 import aiormq.exceptions
 from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.schemas.queue import QueueType
@@ -31,6 +32,17 @@ from mlp.trace_context import within_trace_of
 
 class PublishError(RuntimeError):
     """The broker did not confirm a publish (down, nacked, returned as unroutable, or timed out)."""
+
+
+class PublishRefused(PublishError):
+    """The broker refused the publish (``basic.nack``): a queue it routes to is at its bound.
+
+    RabbitMQ's nack carries no reason. In this topology a queue nacks when its ``max-length`` is reached
+    (``overflow: reject-publish``, the requests queues' bound: events.topology.requests_bound_policy), or, far
+    rarer, when a quorum queue has lost its majority and cannot take writes; "retry later" is the answer to
+    both. The message still reached every other queue it was routed to (the projections queue among them).
+    A timeout or a lost connection is not a refusal: the broker may have taken the message (PublishError).
+    """
 
 
 class TopologyMissingError(RuntimeError):
@@ -144,6 +156,14 @@ async def _verify_topology(broker: RabbitBroker, models: Sequence[str]) -> None:
             raise TopologyMissingError(f"queue {spec.name} does not exist: {exc}") from exc
 
 
+def is_nack(exc: BaseException) -> bool:
+    """True when ``exc`` is the broker's ``basic.nack`` of a confirmed publish (aiormq raises it as a
+    DeliveryError carrying the Nack frame; a returned, unroutable message is another error)."""
+    return isinstance(exc, aiormq.exceptions.DeliveryError) and isinstance(
+        getattr(exc, "frame", None), aiormq.spec.Basic.Nack
+    )
+
+
 class EventPublisher:
     """Publishes domain events persistent, mandatory and confirmed; anything less raises PublishError."""
 
@@ -181,6 +201,8 @@ class EventPublisher:
                 )
         except Exception as exc:  # DeliveryError, ChannelClosed, AMQPError, timeouts, not connected
             what = f"{type(event).__name__} {event.request_id}"
+            if is_nack(exc):
+                raise PublishRefused(f"{what}: the broker refused it (basic.nack: a queue is full)") from exc
             raise PublishError(f"{what}: {type(exc).__name__}: {exc}") from exc
         if confirmation is not None and getattr(confirmation, "name", "Basic.Ack") != "Basic.Ack":
             raise PublishError(f"{type(event).__name__} {event.request_id}: broker answered {confirmation!r}")

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # so that it is a known setting.
     secrets_dir: str = ""
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # The broker's management API (http://user:password@host:15672), used only by `mlp policy` and `mlp up` to
+    # set the requests queues' bound; empty: rabbitmqctl on this machine.
+    rabbitmq_management_url: str = ""
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/mlp"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Prefix of every Redis key, so several platforms (or test runs) can share one server.
@@ -106,6 +109,9 @@ class Settings(BaseSettings):
     # right (the gateway in Kubernetes; honoured by the gateway).
     topology: Literal["declare", "verify"] = "declare"
     prefetch: int = Field(default=200, ge=1, le=1000)
+    # Ready messages a model's request queue may hold; past it the broker refuses (nacks) a publish and
+    # the gateway answers 503 queue_full. Applied as a RabbitMQ policy (events.topology.requests_bound_policy).
+    max_queued_per_model: int = Field(default=10_000, ge=1)
     # Triton calls a worker has in flight per model; requests arriving meanwhile form the next call's
     # batch (up to triton_max_batch rows). Two: one executing while the next is on its way.
     worker_concurrency: int = Field(default=2, ge=1)
@@ -113,6 +119,11 @@ class Settings(BaseSettings):
     # How long the collector waits after a batch's first event for more. Under load batches fill while
     # the previous write runs, so a short wait costs no throughput; a long one is pure latency at low load.
     collector_batch_wait_ms: int = Field(default=2, ge=0)
+    # What the collector may hold in memory while Redis is slow or away (its pod's limit is 512 Mi): the
+    # status cache backlog (at the bound the oldest updates are dropped and their entries resynced from
+    # Postgres) and the follow-up queue (quota commits shed, refusals wait). See docs/operations.md.
+    collector_backlog_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    collector_follow_up_max_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     graceful_timeout_s: float = Field(default=20.0, gt=0)
 
@@ -120,10 +131,11 @@ class Settings(BaseSettings):
     triton_timeout_s: float = Field(default=10.0, gt=0)
     triton_retries: int = Field(default=3, ge=0)
     triton_backoff_s: float = Field(default=0.2, gt=0)
-    # 0: the worker publishes InferenceStarted for every request, as it calls Triton. N > 0: only for an
-    # inference that has not answered within N ms; a faster one goes from queued to its outcome, is
+    # N > 0 (default 50): the worker publishes InferenceStarted only for an inference that has not
+    # answered within N ms; a faster one goes from queued to its outcome (which carries started_at), is
     # never seen running and costs one event less (a publish, a delivery, an event-store row).
-    started_event_after_ms: int = Field(default=0, ge=0)
+    # 0: InferenceStarted for every request, as it calls Triton.
+    started_event_after_ms: int = Field(default=50, ge=0)
     # Requests the worker sends to Triton in one call (those it has in hand in one loop turn); at most
     # the served models' max_batch_size (64 for the models in triton_models/).
     triton_max_batch: int = Field(default=64, ge=1)
@@ -131,6 +143,12 @@ class Settings(BaseSettings):
     # Quota defaults (plans in Postgres override them).
     default_plan: str = "free"
     reservation_ttl_s: int = Field(default=300, ge=1)
+    # How long a request's claim and its committed record live in Redis: they answer its redeliveries (the
+    # status cache, a day, answers a finished request's after that); a quota rebuild keeps its ledger snapshot
+    # as long. More than reservation_ttl_s (a claim outlives its hold).
+    quota_committed_ttl_s: int = Field(default=900, ge=2)
+    # The quota rebuild's lock: renewed every third of it while the rebuild runs; a dead rebuilder's expires.
+    quota_rebuild_lock_ttl_s: float = Field(default=30.0, gt=0)
 
     # Long-poll bound for GET /api/v1/inference/{id}?wait=.
     max_wait_s: float = Field(default=30.0, gt=0)
@@ -176,6 +194,12 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"not in the model registry (events/registry.py): {', '.join(unknown)}")
         return value
+
+    @model_validator(mode="after")
+    def _claims_outlive_holds(self) -> Settings:
+        if self.quota_committed_ttl_s <= self.reservation_ttl_s:
+            raise ValueError("MLP_QUOTA_COMMITTED_TTL_S must be more than MLP_RESERVATION_TTL_S")
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

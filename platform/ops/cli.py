@@ -25,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quota": ("ops.quota", "main", "show or set a user's quota plan and limits"),
     "keys": ("ops.keys", "main", "create, list, revoke or rotate API keys"),
     "webhooks": ("ops.webhooks", "main", "list webhook deliveries or replay failed ones"),
+    "policy": (
+        "ops.rabbitmq_policy",
+        "main",
+        "apply the requests queues' bound (MLP_MAX_QUEUED_PER_MODEL) as a policy",
+    ),
     "dlq": ("ops.dlq", "main", "list or re-drive dead-lettered messages"),
     "bench": ("ops.bench.main", "main", "benchmark the platform end to end"),
     "docs": ("ops.docs", "main", "generate, check or serve the event bus contract (AsyncAPI)"),

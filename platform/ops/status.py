@@ -172,6 +172,9 @@ def assess(status: Status) -> list[Problem]:
         elif not s.ready:
             failing = ", ".join(name for name, ok in s.checks.items() if not ok) or "not ready"
             found.append(Problem("critical", f"{s.name} not ready ({failing})"))
+        elif not all(s.checks.values()):  # ready on a fallback (mlp.health: a degradable dependency is down)
+            degraded = ", ".join(name for name, ok in s.checks.items() if not ok)
+            found.append(Problem("warning", f"{s.name} degraded ({degraded} down; serving on its fallback)"))
     if status.broker_error:
         found.append(Problem("critical", f"RabbitMQ: {status.broker_error}"))
     if status.database_error:

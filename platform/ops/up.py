@@ -34,6 +34,7 @@ from events.model import utc_now
 from events.registry import DEFAULT_MODELS, QUICKSTART_MODELS
 from ml_service.client import TritonClient
 from mlp.settings import ConfigurationError, Settings, get_settings
+from ops.rabbitmq_policy import PolicyError, apply_requests_bound
 from projections.migrate import migrate
 from tenancy.key_store import KeyStore
 from tenancy.keys import auth_mode, parse_bootstrap_keys, pepper_of, runs_open
@@ -303,6 +304,11 @@ async def run(settings: Settings, *, start_triton: bool | None, ready_timeout_s:
 
     applied = await migrate(settings.postgres_dsn)
     print(f"migrations: database {settings.redacted(settings.postgres_dsn)} up to date ({len(applied)} applied)")
+    try:  # the bound takes the policymaker tag: a broker whose user lacks it serves unbounded, said so here
+        route = apply_requests_bound(settings)
+        print(f"queues: at most {settings.max_queued_per_model} queued per model (RabbitMQ policy, {route})")
+    except PolicyError as exc:
+        print(f"mlp up: the requests queues are NOT bounded (`mlp policy` sets it): {exc}", file=sys.stderr)
     try:
         auth = await describe_auth(settings)
     except ConfigurationError as exc:  # production without a pepper: the services would refuse too

@@ -194,6 +194,10 @@ class PostgresTargets:
     async def remember(self, request_id: str, user_id: str, url: str) -> None:
         await remember_target(self._pool, request_id, user_id, url)
 
+    async def forget(self, request_id: str) -> None:
+        """A request that was not accepted after all (its publish failed): no webhook for it."""
+        await self._pool.execute("DELETE FROM webhook_request_targets WHERE request_id = $1", request_id)
+
 
 # --- the dispatcher's side: enqueue, claim, record ----------------------------------------------
 

@@ -82,7 +82,9 @@ GRANT USAGE ON SCHEMA public TO mlp_dispatcher;
 
 -- The gateway: the webhook routes (register, list, delete, the delivery log) and a submit's one-off target.
 GRANT SELECT, INSERT, DELETE ON webhooks TO mlp_gateway;
-GRANT SELECT, INSERT ON webhook_user_secrets, webhook_request_targets TO mlp_gateway;
+GRANT SELECT, INSERT ON webhook_user_secrets TO mlp_gateway;
+-- DELETE: a submit whose publish failed (not accepted) removes its one-off target again.
+GRANT SELECT, INSERT, DELETE ON webhook_request_targets TO mlp_gateway;
 GRANT SELECT ON webhook_deliveries TO mlp_gateway;
 -- The dispatcher: reads the targets, enqueues and works off deliveries; `mlp webhooks replay` runs as the owner.
 GRANT SELECT ON webhooks, webhook_request_targets, webhook_user_secrets TO mlp_dispatcher;

@@ -25,7 +25,7 @@ from projections.queries import get_request
 from projections.replay import replay
 from projections.sample_events import request_stream
 from quota.plans import day_window, month_window
-from quota.store import PostgresLedgerSource, daily_usage, fetch_limits
+from quota.store import PostgresLedgerSource, UsageTotals, daily_usage, fetch_limits
 from read_api.metrics_routes import token_rate
 from tests.support.postgres_roles import SERVICE_ROLES, login_users
 from webhooks import store as webhook_store
@@ -55,7 +55,12 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "mlp_collector": {"SELECT", "INSERT"},
         "mlp_read_api": {"SELECT"},
     },
-    "token_usage_daily": {"mlp_collector": {"SELECT", "INSERT", "UPDATE"}, "mlp_read_api": {"SELECT"}},
+    "token_usage_daily": {
+        "mlp_gateway": QUOTA_READS,  # the quota rebuild's per-window totals (0008)
+        "mlp_worker": QUOTA_READS,
+        "mlp_collector": {"SELECT", "INSERT", "UPDATE"},
+        "mlp_read_api": {"SELECT"},
+    },
     "quota_plans": {role: {"SELECT"} for role in QUOTA_ROLES},
     "user_quotas": {role: {"SELECT"} for role in QUOTA_ROLES},
     # The key store: read by both APIs (which record a key's last use); the gateway's admin routes write keys.
@@ -64,7 +69,7 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
     # one-off target; the dispatcher reads them and works off the delivery log.
     "webhooks": {"mlp_gateway": {"SELECT", "INSERT", "DELETE"}, "mlp_dispatcher": {"SELECT"}},
     "webhook_user_secrets": {"mlp_gateway": {"SELECT", "INSERT"}, "mlp_dispatcher": {"SELECT"}},
-    "webhook_request_targets": {"mlp_gateway": {"SELECT", "INSERT"}, "mlp_dispatcher": {"SELECT"}},
+    "webhook_request_targets": {"mlp_gateway": {"SELECT", "INSERT", "DELETE"}, "mlp_dispatcher": {"SELECT"}},
     "webhook_deliveries": {"mlp_gateway": {"SELECT"}, "mlp_dispatcher": {"SELECT", "INSERT", "UPDATE"}},
 }
 EXPECTED_COLUMN_GRANTS: dict[tuple[str, str], dict[str, set[str]]] = {
@@ -190,8 +195,16 @@ async def test_gateway_and_worker_read_the_quota_inputs_and_write_nothing(
     limits = await fetch_limits(pool, "roles-bob", "free")
     assert limits.plan == "free"
     now = datetime.now(UTC)
-    state = await PostgresLedgerSource(pool).ledger_state(day_window(now), month_window(now), now - timedelta(days=1))
-    assert "roles-bob" in {total.user_id for total in state.totals}
+    source = PostgresLedgerSource(pool)
+    users = {
+        row.user_id
+        async for batch in source.ledger_rows(day_window(now), month_window(now), now - timedelta(days=1))
+        if isinstance(batch, list)
+        for row in batch
+        if isinstance(row, UsageTotals)
+    }
+    assert "roles-bob" in users
+    assert await source.charged("roles-forged") is None  # the redelivery check reads the ledger too
 
     outcome = InferenceCompleted(
         event_id=str(uuid.uuid4()),

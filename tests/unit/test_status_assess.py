@@ -117,6 +117,12 @@ def test_critical_problems_make_it_unhealthy(change: object, problem: str) -> No
             lambda s: replace(s, quota=QuotaState(True, None, rebuilding=True)),
             "the quota counters are being rebuilt from the ledger",
         ),
+        (  # ready on a fallback (mlp.health): the read API without Redis
+            lambda s: replace(
+                s, services=[ServiceState("read-api", "http://ra", True, True, "0.1.0", {"redis": False})]
+            ),
+            "read-api degraded (redis down; serving on its fallback)",
+        ),
     ],
 )
 def test_warnings_are_shown_but_keep_it_healthy(change: object, problem: str) -> None:
