@@ -24,6 +24,7 @@ from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.settings import Settings
 from ops import webhooks as webhooks_cli
 from tests.support.apps import running
+from tests.support.isolation import isolated_namespace
 from tests.support.queues import drain_requests
 from tests.support.services import free_port
 from tests.support.waiting import eventually
@@ -427,3 +428,45 @@ async def test_the_guard_runs_again_at_delivery_time(receiver: WebhookReceiver) 
     assert result.error is not None
     assert "refused target" in result.error
     assert receiver.all() == []
+
+
+async def test_a_submit_refused_as_queue_full_leaves_no_webhook_target(keyed: Settings) -> None:
+    """The refused request's queue_full rejection still reaches the outcome queues (docs/bus.md); with its
+    one-off target removed before that rejection is published, it calls no webhook."""
+    import os
+
+    from ops.rabbitmq_policy import apply_requests_bound
+    from tests.support.rabbitmq_admin import MANAGEMENT_URL_VARIABLE
+
+    with isolated_namespace("whq") as ns:
+        settings = keyed.model_copy(
+            update={
+                "rabbitmq_url": ns.rabbitmq_url,
+                "redis_prefix": ns.redis_prefix,
+                "webhook_allow_private": True,
+                "max_queued_per_model": 1,
+                "rabbitmq_management_url": os.environ.get(MANAGEMENT_URL_VARIABLE, ""),
+            }
+        )
+        user = a_user()
+        body = {"prompt": "p", "user_id": user, "model": "basic-model", "webhook_url": "http://127.0.0.1:9/q"}
+        async with running(create_app(settings)) as api:
+            apply_requests_bound(settings)
+            accepted: list[str] = []
+
+            async def refused() -> bool:
+                response = await api.post("/api/v1/inference", json=body, headers=ADMIN)
+                if response.status_code == 202:
+                    accepted.append(response.json()["request_id"])
+                    return False
+                assert response.status_code == 503, response.text
+                assert response.json()["error"] == "queue_full"
+                return True
+
+            await eventually(refused, "a submit past the bound (the policy applies within moments)")
+        pool = await asyncpg.connect(settings.postgres_dsn)
+        try:
+            targets = await pool.fetch("SELECT request_id FROM webhook_request_targets WHERE user_id = $1", user)
+        finally:
+            await pool.close()
+        assert sorted(r["request_id"] for r in targets) == sorted(accepted)  # the refused one left none
