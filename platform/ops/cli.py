@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "up": ("ops.up", "main", "run everything locally: migrations, Triton and the four services"),
+    "up": ("ops.up", "main", "run everything locally: migrations, Triton and the five services"),
     "gateway": ("api_gateway.main", "main", "run the API gateway (HTTP :8080)"),
     "worker": ("ml_worker.main", "main", "run an ML worker (consumes requests, calls Triton)"),
     "collector": ("results_collector.main", "main", "run the results collector (projections)"),
