@@ -38,6 +38,8 @@ ErrorCode = Literal[
     "poison_message",
     "delivery_limit_exceeded",
     "internal_error",
+    # A dependency outage (Redis, Postgres, the broker) outlasted the request's last allowed delivery.
+    "transient_exhausted",
 ]
 
 
@@ -82,6 +84,9 @@ class InferenceRequested(Event, frozen=True, kw_only=True):
     # default): a request still queued then never runs, a running one has its Triton call cancelled.
     # None: no deadline. Bus publishers may set it too; the worker bounds it by the plan's max_timeout_s.
     deadline_at: datetime | None = None
+    # A one-off webhook target of this request's outcome (an HTTP submit's `webhook_url`, SSRF-checked
+    # by the gateway, which also records it for the webhook dispatcher; docs/http.md "Webhooks").
+    webhook_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # webhooks.ssrf.MAX_URL_CHARS
 
 
 class InferenceStarted(Event, frozen=True, kw_only=True):
@@ -97,6 +102,9 @@ class InferenceCompleted(Event, frozen=True, kw_only=True):
     latency_ms: Annotated[float, msgspec.Meta(ge=0)]
     # An embed model's answer (events.registry, task "embed"): the vector; None for a generate model.
     embedding: list[float] | None = None
+    # When the worker called Triton (InferenceStarted's occurred_at, published only for slow
+    # inferences): the read model's started_at for every request. None from publishers before it.
+    started_at: datetime | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -106,6 +114,7 @@ class InferenceCompleted(Event, frozen=True, kw_only=True):
 class InferenceFailed(Event, frozen=True, kw_only=True):
     error_code: ErrorCode
     error_message: str = ""
+    started_at: datetime | None = None  # when it was started on Triton; None if it never was
 
 
 class InferenceRejected(Event, frozen=True, kw_only=True):

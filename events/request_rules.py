@@ -58,6 +58,9 @@ RejectReason = Literal[
     # The request_id already names another request (another owner, event or content): refused to the
     # publisher only, never on the claimed request's stream (see ``publisher_request_id``).
     "duplicate_request_id",
+    # The model's request queue was at its bound (MLP_MAX_QUEUED_PER_MODEL): the broker refused the request,
+    # which the gateway answered 503 queue_full; the projections still received it, and this ends it there.
+    "queue_full",
 ]
 
 

@@ -10,10 +10,12 @@ A client can therefore bind its own queue to ``inference.completed.*.alice`` (on
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Final
 
 from events.model import (
+    TERMINAL_EVENTS,
     Event,
     InferenceCancelled,
     InferenceCompleted,
@@ -27,6 +29,7 @@ from events.model import (
 EVENTS_EXCHANGE: Final = "mlp.events"  # durable topic exchange carrying every domain event
 DEAD_LETTER_EXCHANGE: Final = "mlp.dead-letter"  # durable direct exchange; key = source queue name
 PROJECTIONS_QUEUE: Final = "mlp.projections"
+WEBHOOKS_QUEUE: Final = "mlp.webhooks"
 REQUESTS_QUEUE_PREFIX: Final = "mlp.requests."
 DLQ_SUFFIX: Final = ".dlq"
 # RabbitMQ 3.10 has no default delivery limit: without one a poison message loops forever.
@@ -61,6 +64,9 @@ class QueueSpec:
     binding_keys: tuple[str, ...]
     dead_letter_queue: str | None = None
     arguments: dict[str, str | int] = field(default_factory=dict)
+    # True: only the queue's consumer binds it (mlp.bus.declare_own_queue); the other services declare the
+    # queue and its DLQ but leave its bindings out, so their RabbitMQ users need no read on its binding keys.
+    consumer_binds: bool = False
 
 
 def _work_queue(name: str, binding_keys: tuple[str, ...]) -> QueueSpec:
@@ -91,6 +97,13 @@ def projections_queue() -> QueueSpec:
     return _work_queue(PROJECTIONS_QUEUE, ("inference.#",))
 
 
+def webhooks_queue() -> QueueSpec:
+    """The outcome events (every terminal event type of events.model), consumed by the webhook dispatcher,
+    which alone binds it (a worker's or collector's user may not bind outcome keys: docs/kubernetes.md)."""
+    keys = tuple(f"inference.{EVENT_KINDS[t]}.#" for t in TERMINAL_EVENTS)
+    return dataclasses.replace(_work_queue(WEBHOOKS_QUEUE, keys), consumer_binds=True)
+
+
 def dead_letter_queue(source: QueueSpec) -> QueueSpec:
     assert source.dead_letter_queue is not None
     return QueueSpec(
@@ -101,6 +114,44 @@ def dead_letter_queue(source: QueueSpec) -> QueueSpec:
     )
 
 
+# The requests queues' bound (MLP_MAX_QUEUED_PER_MODEL) is a policy, not a queue argument: RabbitMQ refuses to
+# redeclare a quorum queue with other arguments, and a policy changes on a live queue without a redeclare.
+REQUESTS_BOUND_POLICY: Final = "mlp-requests-bound"
+# Every model's request queue (model names: events.request_rules.MODEL_NAME_PATTERN), never its DLQ
+# (``mlp.requests.<model>.dlq``: a dot is outside the alphabet) nor any other queue.
+REQUESTS_BOUND_PATTERN: Final = r"^mlp\.requests\.[A-Za-z0-9_-]{1,64}$"
+# The highest-priority policy matching a queue is its only one (RabbitMQ applies one policy per queue, keys
+# are not merged): above the default 0, so an operator's catch-all policy does not drop the bound. Set
+# queue-wide keys (say a max-length-bytes) in this policy's definition too, or as an operator policy.
+REQUESTS_BOUND_PRIORITY: Final = 10
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """A RabbitMQ policy of one vhost: ``rabbitmqctl set_policy -p VHOST --apply-to queues --priority P NAME
+    PATTERN DEFINITION`` (or PUT /api/policies/VHOST/NAME on the management API)."""
+
+    name: str
+    pattern: str
+    definition: dict[str, str | int]
+    priority: int = 0
+    apply_to: str = "queues"
+
+
+def requests_bound_policy(max_queued: int) -> QueuePolicy:
+    """Each model's request queue holds at most ``max_queued`` ready messages; a publish past it is refused
+    (``basic.nack`` to a confirming publisher), never dropped. RabbitMQ 3.10 quorum queues support both keys
+    (``overflow`` drop-head or reject-publish); unacknowledged (in-flight) messages do not count."""
+    if max_queued < 1:
+        raise ValueError(f"max_queued must be at least 1, got {max_queued}")
+    return QueuePolicy(
+        name=REQUESTS_BOUND_POLICY,
+        pattern=REQUESTS_BOUND_PATTERN,
+        definition={"max-length": max_queued, "overflow": "reject-publish"},
+        priority=REQUESTS_BOUND_PRIORITY,
+    )
+
+
 def all_queues(models: tuple[str, ...]) -> list[QueueSpec]:
-    work = [projections_queue(), *(requests_queue(m) for m in models)]
+    work = [projections_queue(), webhooks_queue(), *(requests_queue(m) for m in models)]
     return work + [dead_letter_queue(q) for q in work]

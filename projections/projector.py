@@ -124,7 +124,7 @@ def project(event: Event) -> list[Write]:
             return [replace(base, started_at=event.occurred_at, reserved_tokens=event.reserved_tokens)]
         case InferenceCompleted():
             return [
-                replace(base, finished_at=event.occurred_at),
+                replace(base, started_at=event.started_at, finished_at=event.occurred_at),
                 RecordResult(
                     request_id=event.request_id,
                     completion=event.completion,
@@ -151,6 +151,7 @@ def project(event: Event) -> list[Write]:
                     base,
                     error_code=event.error_code,
                     error_message=event.error_message,
+                    started_at=event.started_at,
                     finished_at=event.occurred_at,
                 )
             ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+import asyncpg
 from fastapi import Depends, Request
 
 from api_gateway.cancel import CancelService
@@ -12,6 +13,16 @@ from api_gateway.submit import SubmitService
 from mlp.settings import Settings
 from tenancy.authenticator import Authenticator
 from tenancy.key_store import KeyStore
+from webhooks.ssrf import TargetGuard
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDeps:
+    """What the webhook routes and a submit's ``webhook_url`` need: the store's pool and the SSRF guard."""
+
+    pool: asyncpg.Pool
+    guard: TargetGuard
+    max_per_user: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +31,7 @@ class GatewayDeps:
     submit: SubmitService
     authenticator: Authenticator  # read by tenancy.http's CallerDep
     cancel: CancelService
+    webhooks: WebhookDeps
 
     @property
     def keys(self) -> KeyStore:
@@ -51,8 +63,13 @@ def authenticator_of(request: Request) -> Authenticator:
     return get_deps(request).authenticator
 
 
+def webhooks_of(request: Request) -> WebhookDeps:
+    return get_deps(request).webhooks
+
+
 SettingsDep = Annotated[Settings, Depends(settings_of)]
 SubmitDep = Annotated[SubmitService, Depends(submit_of)]
 CancelDep = Annotated[CancelService, Depends(cancel_of)]
 KeyStoreDep = Annotated[KeyStore, Depends(keys_of)]
 AuthenticatorDep = Annotated[Authenticator, Depends(authenticator_of)]
+WebhooksDep = Annotated[WebhookDeps, Depends(webhooks_of)]

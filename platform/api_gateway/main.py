@@ -9,15 +9,15 @@ from datetime import datetime
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from api_gateway import keys_routes
+from api_gateway import keys_routes, webhook_routes
 from api_gateway.cancel import CancelService
-from api_gateway.deps import GatewayDeps
+from api_gateway.deps import GatewayDeps, WebhookDeps
 from api_gateway.routes import count_invalid_body, count_refused_auth, router
 from api_gateway.schemas import document_limits
 from api_gateway.submit import SubmitService, SubmitSettings
 from events.model import utc_now
 from ml_service.tokens import TokenCounter
-from mlp import telemetry
+from mlp import metrics, telemetry
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.cache import create_redis
 from mlp.db import create_pool
@@ -30,8 +30,15 @@ from tenancy.authenticator import Authenticator
 from tenancy.http import AuthRefused
 from tenancy.key_store import KeyStore
 from tenancy.keys import pepper_of
+from webhooks.ssrf import TargetGuard
+from webhooks.store import PostgresTargets
 
 SERVICE = "api-gateway"
+# Readiness (mlp.health): the gateway serves through a Postgres outage (the last known limits and key answers,
+# quota.service and tenancy.authenticator), never without the broker (nothing can be accepted) nor without
+# Redis (every admission is one Redis script: rate window, first status, request claim; there is no fallback,
+# so submits would answer 503 dependency_unavailable anyway).
+DEGRADABLE = ("postgres",)
 
 
 def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> FastAPI:
@@ -40,6 +47,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
     tel = telemetry.setup_telemetry(SERVICE, settings)
     telemetry.instrument_clients(tel)  # before the Redis client exists
     broker = make_broker(settings, middlewares=telemetry.broker_middlewares(tel), app_id=SERVICE)
+    guard = TargetGuard(allow_private=settings.webhook_allow_private)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,11 +70,15 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
                 redis_client,
                 status_cache,
                 TokenCounter(settings.model_specs()),
+                targets=PostgresTargets(pool),
             ),
             authenticator=authenticator,
             cancel=CancelService(publisher, quota, status_cache, status_keys, pool),
+            webhooks=WebhookDeps(pool, guard, settings.webhook_max_per_user),
         )
         app.state.readiness = dependency_checks(broker=broker, pool=pool, redis_client=redis_client)
+        for model in settings.models:  # the bound the policy applies (ops.rabbitmq_policy), shown in /metrics
+            metrics.QUEUE_MAX_LENGTH.labels(model=model).set(settings.max_queued_per_model)
         try:
             yield
         finally:
@@ -76,9 +88,10 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
             await pool.close()
             tel.shutdown()
 
-    app = service_app("inference-platform gateway", lifespan, tel)
+    app = service_app("inference-platform gateway", lifespan, tel, degradable=DEGRADABLE)
     app.include_router(router)
     app.include_router(keys_routes.router)
+    app.include_router(webhook_routes.router)
     app.add_exception_handler(RequestValidationError, count_invalid_body)
     app.add_exception_handler(AuthRefused, count_refused_auth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

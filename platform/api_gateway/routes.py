@@ -11,15 +11,17 @@ from fastapi.responses import JSONResponse, Response
 from msgspec import json as msgspec_json
 
 from api_gateway.cancel import CancelUnavailable
-from api_gateway.deps import CancelDep, SettingsDep, SubmitDep
+from api_gateway.deps import CancelDep, SettingsDep, SubmitDep, WebhooksDep
 from api_gateway.idempotency import IDEMPOTENCY_KEY_PATTERN
 from api_gateway.schemas import InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
     BrokerUnavailable,
     IdempotencyConflict,
+    QueueFull,
     QuotaExceeded,
     RequestRefused,
     StateUnavailable,
+    TargetUnavailable,
 )
 from events.request_rules import REQUEST_ID_PATTERN
 from mlp import metrics, telemetry
@@ -27,6 +29,7 @@ from mlp.http_errors import error_response, error_responses, validation_error
 from projections.queries import RequestView
 from quota.ledger import QuotaUnavailable
 from tenancy.http import AuthRefused, CallerDep, refusal_response
+from webhooks.ssrf import UnsafeTarget
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -46,12 +49,16 @@ _SUBMIT_ERRORS = error_responses(
         422: "invalid input (the detail names the field and the rule), an unknown model, or max_tokens over"
         " the user's plan limit per request",
         429: "the user's quota or request rate is spent; retry after the Retry-After header's seconds",
-        503: "the request could not be queued or its quota checked; it was NOT accepted",
+        503: "the request could not be queued (`queue_full`: the model's queue is at its bound;"
+        " `broker_unavailable`) or its quota checked; it was NOT accepted. Retry after the Retry-After"
+        " header's seconds",
     },
 )
 
 
 SUBMIT_PATH = "/api/v1/inference"
+# A full queue drains at the workers' pace: a few seconds before a retry, not at once.
+QUEUE_FULL_RETRY_AFTER_S = 5
 
 
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -90,6 +97,7 @@ async def submit_inference(
     service: SubmitDep,
     settings: SettingsDep,
     caller: CallerDep,
+    webhooks: WebhooksDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -102,6 +110,11 @@ async def submit_inference(
     user_id = caller.submits_as(body.user_id)
     if user_id is None:  # never let one user spend another's quota
         return _refused("forbidden", 403, "forbidden", "user_id in the body does not match the API key's user")
+    if body.webhook_url is not None:
+        try:
+            await webhooks.guard.check(body.webhook_url)
+        except UnsafeTarget as exc:
+            return _refused("invalid_webhook_url", 422, "invalid_request", f"webhook_url: {exc}")
     try:
         accepted = await service.submit(
             user_id=user_id,
@@ -112,6 +125,7 @@ async def submit_inference(
             trace_id=telemetry.current_trace_id(),
             traceparent=telemetry.current_traceparent(),
             timeout_s=body.timeout_s,
+            webhook_url=body.webhook_url,
         )
     except RequestRefused as exc:  # counted by the rule's reason: unknown_model, prompt_too_large, ...
         return _refused(exc.rejection.reason, 422, "invalid_request", exc.rejection.message)
@@ -124,9 +138,20 @@ async def submit_inference(
         return _refused("quota_exceeded", 429, error, exc.admission.detail, {"Retry-After": retry})
     except IdempotencyConflict as exc:
         return _refused("idempotency_conflict", 409, "idempotency_conflict", str(exc), {"Retry-After": "1"})
+    except QueueFull as exc:  # the broker's nack: the bound (docs/bus.md, "Backpressure"), not an outage
+        detail = (
+            f"the request queue of model {exc.model} is full (at most {settings.max_queued_per_model} queued);"
+            " the request was not accepted, retry later"
+        )
+        headers = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
+        return _refused("queue_full", 503, "queue_full", detail, headers)
     except BrokerUnavailable:
         detail = "the request could not be queued; it was not accepted"
         return _refused("publish_failed", 503, "broker_unavailable", detail, {"Retry-After": "5"})
+    except TargetUnavailable as exc:
+        log.warning("submit refused, the webhook target could not be recorded: %r", exc)
+        detail = "the request's webhook_url could not be recorded now; the request was not accepted"
+        return _refused("webhook_unavailable", 503, "dependency_unavailable", detail, {"Retry-After": "5"})
     except (QuotaUnavailable, StateUnavailable) as exc:  # quota cannot be checked (Redis down or rebuilding)
         log.warning("submit refused, quota unavailable: %r", exc)
         detail = "the quota could not be checked now; the request was not accepted"

@@ -17,6 +17,7 @@ from events.request_rules import (
 from mlp.http_errors import ErrorBody as ErrorBody  # the shared error body, where the gateway's routes name it
 from mlp.settings import Settings
 from quota.plans import DEFAULT_MAX_TIMEOUT_S
+from webhooks.ssrf import MAX_URL_CHARS
 
 # The request rules' alphabets and bounds (events.request_rules), so the OpenAPI document shows them.
 UserId = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
@@ -47,6 +48,9 @@ class InferenceSubmit(BaseModel):
         ]
         | None
     ) = None
+    # A one-off webhook of this request's outcome, signed with the user's signing secret
+    # (GET /api/v1/webhooks/signing-secret); SSRF-checked here (docs/http.md "Webhooks").
+    webhook_url: Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)] | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal
 
+import msgspec
+
 from events import control
 from events.model import (
     CancelCause,
@@ -182,9 +184,10 @@ def expired_before_start(request: InferenceRequested, now: datetime) -> Outcome 
     return expired_outcome(request) if control.is_expired(request.deadline_at, now) else None
 
 
-def decide_outcome(request: InferenceRequested, result: RunOutcome, *, started_at: datetime | None = None) -> Outcome:
+def decide_outcome(request: InferenceRequested, result: RunOutcome, started_at: datetime | None = None) -> Outcome:
     """Triton answered (or gave up, or its call was stopped): commit the actual tokens, or release the
-    reservation. ``started_at``: when the request started running (for a stopped call's event)."""
+    reservation. ``started_at``: when the inference started (the outcome carries it: InferenceStarted may
+    not exist)."""
     match result:
         case Stopped(why="cancelled", cause=cause):
             return cancelled_outcome(request, cause=cause, started_at=started_at)
@@ -193,6 +196,7 @@ def decide_outcome(request: InferenceRequested, result: RunOutcome, *, started_a
         case Succeeded():
             event = InferenceCompleted(
                 **envelope(request),
+                started_at=started_at,
                 completion=result.text,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
@@ -201,13 +205,43 @@ def decide_outcome(request: InferenceRequested, result: RunOutcome, *, started_a
             )
             return Outcome(quota=Commit(event.total_tokens), event=event)
         case TritonFailed():
-            return Outcome(quota=Release(), event=failed(request, result.error_code, result.message))
+            event_failed = msgspec.structs.replace(
+                failed(request, result.error_code, result.message), started_at=started_at
+            )
+            return Outcome(quota=Release(), event=event_failed)
 
 
 def delivery_limit_outcome(request: InferenceRequested, error: str) -> Outcome:
     """The last allowed delivery failed unexpectedly: the request ends failed, the message goes to the DLQ."""
     message = f"gave up after {DELIVERY_LIMIT + 1} deliveries: {error}"
     return Outcome(quota=Release(), event=failed(request, "delivery_limit_exceeded", message))
+
+
+def transient_outcome(request: InferenceRequested, count: int, cause: str) -> Outcome | None:
+    """A try could not finish for a transient cause (a dependency outage past the in-process retries, or a
+    shutdown): None to requeue it (a later delivery may succeed); on the last allowed delivery, where a
+    requeue would dead-letter it with no outcome, the failure it ends with, naming the cause."""
+    if not is_last_delivery(count):
+        return None
+    message = f"a transient failure outlasted {DELIVERY_LIMIT + 1} deliveries: {cause}"
+    return Outcome(quota=Release(), event=failed(request, "transient_exhausted", message))
+
+
+# What the last delivery publishes, given the release's answer (quota.ledger.ReleaseResult.outcome):
+# released: the request's hold was freed (or it had none), the failure is its outcome; conflict: the id names
+# another request, only its publisher hears (``duplicate_request_id``); committed or none: the request had
+# already ended (charged, or failed/refused earlier, its outcome kept with the claim): no second outcome, the
+# message is dead-lettered and ``mlp dlq replay`` answers it again with the kept one.
+LastDeliveryAction = Literal["publish", "answer_publisher", "dead_letter"]
+
+
+def last_delivery_action(released: str) -> LastDeliveryAction:
+    match released:
+        case "released":
+            return "publish"
+        case "conflict":
+            return "answer_publisher"
+    return "dead_letter"
 
 
 def delivery_count(headers: Mapping[str, Any]) -> int:

@@ -1,9 +1,13 @@
 """The requests-queue handler: decode, ask the pure decisions, apply them, then ack.
 
 Ack discipline (manual): a message is acked only after its outcome event was confirmed by
-the broker; an unconfirmed publish or a dependency outage retries in process, a bug requeues
-the message until its last allowed delivery, which publishes ``InferenceFailed`` and
-dead-letters it. A shutdown only ever requeues (``ml_worker.drain``).
+the broker; an unconfirmed publish or a dependency outage retries in process, then requeues; a bug
+requeues at once. On the last allowed delivery (``x-delivery-count``, events.topology.DELIVERY_LIMIT),
+where a requeue would dead-letter it with no outcome, whatever the cause (a bug, an outage that outlasted
+every delivery, a shutdown) the request ends ``InferenceFailed`` with the cause (``delivery_limit_exceeded``,
+``transient_exhausted``), its hold released (never a charged request: see ``_end_on_last_delivery``), and
+the message is dead-lettered. When not even that can be recorded, the message still falls into the DLQ,
+logged, for ``mlp dlq replay``. Before the last delivery a shutdown only ever requeues (``ml_worker.drain``).
 
 Request identity (docs/bus.md): every event on a request's stream follows its claim. The
 reservation claims the request id for the message (owner, event_id, content digest) and answers
@@ -15,6 +19,7 @@ publisher alone (``duplicate_request_id`` on a fresh id in its namespace).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -212,6 +217,20 @@ class RequestHandler:
         finally:
             self.in_flight.pop(task, None)
 
+    async def give_back(self, message: RabbitMessage) -> None:
+        """A delivery a shutdown could not finish in time (``ml_worker.main.Worker.drain``): requeued, or on its
+        last delivery, where the requeue would dead-letter it with no outcome, ended failed like any other cause."""
+        delivery = _delivery(message)
+        count = decide.delivery_count(delivery.headers)
+        parsed = parse(delivery, self._max_body)
+        # (a cancel command has no outcome to end with: requeued like an invalid message)
+        if isinstance(parsed, Invalid | CancelRequest) or not decide.is_last_delivery(count):
+            with contextlib.suppress(Exception):  # a closed channel requeues it anyway
+                await message.nack(requeue=True)
+            return
+        with bind_request_id(parsed.request_id):
+            await self._after_transient(message, parsed, count, "the worker was shutting down")
+
     async def _handle(self, message: RabbitMessage) -> None:
         delivery = _delivery(message)
         count = decide.delivery_count(delivery.headers)
@@ -232,12 +251,11 @@ class RequestHandler:
                 await self._process(message, parsed, attempt=count + 1)
                 return
             except Draining:
-                await _requeue(message, self._model_label(parsed.model))
+                await self._after_transient(message, parsed, count, "the worker was shutting down")
                 return
             except TRANSIENT_ERRORS as exc:
                 if self.draining.is_set() or tries == TRANSIENT_MAX_TRIES or _channel_closed(message):
-                    log.warning("request %s: %s; requeueing", parsed.request_id, _describe(exc))
-                    await _requeue(message, self._model_label(parsed.model))
+                    await self._after_transient(message, parsed, count, _describe(exc))
                     return
                 delay = TRANSIENT_BACKOFF.delay(tries - 1)
                 log.warning("request %s: %s; retrying in %.1fs", parsed.request_id, _describe(exc), delay)
@@ -544,21 +562,62 @@ class RequestHandler:
         if not decide.is_last_delivery(count):
             await _requeue(message, self._model_label(request.model))
             return
-        outcome = decide.delivery_limit_outcome(request, _describe(exc))
-        event: decide.Terminal = with_worker_traceparent(outcome.event)
-        try:
-            event = await self._release(request, event)
-            await self._deps.publisher.publish(event)
-            record_outcome(event)
-        except Exception:
-            # Not even the failure could be recorded: the broker dead-letters the message on
-            # this return; `mlp dlq replay` re-drives it once the cause is fixed.
-            log.exception("request %s: could not publish its failure", request.request_id)
+        await self._end_on_last_delivery(message, request, decide.delivery_limit_outcome(request, _describe(exc)))
+
+    async def _after_transient(
+        self, message: RabbitMessage, request: InferenceRequested, count: int, cause: str
+    ) -> None:
+        """A try that could not finish for a transient cause: requeued, or on the last delivery ended failed."""
+        outcome = decide.transient_outcome(request, count, cause)
+        if outcome is None:
+            log.warning("request %s: %s; requeueing (delivery %d)", request.request_id, cause, count + 1)
             await _requeue(message, self._model_label(request.model))
             return
-        _count_outcome(self._model_label(request.model), event, request.occurred_at)
-        await message.reject(requeue=False)
-        REDELIVERIES.labels(self._model_label(request.model), "dead_letter").inc()
+        log.warning("request %s: %s on its last delivery; it ends failed", request.request_id, cause)
+        await self._end_on_last_delivery(message, request, outcome)
+
+    async def _end_on_last_delivery(
+        self, message: RabbitMessage, request: InferenceRequested, outcome: Outcome
+    ) -> None:
+        """The request's failure on its last delivery, charged correctly, then the dead-letter.
+
+        The release answers whether the request may end so (decide.last_delivery_action): a committed request
+        (its result was recorded and charged) or one that ended before keeps its outcome and gets no second
+        one; ``mlp dlq replay`` re-drives it and the worker answers with the kept outcome, never Triton again.
+        """
+        label = self._model_label(request.model)
+        event: decide.Terminal = with_worker_traceparent(outcome.event)
+        try:
+            released = await self._deps.quota.release(
+                request.request_id, outcome=encode_event(event), user_id=request.user_id, claim=claim_of(request)
+            )
+            match decide.last_delivery_action(released.outcome):
+                case "publish":
+                    await self._deps.publisher.publish(event)
+                    record_outcome(event)
+                    _count_outcome(label, event, request.occurred_at)
+                case "answer_publisher":
+                    rejection = duplicate_rejection(request)
+                    await self._deps.publisher.publish(rejection)
+                    _count_outcome(label, rejection, request.occurred_at)
+                case "dead_letter":
+                    log.warning(
+                        "request %s had already ended (%s); dead-lettered, `mlp dlq replay` answers it again",
+                        request.request_id,
+                        released.outcome,
+                    )
+        except Exception:
+            # Not even the failure could be recorded (Redis or the broker down): the broker dead-letters the
+            # message on this return, never silently; `mlp dlq replay` re-drives it once the cause is fixed.
+            log.exception("request %s: its failure could not be recorded; left to the DLQ", request.request_id)
+            await _requeue(message, label)
+            REDELIVERIES.labels(label, "dead_letter").inc()
+            return
+        try:
+            await message.reject(requeue=False)
+        except Exception as exc:  # channel gone: the broker returns it, past its limit, to the DLQ itself
+            log.warning("reject of %s failed (%s); the broker dead-letters it", message.message_id, _describe(exc))
+        REDELIVERIES.labels(label, "dead_letter").inc()
 
     def _count(self, request: InferenceRequested) -> int | None:
         if self._prompt_tokens is None or len(request.prompt) > self._limits.max_prompt_chars:

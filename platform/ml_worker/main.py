@@ -94,8 +94,8 @@ class Worker:
         for subscriber in self.subscribers:
             await subscriber.stop()
         for message in leftovers.values():
-            with contextlib.suppress(Exception):  # a closed channel requeues them anyway
-                await message.nack(requeue=True)
+            # requeued; a last delivery ends failed instead of falling silently into the DLQ
+            await handler.give_back(message)
         if leftovers:
             log.warning("requeued %d messages not finished within the graceful timeout", len(leftovers))
 

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import aiormq
 import aiormq.exceptions
 from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.schemas.queue import QueueType
@@ -21,6 +22,7 @@ from events.topology import (
     EVENTS_EXCHANGE,
     QueueSpec,
     all_queues,
+    dead_letter_queue,
     routing_key,
 )
 from mlp import telemetry
@@ -30,6 +32,17 @@ from mlp.trace_context import within_trace_of
 
 class PublishError(RuntimeError):
     """The broker did not confirm a publish (down, nacked, returned as unroutable, or timed out)."""
+
+
+class PublishRefused(PublishError):
+    """The broker refused the publish (``basic.nack``): a queue it routes to is at its bound.
+
+    RabbitMQ's nack carries no reason. In this topology a queue nacks when its ``max-length`` is reached
+    (``overflow: reject-publish``, the requests queues' bound: events.topology.requests_bound_policy), or, far
+    rarer, when a quorum queue has lost its majority and cannot take writes; "retry later" is the answer to
+    both. The message still reached every other queue it was routed to (the projections queue among them).
+    A timeout or a lost connection is not a refusal: the broker may have taken the message (PublishError).
+    """
 
 
 class TopologyMissingError(RuntimeError):
@@ -105,9 +118,26 @@ async def declare_topology(broker: RabbitBroker, models: Sequence[str], *, verif
     dead_letters = await broker.declare_exchange(DEAD_LETTERS)
     for spec in all_queues(tuple(models)):
         queue = await broker.declare_queue(rabbit_queue(spec))
+        if spec.consumer_binds:
+            continue  # its consumer binds it (declare_own_queue)
         exchange = events if spec.exchange == EVENTS_EXCHANGE else dead_letters
         for key in spec.binding_keys:
             await queue.bind(exchange, routing_key=key)
+
+
+async def declare_own_queue(broker: RabbitBroker, spec: QueueSpec) -> None:
+    """A consumer's start-up for a queue it alone binds (``QueueSpec.consumer_binds``): the exchanges, the
+    queue with every binding, its DLQ. Nothing else of the topology (the other services declare that)."""
+    events = await broker.declare_exchange(EVENTS)
+    dead_letters = await broker.declare_exchange(DEAD_LETTERS)
+    queue = await broker.declare_queue(rabbit_queue(spec))
+    for key in spec.binding_keys:
+        await queue.bind(events if spec.exchange == EVENTS_EXCHANGE else dead_letters, routing_key=key)
+    if spec.dead_letter_queue is not None:
+        dlq = dead_letter_queue(spec)
+        dead = await broker.declare_queue(rabbit_queue(dlq))
+        for key in dlq.binding_keys:
+            await dead.bind(dead_letters, routing_key=key)
 
 
 async def _verify_topology(broker: RabbitBroker, models: Sequence[str]) -> None:
@@ -124,6 +154,14 @@ async def _verify_topology(broker: RabbitBroker, models: Sequence[str]) -> None:
             await broker.declare_queue(rabbit_queue(spec, declare=False))
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise TopologyMissingError(f"queue {spec.name} does not exist: {exc}") from exc
+
+
+def is_nack(exc: BaseException) -> bool:
+    """True when ``exc`` is the broker's ``basic.nack`` of a confirmed publish (aiormq raises it as a
+    DeliveryError carrying the Nack frame; a returned, unroutable message is another error)."""
+    return isinstance(exc, aiormq.exceptions.DeliveryError) and isinstance(
+        getattr(exc, "frame", None), aiormq.spec.Basic.Nack
+    )
 
 
 class EventPublisher:
@@ -163,6 +201,8 @@ class EventPublisher:
                 )
         except Exception as exc:  # DeliveryError, ChannelClosed, AMQPError, timeouts, not connected
             what = f"{type(event).__name__} {event.request_id}"
+            if is_nack(exc):
+                raise PublishRefused(f"{what}: the broker refused it (basic.nack: a queue is full)") from exc
             raise PublishError(f"{what}: {type(exc).__name__}: {exc}") from exc
         if confirmation is not None and getattr(confirmation, "name", "Basic.Ack") != "Basic.Ack":
             raise PublishError(f"{type(event).__name__} {event.request_id}: broker answered {confirmation!r}")

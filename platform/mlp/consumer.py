@@ -73,6 +73,9 @@ class Consumer:
     health: HealthAddress
     resources: Resources
     drain: Callable[[], Awaitable[None]]
+    # What the service declares before it consumes; None: the whole topology (mlp.bus.declare_topology).
+    # The webhook dispatcher declares only its own queue (mlp.bus.declare_own_queue).
+    declare: Callable[[RabbitBroker], Awaitable[None]] | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -83,7 +86,10 @@ class Consumer:
                 async with health_server(self.health.host, self.health.port, all_checks):
                     try:
                         await self.broker.connect()
-                        await declare_topology(self.broker, self.models)
+                        if self.declare is None:
+                            await declare_topology(self.broker, self.models)
+                        else:
+                            await self.declare(self.broker)
                         await self.broker.start()
                         log.info("%s %s consuming %s", self.service, _instance(), ", ".join(self._queues()))
                         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import uvicorn
@@ -86,12 +86,14 @@ def native_telemetry(enabled: bool) -> TelemetryConfig | None:
     return None if enabled else {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
 
-def service_app(title: str, lifespan: Callable[[FastAPI], Any], tel: Telemetry) -> FastAPI:
+def service_app(
+    title: str, lifespan: Callable[[FastAPI], Any], tel: Telemetry, *, degradable: Collection[str] = ()
+) -> FastAPI:
     """A FastAPI service with what every HTTP service has: health/readiness/metrics routes (checks from
-    ``app.state.readiness``, set by the lifespan), one error body shape for every refusal
-    (``mlp.http_errors``) and server spans when telemetry is on."""
+    ``app.state.readiness``, set by the lifespan; ``degradable``: those it serves without, see mlp.health),
+    one error body shape for every refusal (``mlp.http_errors``) and server spans when telemetry is on."""
     app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, telemetry=native_telemetry(tel.enabled))
-    add_health_routes(app, lifespan_checks(app))
+    add_health_routes(app, lifespan_checks(app), degradable=degradable)
     install_error_handlers(app)
     instrument_fastapi(app, tel)
     return app

@@ -40,9 +40,23 @@ REQUESTS_ACCEPTED: Final = Counter(
 REQUESTS_REJECTED: Final = Counter(
     "mlp_requests_rejected",
     "Inference requests refused by the gateway, by reason (quota_exceeded, invalid_request, "
-    "unknown_model, prompt_too_large, max_tokens_too_large, publish_failed, quota_unavailable; "
+    "unknown_model, prompt_too_large, max_tokens_too_large, publish_failed, queue_full, quota_unavailable; "
     "unauthorized, forbidden, auth_unavailable: the API key's checks).",
     ["reason"],
+)
+QUEUE_MAX_LENGTH: Final = Gauge(
+    "mlp_queue_max_length",
+    "The bound of each model's request queue (MLP_MAX_QUEUED_PER_MODEL, a RabbitMQ policy): past it a submit "
+    "answers 503 queue_full.",
+    ["model"],
+)
+
+# --- every service with dependencies --------------------------------------------------------------
+DEPENDENCY_UP: Final = Gauge(
+    "mlp_dependency_up",
+    "1 when the dependency answered the last readiness check, else 0 (a required one makes the service "
+    "unready; a degraded one has a fallback).",
+    ["dependency"],
 )
 
 # --- worker --------------------------------------------------------------------------------------

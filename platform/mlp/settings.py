@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # so that it is a known setting.
     secrets_dir: str = ""
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # The broker's management API (http://user:password@host:15672), used only by `mlp policy` and `mlp up` to
+    # set the requests queues' bound; empty: rabbitmqctl on this machine.
+    rabbitmq_management_url: str = ""
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/mlp"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Prefix of every Redis key, so several platforms (or test runs) can share one server.
@@ -80,6 +83,25 @@ class Settings(BaseSettings):
     health_host: str = "127.0.0.1"
     collector_health_port: int = 8082
     worker_health_port: int = 8083
+    dispatcher_health_port: int = 8084
+
+    # Webhooks (docs/http.md "Webhooks"; the dispatcher: docs/operations.md "Webhook dispatcher").
+    # true: targets on private, loopback and link-local addresses may be called (local development and
+    # tests only; refused in production).
+    webhook_allow_private: bool = False
+    webhook_max_per_user: int = Field(default=10, ge=1, le=1000)
+    # One attempt: connect + send + the answer, at most this long; the answer's body is read up to
+    # webhook_max_response_bytes and otherwise ignored. Redirects are not followed (a 3xx is a failure).
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    webhook_max_response_bytes: int = Field(default=65_536, ge=0)
+    # Retries: exponential backoff with jitter (mlp.backoff) from base to cap, for the retry window (at
+    # least 24 h in production), then the delivery is marked failed (`mlp webhooks replay` re-drives it).
+    webhook_backoff_base_s: float = Field(default=5.0, gt=0)
+    webhook_backoff_cap_s: float = Field(default=3600.0, gt=0)
+    webhook_retry_window_s: float = Field(default=86_400.0, gt=0)
+    # The delivery loop: how often it looks for due deliveries when idle, and how many it sends at once.
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    webhook_concurrency: int = Field(default=16, ge=1, le=512)
 
     # Messaging.
     # declare: create the exchanges, queues and bindings at start-up (idempotent; any service may start
@@ -87,6 +109,9 @@ class Settings(BaseSettings):
     # right (the gateway in Kubernetes; honoured by the gateway).
     topology: Literal["declare", "verify"] = "declare"
     prefetch: int = Field(default=200, ge=1, le=1000)
+    # Ready messages a model's request queue may hold; past it the broker refuses (nacks) a publish and
+    # the gateway answers 503 queue_full. Applied as a RabbitMQ policy (events.topology.requests_bound_policy).
+    max_queued_per_model: int = Field(default=10_000, ge=1)
     # Triton calls a worker has in flight per model; requests arriving meanwhile form the next call's
     # batch (up to triton_max_batch rows). Two: one executing while the next is on its way.
     worker_concurrency: int = Field(default=2, ge=1)
@@ -94,6 +119,11 @@ class Settings(BaseSettings):
     # How long the collector waits after a batch's first event for more. Under load batches fill while
     # the previous write runs, so a short wait costs no throughput; a long one is pure latency at low load.
     collector_batch_wait_ms: int = Field(default=2, ge=0)
+    # What the collector may hold in memory while Redis is slow or away (its pod's limit is 512 Mi): the
+    # status cache backlog (at the bound the oldest updates are dropped and their entries resynced from
+    # Postgres) and the follow-up queue (quota commits shed, refusals wait). See docs/operations.md.
+    collector_backlog_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    collector_follow_up_max_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     graceful_timeout_s: float = Field(default=20.0, gt=0)
 
@@ -101,10 +131,11 @@ class Settings(BaseSettings):
     triton_timeout_s: float = Field(default=10.0, gt=0)
     triton_retries: int = Field(default=3, ge=0)
     triton_backoff_s: float = Field(default=0.2, gt=0)
-    # 0: the worker publishes InferenceStarted for every request, as it calls Triton. N > 0: only for an
-    # inference that has not answered within N ms; a faster one goes from queued to its outcome, is
+    # N > 0 (default 50): the worker publishes InferenceStarted only for an inference that has not
+    # answered within N ms; a faster one goes from queued to its outcome (which carries started_at), is
     # never seen running and costs one event less (a publish, a delivery, an event-store row).
-    started_event_after_ms: int = Field(default=0, ge=0)
+    # 0: InferenceStarted for every request, as it calls Triton.
+    started_event_after_ms: int = Field(default=50, ge=0)
     # Requests the worker sends to Triton in one call (those it has in hand in one loop turn); at most
     # the served models' max_batch_size (64 for the models in triton_models/).
     triton_max_batch: int = Field(default=64, ge=1)
@@ -112,6 +143,12 @@ class Settings(BaseSettings):
     # Quota defaults (plans in Postgres override them).
     default_plan: str = "free"
     reservation_ttl_s: int = Field(default=300, ge=1)
+    # How long a request's claim and its committed record live in Redis: they answer its redeliveries (the
+    # status cache, a day, answers a finished request's after that); a quota rebuild keeps its ledger snapshot
+    # as long. More than reservation_ttl_s (a claim outlives its hold).
+    quota_committed_ttl_s: int = Field(default=900, ge=2)
+    # The quota rebuild's lock: renewed every third of it while the rebuild runs; a dead rebuilder's expires.
+    quota_rebuild_lock_ttl_s: float = Field(default=30.0, gt=0)
 
     # Long-poll bound for GET /api/v1/inference/{id}?wait=.
     max_wait_s: float = Field(default=30.0, gt=0)
@@ -159,9 +196,21 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _claims_outlive_holds(self) -> Settings:
+        if self.quota_committed_ttl_s <= self.reservation_ttl_s:
+            raise ValueError("MLP_QUOTA_COMMITTED_TTL_S must be more than MLP_RESERVATION_TTL_S")
+        return self
+
+    @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:
         if self.environment == "development":
             return self
+        if self.environment == "production" and self.webhook_allow_private:
+            raise ValueError("MLP_WEBHOOK_ALLOW_PRIVATE=true is for development and tests; production refuses it")
+        if self.environment == "production" and self.webhook_retry_window_s < 86_400:
+            raise ValueError(
+                "MLP_WEBHOOK_RETRY_WINDOW_S is under 24 h; production retries deliveries for a day at least"
+            )
         for name in ("rabbitmq_url", "postgres_dsn", "redis_url"):
             password = urlsplit(getattr(self, name)).password or ""
             if any(p in password.lower() for p in _PLACEHOLDERS):

@@ -13,16 +13,23 @@ from collections.abc import Callable, Sequence
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "up": ("ops.up", "main", "run everything locally: migrations, Triton and the four services"),
+    "up": ("ops.up", "main", "run everything locally: migrations, Triton and the five services"),
     "gateway": ("api_gateway.main", "main", "run the API gateway (HTTP :8080)"),
     "worker": ("ml_worker.main", "main", "run an ML worker (consumes requests, calls Triton)"),
     "collector": ("results_collector.main", "main", "run the results collector (projections)"),
     "api": ("read_api.main", "main", "run the read API (HTTP :8081)"),
+    "dispatcher": ("webhook_dispatcher.main", "main", "run the webhook dispatcher (signed deliveries)"),
     "triton": ("ops.triton", "main", "run the local Triton server on triton_models/"),
     "migrate": ("ops.migrate", "main", "apply database migrations (creates the database)"),
     "replay": ("ops.replay", "main", "rebuild the read models and Redis state from the event store"),
     "quota": ("ops.quota", "main", "show or set a user's quota plan and limits"),
     "keys": ("ops.keys", "main", "create, list, revoke or rotate API keys"),
+    "webhooks": ("ops.webhooks", "main", "list webhook deliveries or replay failed ones"),
+    "policy": (
+        "ops.rabbitmq_policy",
+        "main",
+        "apply the requests queues' bound (MLP_MAX_QUEUED_PER_MODEL) as a policy",
+    ),
     "dlq": ("ops.dlq", "main", "list or re-drive dead-lettered messages"),
     "bench": ("ops.bench.main", "main", "benchmark the platform end to end"),
     "docs": ("ops.docs", "main", "generate, check or serve the event bus contract (AsyncAPI)"),

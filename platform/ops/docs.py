@@ -133,6 +133,10 @@ FIELD_DESCRIPTIONS: Final[dict[str, str]] = {
     "max_tokens": "Most tokens to generate (1..MLP_MAX_TOKENS_LIMIT, 4096 by default); embed models ignore it.",
     "source": 'Where the request came from; publishers on the bus set "bus".',
     "trace_id": "Trace id of the submit (set by the gateway).",
+    "webhook_url": (
+        "A one-off webhook of the request's outcome (an HTTP submit's webhook_url, docs/http.md); on the bus it is"
+        " recorded, not called."
+    ),
     "completion": "The generated text (empty for an embed model).",
     "embedding": (
         "An embed model's answer: the vector (e.g. 384 floats of unit L2 norm for all-minilm-l6-v2, rounded to "

@@ -376,7 +376,12 @@ async def rebuild_counters(client: redis.Redis, settings: Settings, now: datetim
     assert pool is not None
     try:
         ledger = RedisLedger(
-            client, settings.redis_prefix, PostgresLedgerSource(pool), reservation_ttl_s=settings.reservation_ttl_s
+            client,
+            settings.redis_prefix,
+            PostgresLedgerSource(pool),
+            reservation_ttl_s=settings.reservation_ttl_s,
+            committed_ttl_s=settings.quota_committed_ttl_s,
+            lock_ttl_s=settings.quota_rebuild_lock_ttl_s,
         )
         await client.delete(ledger.keys.built)
         await ledger.ensure_built(now)

@@ -35,7 +35,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from events.model import TERMINAL_EVENTS
-from events.topology import DLQ_SUFFIX, PROJECTIONS_QUEUE, all_queues
+from events.topology import DLQ_SUFFIX, PROJECTIONS_QUEUE, WEBHOOKS_QUEUE, all_queues
 from mlp.cache import create_redis
 from mlp.settings import Settings, get_settings
 from quota.ledger import QuotaKeys
@@ -174,6 +174,9 @@ def assess(status: Status) -> list[Problem]:
         elif not s.ready:
             failing = ", ".join(name for name, ok in s.checks.items() if not ok) or "not ready"
             found.append(Problem("critical", f"{s.name} not ready ({failing})"))
+        elif not all(s.checks.values()):  # ready on a fallback (mlp.health: a degradable dependency is down)
+            degraded = ", ".join(name for name, ok in s.checks.items() if not ok)
+            found.append(Problem("warning", f"{s.name} degraded ({degraded} down; serving on its fallback)"))
     if status.broker_error:
         found.append(Problem("critical", f"RabbitMQ: {status.broker_error}"))
     if status.database_error:
@@ -186,6 +189,8 @@ def assess(status: Status) -> list[Problem]:
             found.append(Problem("critical", f"queue {q.name} does not exist (nothing declared the topology)"))
         elif q.dead_letters and q.messages:
             found.append(Problem("warning", f"{q.messages} dead-lettered message(s) in {q.name} (mlp dlq list)"))
+        elif not q.dead_letters and q.consumers == 0 and q.name == WEBHOOKS_QUEUE and not q.messages:
+            continue  # bound by the dispatcher alone: empty and unconsumed, webhooks are not in use (yet)
         elif not q.dead_letters and q.consumers == 0:
             found.append(Problem("critical", f"queue {q.name} has no consumer ({q.messages} message(s) waiting)"))
     if p.stalled:

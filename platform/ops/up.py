@@ -1,9 +1,10 @@
 """``mlp up``: the whole platform on one machine, in one command.
 
 Checks that RabbitMQ, PostgreSQL and Redis answer (and says how to start the one that does not),
-applies migrations, starts Triton (unless one already answers) and the four services as child
-processes with prefixed output, waits until each is ready, prints where everything runs, and on
-Ctrl-C stops them all in order (gateway first, so nothing new is accepted while the rest drains).
+applies migrations, starts Triton (unless one already answers) and the five services (the webhook
+dispatcher too) as child processes with prefixed output, waits until each is ready, prints where
+everything runs, and on Ctrl-C stops them all in order (gateway first, so nothing new is accepted
+while the rest drains).
 
 It serves ``MLP_MODELS`` when that is set, else the registry's quick-start models (``basic-model``
 and the real embedding model ``all-minilm-l6-v2``); without the ``models`` extra installed (PyTorch
@@ -33,6 +34,7 @@ from events.model import utc_now
 from events.registry import DEFAULT_MODELS, QUICKSTART_MODELS
 from ml_service.client import TritonClient
 from mlp.settings import ConfigurationError, Settings, get_settings
+from ops.rabbitmq_policy import PolicyError, apply_requests_bound
 from projections.migrate import migrate
 from tenancy.key_store import KeyStore
 from tenancy.keys import auth_mode, parse_bootstrap_keys, pepper_of, runs_open
@@ -234,6 +236,7 @@ def plan(settings: Settings, start_triton: bool) -> list[Child]:
     children += [
         Child("collector", [*mlp, "collector"], f"{health}:{settings.collector_health_port}/readyz"),
         Child("worker", [*mlp, "worker"], f"{health}:{settings.worker_health_port}/readyz"),
+        Child("dispatcher", [*mlp, "dispatcher"], f"{health}:{settings.dispatcher_health_port}/readyz"),
         Child("read-api", [*mlp, "api"], f"http://{settings.read_api_host}:{settings.read_api_port}/readyz"),
         Child("gateway", [*mlp, "gateway"], f"http://{settings.gateway_host}:{settings.gateway_port}/readyz"),
     ]
@@ -263,6 +266,7 @@ def _summary(settings: Settings, children: list[Child], tracing: dict[str, str],
         f"  collector  http://{settings.health_host}:{settings.collector_health_port}/metrics",
         f"  worker     http://{settings.health_host}:{settings.worker_health_port}/metrics   models: "
         + ", ".join(settings.models),
+        f"  webhooks   http://{settings.health_host}:{settings.dispatcher_health_port}/metrics   (the dispatcher)",
         f"  triton     grpc {settings.triton_url}"
         + (f"   (log {TRITON_LOG})" if any(c.name == "triton" for c in children) else "   (already running)"),
         f"  tracing    {_tracing_summary(tracing)}",
@@ -300,6 +304,11 @@ async def run(settings: Settings, *, start_triton: bool | None, ready_timeout_s:
 
     applied = await migrate(settings.postgres_dsn)
     print(f"migrations: database {settings.redacted(settings.postgres_dsn)} up to date ({len(applied)} applied)")
+    try:  # the bound takes the policymaker tag: a broker whose user lacks it serves unbounded, said so here
+        route = apply_requests_bound(settings)
+        print(f"queues: at most {settings.max_queued_per_model} queued per model (RabbitMQ policy, {route})")
+    except PolicyError as exc:
+        print(f"mlp up: the requests queues are NOT bounded (`mlp policy` sets it): {exc}", file=sys.stderr)
     try:
         auth = await describe_auth(settings)
     except ConfigurationError as exc:  # production without a pepper: the services would refuse too

@@ -4,6 +4,14 @@ Redis is the fast copy; Postgres ``token_usage`` is the truth. When the ``built`
 missing (Redis restarted or the keys were flushed), every script answers NOT_BUILT and the
 caller rebuilds the counters from the ledger under a lock before anything else is reserved,
 committed, released or admitted. See :mod:`quota.scripts` for the key layout.
+
+The rebuild stays flat: it restores the per-window totals (one row per user, from the daily
+aggregate) and the open reservations, streamed in chunks, and no record per charged request. It
+keeps its Postgres snapshot instead, as long as a committed record lives: meanwhile a reservation
+or a commit of a request Redis has no record of answers VERIFY, and the ledger says whether that
+request was charged (then its record is adopted as committed, and charged once if the rebuild did
+not count it). Its lock is renewed while it runs, and each of its writes is fenced by the lock's
+token: a rebuild that lost its lock writes nothing more.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol, cast
@@ -27,13 +35,16 @@ from projections.status_cache import QueuedStatus
 from quota import scripts
 from quota.plans import LimitName, Limits, QuotaError, Window, day_window, month_window, to_ms
 from quota.script_pipeline import ScriptPipeline
-from quota.store import LedgerState
+from quota.store import ChargedRequest, LedgerBatch, LedgerSnapshot, OpenReservation, UsageTotals
 
 log = logging.getLogger(__name__)
 
 # How long a committed request stays known, so a redelivery never charges it twice; every claim (the
-# record of who named a request, in any state) lives as long, so an ended request never runs again.
-COMMITTED_TTL_S = 86_400
+# record of who named a request, in any state) lives as long, so an ended request never runs again
+# (after that the status cache, which lives a day, still answers a finished request's redelivery).
+# Only a request's redeliveries need it: minutes (MLP_QUOTA_COMMITTED_TTL_S).
+COMMITTED_TTL_S = 900
+LOCK_TTL_S = 30.0
 # The largest outcome event kept with a claim (a redelivery is answered with it); a bigger one is not kept,
 # and the redelivery is then acknowledged without work (its outcome was published: the commit came first).
 MAX_OUTCOME_BYTES = 1_048_576
@@ -42,9 +53,10 @@ WINDOW_GRACE_S = 3_600
 # The user's reservation keys outlive their last reservation by this much (a late commit still finds them;
 # the request's own record, its claim, lives COMMITTED_TTL_S).
 RECORD_GRACE_MS = 3_600_000
-_PIPELINE_CHUNK = 1_000
-# Committed records restored per script call by a rebuild (4 arguments each).
+# Rows restored per fenced script call by a rebuild.
 _RESTORE_CHUNK = 1_000
+# Leftover keys cleared per fenced script call by a rebuild.
+_CLEAR_CHUNK = 5_000
 
 
 class QuotaUnavailable(QuotaError):
@@ -52,14 +64,44 @@ class QuotaUnavailable(QuotaError):
 
 
 class LedgerSource(Protocol):
-    async def ledger_state(self, day: Window, month: Window, charged_since: datetime) -> LedgerState: ...
+    def ledger_rows(self, day: Window, month: Window, open_since: datetime) -> AsyncGenerator[LedgerBatch, None]:
+        """The snapshot first, then the totals and the open reservations in chunks (quota.store)."""
+        ...
+
+    async def charged(self, request_id: str) -> ChargedRequest | None: ...
 
 
 class EmptyLedgerSource:
     """A ledger with nothing in it (benchmarks, fresh installations)."""
 
-    async def ledger_state(self, day: Window, month: Window, charged_since: datetime) -> LedgerState:
-        return LedgerState([], [], [])
+    async def ledger_rows(self, day: Window, month: Window, open_since: datetime) -> AsyncGenerator[LedgerBatch, None]:
+        yield LedgerSnapshot(0, 0, frozenset())
+
+    async def charged(self, request_id: str) -> ChargedRequest | None:
+        return None
+
+
+class _LockLost(QuotaError):
+    """A fenced write of the rebuild was refused: another process holds the lock now."""
+
+
+@dataclass(slots=True)
+class RebuildStats:
+    """What one rebuild read and wrote: rows per kind (what stays flat), fenced script calls."""
+
+    totals: int = 0
+    open: int = 0
+    cleared: int = 0
+    writes: int = 0
+    lock_renewals: int = 0
+
+    def count(self, batch: LedgerBatch) -> None:
+        if isinstance(batch, LedgerSnapshot) or not batch:
+            return
+        if isinstance(batch[0], UsageTotals):
+            self.totals += len(batch)
+        else:
+            self.open += len(batch)
 
 
 class QuotaKeys:
@@ -178,7 +220,7 @@ class RedisLedger:
         reservation_ttl_s: float,
         committed_ttl_s: int = COMMITTED_TTL_S,
         rebuild_timeout_s: float = 30.0,
-        lock_ttl_s: float = 30.0,
+        lock_ttl_s: float = LOCK_TTL_S,
     ) -> None:
         self._redis = client
         self.keys = QuotaKeys(redis_prefix)
@@ -195,9 +237,14 @@ class RedisLedger:
         self._cancel = client.register_script(scripts.CANCEL)
         self._snapshot = client.register_script(scripts.SNAPSHOT)
         self._admit = client.register_script(scripts.ADMIT)
+        self._adopt = client.register_script(scripts.ADOPT_COMMITTED)
         self._finish = client.register_script(scripts.FINISH_REBUILD)
-        self._restore_committed = client.register_script(scripts.RESTORE_COMMITTED)
+        self._fenced_unlink = client.register_script(scripts.FENCED_UNLINK)
+        self._fenced_totals = client.register_script(scripts.FENCED_RESTORE_TOTALS)
+        self._fenced_open = client.register_script(scripts.FENCED_RESTORE_OPEN)
+        self._renew_lock = client.register_script(scripts.RENEW_LOCK)
         self._release_lock = client.register_script(scripts.RELEASE_LOCK)
+        self.last_rebuild: RebuildStats | None = None  # what this process's last rebuild read and wrote
         # The hot scripts (admit, reserve, commit, ...) of concurrent callers share pipelines (group commit).
         self._scripts = ScriptPipeline(client)
 
@@ -228,8 +275,9 @@ class RedisLedger:
             raise ValueError("tokens must be >= 0")
         day, month = day_window(now), month_window(now)
         now_ms = to_ms(now)
-        reply = await self._run(
+        reply = await self._run_verified(
             self._reserve,
+            request_id,
             [
                 request_id,
                 user_id,
@@ -279,8 +327,9 @@ class RedisLedger:
         the request; any other answer: the request id is not this message's to end."""
         now_ms = to_ms(now)
         day, month = day_window(now), month_window(now)
-        reply = await self._run(
+        reply = await self._run_verified(
             self._reserve,
+            request_id,
             [
                 request_id,
                 user_id,
@@ -322,8 +371,9 @@ class RedisLedger:
         if actual_tokens < 0:
             raise ValueError("actual_tokens must be >= 0")
         day, month = day_window(now), month_window(now)
-        reply = await self._run(
+        reply = await self._run_verified(
             self._commit,
+            request_id,
             [
                 request_id,
                 actual_tokens,
@@ -463,12 +513,31 @@ class RedisLedger:
 
     async def _rebuild_locked(self, token: str, now: datetime) -> bool:
         day, month = day_window(now), month_window(now)
+        stats = RebuildStats()
         metrics.QUOTA_REBUILD_IN_PROGRESS.inc()
+        renewal = asyncio.create_task(self._keep_lock(token, stats), name="quota-rebuild-lock")
+        snapshot: LedgerSnapshot | None = None
         try:
-            state = await self._source.ledger_state(day, month, now - timedelta(seconds=self._committed_ttl_s))
-            await self._clear_counters()
-            await self._write_state(state, day, month, now)
-            done = bool(await self._finish(args=[self.keys.base, token, now.isoformat()]))
+            await self._clear_counters(token, stats)
+            open_since = now - timedelta(milliseconds=self._reservation_ttl_ms)
+            async with contextlib.aclosing(self._source.ledger_rows(day, month, open_since)) as rows:
+                async for batch in rows:
+                    stats.count(batch)
+                    if isinstance(batch, LedgerSnapshot):
+                        snapshot = batch
+                    elif batch and isinstance(batch[0], UsageTotals):
+                        await self._restore_totals(token, batch, day, month, now, stats)
+                    elif batch:
+                        await self._restore_open(token, cast(list[OpenReservation], batch), now, stats)
+            if snapshot is None:
+                raise QuotaUnavailable("the usage ledger gave no snapshot")
+            done = bool(
+                await self._finish(
+                    args=[self.keys.base, token, now.isoformat(), snapshot.text(), self._committed_ttl_s * 1000]
+                )
+            )
+        except _LockLost:
+            done = False  # another process took the lock over: it rebuilds; nothing more was written here
         except BaseException as exc:
             metrics.QUOTA_REBUILDS.labels(outcome="failed").inc()
             # Let the next caller try at once instead of waiting for the lock to expire.
@@ -479,78 +548,102 @@ class RedisLedger:
             # asyncpg/OS errors: the truth cannot be read now.
             raise QuotaUnavailable(f"cannot read the usage ledger: {type(exc).__name__}: {exc}") from exc
         finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
             metrics.QUOTA_REBUILD_IN_PROGRESS.dec()
-        # Not done: this rebuild outlived its lock and did not take effect (another process may redo it).
+            self.last_rebuild = stats
+        # Not done: this rebuild lost its lock and did not take effect (another process redoes it).
         metrics.QUOTA_REBUILDS.labels(outcome="done" if done else "failed").inc()
         if done:
             log.warning(
-                "quota counters rebuilt from the ledger: %d users, %d charged requests, %d open reservations",
-                len(state.totals),
-                len(state.charged),
-                len(state.open),
+                "quota counters rebuilt from the ledger: %d users' totals, %d open reservations, %d keys cleared",
+                stats.totals,
+                stats.open,
+                stats.cleared,
             )
         return done
 
-    async def _clear_counters(self) -> None:
+    async def _keep_lock(self, token: str, stats: RebuildStats) -> None:
+        """Renew the rebuild lock every third of its TTL while the rebuild runs; stop once it is lost
+        (the fenced writes then refuse, and the rebuild gives up)."""
+        while True:
+            await asyncio.sleep(self._lock_ttl_ms / 3000)
+            try:
+                renewed = await self._renew_lock(args=[self.keys.base, token, self._lock_ttl_ms])
+            except RedisError as exc:
+                log.warning("quota rebuild: cannot renew the lock (%s); retrying", exc)
+                continue
+            if not renewed:
+                log.warning("quota rebuild: the lock was taken over; this rebuild stops at its next write")
+                return
+            stats.lock_renewals += 1
+
+    async def _fenced(self, script: AsyncScript, token: str, args: Sequence[Any], stats: RebuildStats) -> int:
+        result = int(await script(args=[self.keys.base, token, *args]))
+        stats.writes += 1
+        if result < 0:
+            raise _LockLost("the quota rebuild lock is not this rebuild's any more")
+        return result
+
+    async def _clear_counters(self, token: str, stats: RebuildStats) -> None:
         # Leftovers (if only the marker was lost) must not add to the rebuilt values.
-        # Large SCAN pages and UNLINK (freed off Redis's main thread): a day of records is ~10^5 keys.
+        # Large SCAN pages and UNLINK (freed off Redis's main thread).
         batch: list[str] = []
         async for key in self._redis.scan_iter(match=self.keys.pattern(), count=10_000):
-            name = _text(key)
-            if name != self.keys.lock:
-                batch.append(name)
-            if len(batch) >= 5_000:
-                await self._redis.unlink(*batch)
+            batch.append(_text(key))
+            if len(batch) >= _CLEAR_CHUNK:
+                stats.cleared += await self._fenced(self._fenced_unlink, token, batch, stats)
                 batch.clear()
         if batch:
-            await self._redis.unlink(*batch)
+            stats.cleared += await self._fenced(self._fenced_unlink, token, batch, stats)
 
-    async def _write_state(self, state: LedgerState, day: Window, month: Window, now: datetime) -> None:
-        k = self.keys
-        now_ms = to_ms(now)
-        day_ttl, month_ttl = _window_ttl_s(day, now), _window_ttl_s(month, now)
-        commands: list[tuple[Any, ...]] = []
-        for t in state.totals:
-            commands.append(("SET", k.used_month(t.user_id, month.id), t.month_tokens, "EX", month_ttl))
-            if t.day_tokens:
-                commands.append(("SET", k.used_day(t.user_id, day.id), t.day_tokens, "EX", day_ttl))
-        committed_ttl_ms = self._committed_ttl_s * 1000
-        # The claims of charged requests come back with them (owner and charge; the outcome event is not in
-        # the ledger: a redelivery is then acknowledged without work). Other claims (admitted, refused,
-        # failed) are not in Postgres and are lost with Redis (docs/bus.md, "Request identity").
-        committed: list[Any] = []
-        for c in state.charged:
-            ttl = committed_ttl_ms - (now_ms - to_ms(c.occurred_at))
-            if ttl > 0:
-                committed += (c.request_id, c.user_id, c.total_tokens, ttl)
-        last_expiry: dict[str, int] = {}
-        for r in state.open:
-            started_ms = to_ms(r.started_at) if r.started_at is not None else now_ms
-            expires = started_ms + self._reservation_ttl_ms
-            if expires <= now_ms:
-                continue  # that worker's hold would have expired by now
-            rec = k.record(r.request_id)
-            commands.append(("HSET", rec, "s", "reserved", "u", r.user_id, "t", r.reserved_tokens, "e", expires))
-            commands.append(("PEXPIRE", rec, expires - now_ms + RECORD_GRACE_MS))
-            commands.append(("ZADD", k.reservations(r.user_id), expires, r.request_id))
-            commands.append(("HSET", k.amounts(r.user_id), r.request_id, r.reserved_tokens))
-            commands.append(("INCRBY", k.reserved_sum(r.user_id), r.reserved_tokens))
-            last_expiry[r.user_id] = max(expires, last_expiry.get(r.user_id, 0))
-        for user_id, expires in last_expiry.items():
-            ttl = expires - now_ms + RECORD_GRACE_MS
-            for key in (k.reservations(user_id), k.amounts(user_id), k.reserved_sum(user_id)):
-                commands.append(("PEXPIRE", key, ttl))
-        await self._pipeline(commands)
+    async def _restore_totals(
+        self, token: str, totals: list[UsageTotals], day: Window, month: Window, now: datetime, stats: RebuildStats
+    ) -> None:
+        head = [day.id, month.id, _window_ttl_s(day, now), _window_ttl_s(month, now)]
+        for i in range(0, len(totals), _RESTORE_CHUNK):
+            flat = [v for t in totals[i : i + _RESTORE_CHUNK] for v in (t.user_id, t.day_tokens, t.month_tokens)]
+            await self._fenced(self._fenced_totals, token, [*head, *flat], stats)
+
+    async def _restore_open(
+        self, token: str, reservations: list[OpenReservation], now: datetime, stats: RebuildStats
+    ) -> None:
+        flat = open_reservation_args(reservations, to_ms(now), self._reservation_ttl_ms)
         step = 4 * _RESTORE_CHUNK
-        for i in range(0, len(committed), step):
-            await self._restore_committed(args=[k.base, *committed[i : i + step]])
+        for i in range(0, len(flat), step):
+            await self._fenced(self._fenced_open, token, [to_ms(now), RECORD_GRACE_MS, *flat[i : i + step]], stats)
 
-    async def _pipeline(self, commands: Sequence[tuple[Any, ...]]) -> None:
-        for i in range(0, len(commands), _PIPELINE_CHUNK):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for command in commands[i : i + _PIPELINE_CHUNK]:
-                    pipe.execute_command(*command)
-                await pipe.execute()
+    async def _verify(self, request_id: str, snapshot: str, now: datetime) -> None:
+        """VERIFY: Redis has no record of the request since a rebuild; the ledger says whether it was charged.
+        Charged: its record is adopted as committed (and the charge counted once, when the rebuild's
+        snapshot did not hold the row)."""
+        try:
+            row = await self._source.charged(request_id)
+        except QuotaError:
+            raise
+        except Exception as exc:  # asyncpg/OS errors: the truth cannot be read now
+            raise QuotaUnavailable(f"cannot read the usage ledger: {type(exc).__name__}: {exc}") from exc
+        if row is None:
+            return
+        counted = LedgerSnapshot.parse(snapshot).counts(row.xmin)
+        day, month = day_window(row.occurred_at), month_window(row.occurred_at)
+        await self._run(
+            self._adopt,
+            [
+                request_id,
+                row.user_id,
+                row.total_tokens,
+                "" if counted else "1",
+                day.id,
+                month.id,
+                _window_ttl_s(day, now),
+                _window_ttl_s(month, now),
+                self._committed_ttl_s * 1000,
+                to_ms(now),
+            ],
+            now,
+        )
 
     async def cancel(
         self,
@@ -586,6 +679,14 @@ class RedisLedger:
 
     # --- plumbing -------------------------------------------------------------------------------
 
+    async def _run_verified(self, script: AsyncScript, request_id: str, args: list[Any], now: datetime) -> list[str]:
+        """Run a script that may answer VERIFY (its last argument: verified or not): verify, then run it again."""
+        reply = await self._run(script, [*args, ""], now)
+        if reply[0] != "VERIFY":
+            return reply
+        await self._verify(request_id, reply[1], now)
+        return await self._run(script, [*args, "1"], now)
+
     async def _run(self, script: AsyncScript, args: list[Any], now: datetime) -> list[str]:
         for _ in range(3):
             try:
@@ -597,6 +698,17 @@ class RedisLedger:
                 return reply
             await self.ensure_built(now)
         raise QuotaUnavailable("quota counters were lost again while rebuilding")
+
+
+def open_reservation_args(reservations: Sequence[OpenReservation], now_ms: int, reservation_ttl_ms: int) -> list[Any]:
+    """FENCED_RESTORE_OPEN's groups (request_id, user, tokens, expires_ms) for the holds still live. Pure."""
+    flat: list[Any] = []
+    for r in reservations:
+        started_ms = to_ms(r.started_at) if r.started_at is not None else now_ms
+        expires = started_ms + reservation_ttl_ms
+        if expires > now_ms:  # else that worker's hold would have expired by now
+            flat += (r.request_id, r.user_id, r.reserved_tokens, expires)
+    return flat
 
 
 def _reserve_result(reply: list[str]) -> ReserveResult:

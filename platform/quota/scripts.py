@@ -4,7 +4,12 @@ Key layout under ``P = <settings.redis_prefix>quota:`` (built inside the scripts
 this targets a standalone Redis or one shard, which is what the platform runs):
 
   P..'built'                 marker: the counters were built from the Postgres ledger (no TTL)
-  P..'rebuild-lock'          SET NX lock held while one process rebuilds
+  P..'rebuild-lock'          SET NX lock held while one process rebuilds (renewed while it runs; every write of
+                             the rebuild checks that it still holds it: the FENCED scripts)
+  P..'ledger-snapshot'       the last rebuild's Postgres snapshot (quota.store.LedgerSnapshot), kept as long as
+                             a committed record lives: while it exists, a request without a record may have been
+                             charged before Redis lost its data, and RESERVE and COMMIT answer VERIFY (the caller
+                             asks the ledger, then ADOPT_COMMITTED records the charge, or it calls again, verified)
   P..'rq:'..request_id       hash: the request's claim and reservation (docs/bus.md, "Request identity"):
                              s=state (admitted|claimed|reserved|committed|released|refused), u=owner (user),
                              x=a cancel was asked for while it was reserved (CANCEL),
@@ -119,6 +124,14 @@ local function rpm_take(user, now_ms, limit)
   return true, 0, count
 end
 
+-- A rebuild's snapshot is kept: a request without a record may have been charged before the rebuild
+-- (the ledger knows, not Redis): the caller asks it first (VERIFY), then calls again, verified.
+local function unverified()
+  local snap = redis.call('GET', P .. 'ledger-snapshot')
+  if snap then return {'VERIFY', snap} end
+  return nil
+end
+
 local function charge(user, tokens, day_id, month_id, day_ttl, month_ttl)
   local d = P .. 'ud:' .. user .. ':' .. day_id
   local m = P .. 'um:' .. user .. ':' .. month_id
@@ -164,9 +177,10 @@ end
 
 # ARGV: P, request_id, user, tokens, now_ms, expires_ms, day_id, month_id, day_limit, month_limit,
 #       grace_ms, claim_ttl_ms, status_key ('' = none), event_id, digest, refusal ('' = none),
-#       rpm_limit ('' = this caller does not count requests)
+#       rpm_limit ('' = this caller does not count requests), verified ('' = not yet: see VERIFY)
 # -> {'GRANTED', tokens} | {'ALREADY', tokens} | {'DONE', state, charged, outcome} | {'FINISHED'}
-#    | {'REFUSED', limit_or_reason, retry_ms} | {'CONFLICT'} | {'CANCELLING', tokens} | {'NOT_BUILT'}
+#    | {'REFUSED', limit_or_reason, retry_ms} | {'CONFLICT'} | {'VERIFY', snapshot} | {'CANCELLING', tokens}
+#    | {'NOT_BUILT'}
 # CANCELLING: the request holds a reservation and a cancel was asked for meanwhile (CANCEL's mark): the
 # redelivery of a request whose worker was running it must end it cancelled, not run it again.
 # The claim first (claim_check). status_key: the request's status-cache hash; a terminal status there
@@ -192,6 +206,10 @@ if st[1] == 'reserved' and redis.call('HEXISTS', rec, 'x') == 1 then return {'CA
 if st[1] == 'reserved' then
   purge(user, now)
   if redis.call('ZSCORE', P .. 'rz:' .. user, rid) then return {'ALREADY', st[7] or '0'} end
+end
+if ARGV[18] == '' and (not st[1] or st[1] == 'claimed') then
+  local answer = unverified()
+  if answer then return answer end
 end
 -- already in the requests-per-minute window: admitted by the gateway, or reserved before (its hold expired)
 local counted = st[1] == 'admitted' or st[1] == 'reserved'
@@ -251,8 +269,9 @@ return {'MINE'}
 )
 
 # ARGV: P, request_id, actual_tokens, now_ms, day_id, month_id, day_ttl_s, month_ttl_s,
-#       committed_ttl_ms, fallback_user ('' = none), outcome ('' = none)
-# -> {'COMMITTED', charged, released_hold} | {'ALREADY', charged} | {'UNKNOWN'} | {'NOT_BUILT'}
+#       committed_ttl_ms, fallback_user ('' = none), outcome ('' = none), verified ('' = not yet)
+# -> {'COMMITTED', charged, released_hold} | {'ALREADY', charged} | {'UNKNOWN'} | {'VERIFY', snapshot}
+#    | {'NOT_BUILT'}
 # outcome: the request's outcome event, kept with the committed record: a redelivery is answered with it
 # (DONE) instead of running again. The claim (owner, event, digest) stays.
 COMMIT: Final = (
@@ -266,6 +285,10 @@ if st[1] == 'committed' then
   -- the first outcome stays; one is filled in when the first commit had none (rebuilt from the ledger)
   if outcome ~= '' then redis.call('HSETNX', rec, 'o', outcome) end
   return {'ALREADY', st[3]}
+end
+if st[1] ~= 'reserved' and ARGV[12] == '' then
+  local answer = unverified()
+  if answer then return answer end
 end
 local user = st[2]
 if not user then
@@ -424,26 +447,107 @@ return {'OK'}
 """
 )
 
-# Sets the marker only while the caller still holds the rebuild lock. ARGV: P, lock_token, built_value
-# Rebuild: the committed records of many requests in one call (per request ARGV: request_id, user,
-# charged tokens, remaining TTL in ms). One command per 1,000 requests instead of two each: a day's
-# records are restored in seconds, not minutes. ARGV: P, then the groups of four.
-RESTORE_COMMITTED: Final = r"""
-local P = ARGV[1]
-for i = 2, #ARGV - 3, 4 do
-  local rec = P .. 'rq:' .. ARGV[i]
-  redis.call('HSET', rec, 's', 'committed', 'u', ARGV[i + 1], 'c', ARGV[i + 2])
-  redis.call('PEXPIRE', rec, ARGV[i + 3])
+# After VERIFY: the ledger holds the request's charge. Its record becomes committed (the claim's event and
+# digest stay); ``charge`` when the rebuild did not count the row (written after its snapshot): the tokens
+# are charged to the windows of the row's time, once (the committed record is the guard).
+# ARGV: P, request_id, user, tokens, charge ('1' | ''), day_id, month_id, day_ttl_s, month_ttl_s,
+#       committed_ttl_ms, now_ms -> {'ADOPTED'} | {'ALREADY'} | {'NOT_BUILT'}
+ADOPT_COMMITTED: Final = (
+    _PRELUDE
+    + r"""
+if not built() then return {'NOT_BUILT'} end
+local rid, user = ARGV[2], ARGV[3]
+local rec = P .. 'rq:' .. rid
+local st = redis.call('HMGET', rec, 's', 'u', 'ev', 'dg')
+if st[1] == 'committed' then return {'ALREADY'} end
+if st[1] == 'reserved' and st[2] then
+  purge(st[2], tonumber(ARGV[11]))
+  drop(st[2], rid)
 end
-return (#ARGV - 1) / 4
+if ARGV[5] ~= '' then charge(user, ARGV[4], ARGV[6], ARGV[7], ARGV[8], ARGV[9]) end
+redis.call('DEL', rec)
+redis.call('HSET', rec, 's', 'committed', 'u', user, 'c', ARGV[4])
+if st[3] then redis.call('HSET', rec, 'ev', st[3]) end
+if st[4] then redis.call('HSET', rec, 'dg', st[4]) end
+redis.call('PEXPIRE', rec, ARGV[10])
+return {'ADOPTED'}
+"""
+)
+
+# --- the rebuild: every write is fenced by the lock's token (ARGV[2]); a rebuild whose lock expired or was
+# taken over gets -1 and stops, so it can never write over the counters another rebuild made.
+_FENCE: Final = r"""
+if redis.call('GET', ARGV[1] .. 'rebuild-lock') ~= ARGV[2] then return -1 end
 """
 
+# Clears leftovers (the caller SCANs them). ARGV: P, token, keys... -> how many were unlinked, or -1
+FENCED_UNLINK: Final = (
+    _FENCE
+    + r"""
+local lock, n = ARGV[1] .. 'rebuild-lock', 0
+for i = 3, #ARGV do
+  if ARGV[i] ~= lock then n = n + redis.call('UNLINK', ARGV[i]) end
+end
+return n
+"""
+)
+
+# The per-window totals. ARGV: P, token, day_id, month_id, day_ttl_s, month_ttl_s, then per user:
+# user, day_tokens, month_tokens -> how many users, or -1
+FENCED_RESTORE_TOTALS: Final = (
+    _FENCE
+    + r"""
+local P = ARGV[1]
+local n = 0
+for i = 7, #ARGV - 2, 3 do
+  local user = ARGV[i]
+  redis.call('SET', P .. 'um:' .. user .. ':' .. ARGV[4], ARGV[i + 2], 'EX', ARGV[6])
+  if tonumber(ARGV[i + 1]) > 0 then
+    redis.call('SET', P .. 'ud:' .. user .. ':' .. ARGV[3], ARGV[i + 1], 'EX', ARGV[5])
+  end
+  n = n + 1
+end
+return n
+"""
+)
+
+# The open reservations (running requests not in the ledger yet). ARGV: P, token, now_ms, grace_ms, then per
+# request: request_id, user, tokens, expires_ms -> how many, or -1
+FENCED_RESTORE_OPEN: Final = (
+    _FENCE
+    + _PRELUDE
+    + r"""
+local now, grace = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = 0
+for i = 5, #ARGV - 3, 4 do
+  local rid, user, tokens, exp = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  hold(user, rid, tokens, exp, now, grace)
+  local rec = P .. 'rq:' .. rid
+  redis.call('HSET', rec, 's', 'reserved', 'u', user, 't', tokens, 'e', exp)
+  redis.call('PEXPIRE', rec, math.max(1, tonumber(exp) - now + grace))
+  n = n + 1
+end
+return n
+"""
+)
+
+# Sets the marker and keeps the snapshot, only while the caller still holds the lock, and frees it.
+# ARGV: P, token, built_value, snapshot, snapshot_ttl_ms -> 1, or 0 (the lock is not the caller's)
 FINISH_REBUILD: Final = r"""
 local P = ARGV[1]
 if redis.call('GET', P .. 'rebuild-lock') ~= ARGV[2] then return 0 end
 redis.call('SET', P .. 'built', ARGV[3])
+redis.call('SET', P .. 'ledger-snapshot', ARGV[4], 'PX', ARGV[5])
 redis.call('DEL', P .. 'rebuild-lock')
 return 1
+"""
+
+# Extends the lock while its holder still runs. ARGV: P, token, ttl_ms -> 1, or 0 (not the caller's)
+RENEW_LOCK: Final = r"""
+if redis.call('GET', ARGV[1] .. 'rebuild-lock') == ARGV[2] then
+  return redis.call('PEXPIRE', ARGV[1] .. 'rebuild-lock', ARGV[3])
+end
+return 0
 """
 
 # Compare-and-delete of the rebuild lock (never delete a lock another process took over). ARGV: P, token

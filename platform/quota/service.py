@@ -27,7 +27,15 @@ from events.request_rules import Rejection, RejectReason, check_max_tokens_per_r
 from mlp.settings import Settings
 from projections.status_cache import QueuedStatus
 from quota import store
-from quota.ledger import CancelResult, QuotaUnavailable, RedisLedger, ReleaseResult, ReserveResult
+from quota.ledger import (
+    COMMITTED_TTL_S,
+    LOCK_TTL_S,
+    CancelResult,
+    QuotaUnavailable,
+    RedisLedger,
+    ReleaseResult,
+    ReserveResult,
+)
 from quota.plans import (
     LimitName,
     Limits,
@@ -52,10 +60,18 @@ class QuotaSettings:
     redis_prefix: str
     default_plan: str  # the plan of a user without one of their own
     reservation_ttl_s: float  # how long a worker's hold lives unless committed or released
+    committed_ttl_s: int = COMMITTED_TTL_S  # how long a claim and a committed record live (redeliveries)
+    rebuild_lock_ttl_s: float = LOCK_TTL_S  # the rebuild's lock, renewed while it runs
 
     @classmethod
     def of(cls, settings: Settings) -> QuotaSettings:
-        return cls(settings.redis_prefix, settings.default_plan, settings.reservation_ttl_s)
+        return cls(
+            settings.redis_prefix,
+            settings.default_plan,
+            settings.reservation_ttl_s,
+            settings.quota_committed_ttl_s,
+            settings.quota_rebuild_lock_ttl_s,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +225,9 @@ class QuotaService:
             settings.redis_prefix,
             store.PostgresLedgerSource(pool),
             reservation_ttl_s=settings.reservation_ttl_s,
+            committed_ttl_s=settings.committed_ttl_s,
             rebuild_timeout_s=rebuild_timeout_s,
+            lock_ttl_s=settings.rebuild_lock_ttl_s,
         )
 
     # --- limits ---------------------------------------------------------------------------------

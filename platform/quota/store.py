@@ -1,11 +1,12 @@
 """Postgres adapter of the quota context: plans, per-user overrides, the usage ledger.
 
-``token_usage`` (one row per charged request) is the truth; Redis holds a fast copy that
-:class:`PostgresLedgerSource` rebuilds it from.
+``token_usage`` (one row per charged request) is the truth, ``token_usage_daily`` its per-day aggregate;
+Redis holds a fast copy that :class:`PostgresLedgerSource` rebuilds it from.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any
@@ -123,6 +124,49 @@ async def set_user_quota(
 
 
 # --- the ledger, for rebuilding the Redis counters ---------------------------------------------
+#
+# The rebuild reads O(users x windows) rows, whatever the number of requests: the per-window totals come
+# from token_usage_daily (maintained with each ledger row, exactly once: projections.postgres._CHARGE_USAGE),
+# plus the open reservations (requests running now). It writes no per-request record for the charged
+# requests: it keeps its snapshot instead, and a script that finds no record of a request while that
+# snapshot is kept asks the ledger (``charged``) whether the request was charged, and whether the rebuild
+# counted it (``LedgerSnapshot.counts``).
+
+_XID_SPACE = 1 << 32
+# Transaction ids below 3 are special (invalid, bootstrap, frozen): always in every snapshot.
+_FIRST_NORMAL_XID = 3
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSnapshot:
+    """The rebuild's Postgres snapshot (``pg_current_snapshot()``): which transactions' rows it saw."""
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> LedgerSnapshot:
+        """``xmin:xmax:xip,xip,...`` (pg_snapshot's text form). Pure."""
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def text(self) -> str:
+        return f"{self.xmin}:{self.xmax}:{','.join(str(x) for x in sorted(self.xip))}"
+
+    def counts(self, xmin32: int) -> bool:
+        """Whether a committed row written by the transaction whose 32-bit id is ``xmin32`` (a row's
+        ``xmin``) was visible in this snapshot, i.e. counted by the rebuild. Pure.
+
+        The 32-bit id is placed in the 64-bit space nearest to the snapshot's xmax (exact for any row
+        written within 2^31 transactions of the rebuild; an older row was frozen, or is visible anyway).
+        ``mlp replay`` rewrites every ledger row in its own transaction: after a replay within a snapshot's
+        life, rebuild the counters (``mlp reconcile --repair``) so that the snapshot is the replayed ledger's."""
+        if xmin32 < _FIRST_NORMAL_XID:
+            return True
+        ahead = (xmin32 - self.xmax) % _XID_SPACE
+        full = self.xmax + ahead if ahead < _XID_SPACE // 2 else self.xmax - (_XID_SPACE - ahead)
+        return full < self.xmin or (full < self.xmax and full not in self.xip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +178,13 @@ class UsageTotals:
 
 @dataclass(frozen=True, slots=True)
 class ChargedRequest:
+    """A ledger row, as the redelivery check reads it; ``xmin``: the 32-bit id of the transaction that wrote it."""
+
     request_id: str
     user_id: str
     total_tokens: int
     occurred_at: datetime
+    xmin: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,58 +195,65 @@ class OpenReservation:
     started_at: datetime | None
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerState:
-    """What the Redis counters must hold for the given windows, read in one consistent snapshot."""
+# What a rebuild reads, in this order and in one consistent snapshot: the snapshot itself, then the
+# totals, then the open reservations (each in chunks).
+LedgerBatch = LedgerSnapshot | list[UsageTotals] | list[OpenReservation]
 
-    totals: list[UsageTotals]
-    charged: list[ChargedRequest]
-    open: list[OpenReservation]
+_TOTALS = """
+SELECT user_id,
+       COALESCE(sum(total_tokens) FILTER (WHERE day = $1), 0)::bigint AS day_tokens,
+       sum(total_tokens)::bigint AS month_tokens
+FROM token_usage_daily
+WHERE day >= $2 AND day < $3
+GROUP BY user_id
+"""
+# Running requests not yet in the ledger still hold their reservation, unless it has expired by now.
+_OPEN = """
+SELECT r.request_id, r.user_id, r.reserved_tokens, r.started_at
+FROM inference_requests AS r
+WHERE r.status = 'running' AND r.reserved_tokens > 0 AND (r.started_at IS NULL OR r.started_at > $1)
+  AND NOT EXISTS (SELECT 1 FROM token_usage AS u WHERE u.request_id = r.request_id)
+"""
+_CHARGED = """
+SELECT request_id, user_id, total_tokens, occurred_at, xmin::text::bigint AS xmin
+FROM token_usage WHERE request_id = $1
+"""
 
 
 class PostgresLedgerSource:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, chunk: int = 1_000) -> None:
         self._pool = pool
+        self._chunk = chunk
 
-    async def ledger_state(self, day: Window, month: Window, charged_since: datetime) -> LedgerState:
+    async def ledger_rows(self, day: Window, month: Window, open_since: datetime) -> AsyncGenerator[LedgerBatch, None]:
+        """The snapshot, then the totals and the open reservations, streamed (a cursor each) in chunks."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-            totals = await conn.fetch(
-                """
-                SELECT user_id,
-                       COALESCE(sum(total_tokens) FILTER (WHERE occurred_at >= $1 AND occurred_at < $2), 0)::bigint
-                           AS day_tokens,
-                       sum(total_tokens)::bigint AS month_tokens
-                FROM token_usage
-                WHERE occurred_at >= $3 AND occurred_at < $4
-                GROUP BY user_id
-                """,
-                day.starts_at,
-                day.resets_at,
-                month.starts_at,
-                month.resets_at,
-            )
-            charged = await conn.fetch(
-                "SELECT request_id, user_id, total_tokens, occurred_at FROM token_usage WHERE occurred_at >= $1",
-                charged_since,
-            )
-            # Running requests not yet in the ledger still hold their reservation.
-            open_ = await conn.fetch(
-                """
-                SELECT r.request_id, r.user_id, r.reserved_tokens, r.started_at
-                FROM inference_requests AS r
-                WHERE r.status = 'running' AND r.reserved_tokens > 0
-                  AND NOT EXISTS (SELECT 1 FROM token_usage AS u WHERE u.request_id = r.request_id)
-                """
-            )
-        return LedgerState(
-            totals=[UsageTotals(r["user_id"], int(r["day_tokens"]), int(r["month_tokens"])) for r in totals],
-            charged=[
-                ChargedRequest(r["request_id"], r["user_id"], int(r["total_tokens"]), r["occurred_at"]) for r in charged
-            ],
-            open=[
-                OpenReservation(r["request_id"], r["user_id"], int(r["reserved_tokens"]), r["started_at"])
-                for r in open_
-            ],
+            yield LedgerSnapshot.parse(str(await conn.fetchval("SELECT pg_current_snapshot()::text")))
+            totals: list[UsageTotals] = []
+            cursor = conn.cursor(_TOTALS, day.starts_at.date(), month.starts_at.date(), month.resets_at.date())
+            async for r in cursor:
+                totals.append(UsageTotals(r["user_id"], int(r["day_tokens"]), int(r["month_tokens"])))
+                if len(totals) >= self._chunk:
+                    yield totals
+                    totals = []
+            if totals:
+                yield totals
+            open_: list[OpenReservation] = []
+            async for r in conn.cursor(_OPEN, open_since):
+                open_.append(OpenReservation(r["request_id"], r["user_id"], int(r["reserved_tokens"]), r["started_at"]))
+                if len(open_) >= self._chunk:
+                    yield open_
+                    open_ = []
+            if open_:
+                yield open_
+
+    async def charged(self, request_id: str) -> ChargedRequest | None:
+        """The request's ledger row, if it was charged."""
+        row = await self._pool.fetchrow(_CHARGED, request_id)
+        if row is None:
+            return None
+        return ChargedRequest(
+            row["request_id"], row["user_id"], int(row["total_tokens"]), row["occurred_at"], int(row["xmin"])
         )
 
 

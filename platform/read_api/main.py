@@ -26,6 +26,9 @@ from tenancy.key_store import KeyStore
 from tenancy.keys import pepper_of
 
 SERVICE = "read-api"
+# Readiness (mlp.health): the read API serves without Redis (statuses and waits fall back to Postgres), never
+# without Postgres. A Redis restart so leaves every replica in its Service, degraded.
+DEGRADABLE = ("redis",)
 
 
 def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> FastAPI:
@@ -61,7 +64,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
             await pool.close()
             tel.shutdown()
 
-    app = service_app("inference-platform read API", lifespan, tel)
+    app = service_app("inference-platform read API", lifespan, tel, degradable=DEGRADABLE)
     app.include_router(request_list_routes.router)
     app.include_router(requests_routes.router)
     app.include_router(request_events_routes.router)

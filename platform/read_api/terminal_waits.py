@@ -69,6 +69,10 @@ class TerminalWaits:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(self._task, 2.0)
 
+    def held(self, caller_key: str) -> int:
+        """How many long-poll slots ``caller_key`` holds now."""
+        return self._held.get(caller_key, 0)
+
     @contextlib.contextmanager
     def slot(self, caller_key: str) -> Iterator[None]:
         """One of the caller's long-poll slots for the duration of the block; TooManyWaits when none is free."""

@@ -30,7 +30,7 @@ from mlp.health import ReadinessCheck, dependency_checks
 from mlp.settings import Settings, get_settings
 from projections.status_cache import StatusCache, StatusKeys
 from quota.service import QuotaService, QuotaSettings
-from results_collector.cache_sync import CacheSync
+from results_collector.cache_sync import CacheSync, PostgresBackfill
 from results_collector.follow_up import FollowUp
 from results_collector.service import Collector
 
@@ -69,10 +69,15 @@ def build_app(settings: Settings) -> Consumer:
         try:
             cache = StatusCache(redis_client, StatusKeys(settings.redis_prefix))
             quota = QuotaService(pool, redis_client, QuotaSettings.of(settings))
-            follow_up = FollowUp(EventPublisher(broker, settings.publish_timeout_s), quota, settings.models)
+            follow_up = FollowUp(
+                EventPublisher(broker, settings.publish_timeout_s),
+                quota,
+                settings.models,
+                max_bytes=settings.collector_follow_up_max_bytes,
+            )
             collector = Collector(
                 pool,
-                CacheSync(cache),
+                CacheSync(cache, PostgresBackfill(pool, cache), max_bytes=settings.collector_backlog_max_bytes),
                 limits=settings.request_limits(),
                 follow_up=follow_up,
                 claims=quota,

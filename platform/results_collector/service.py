@@ -136,8 +136,10 @@ class Collector:
             if refusal is not None:
                 metrics.EVENTS.labels(type(event).__name__, "refused").inc()
                 log.info("request %s not stored (%s): %s", event.request_id[:200], refusal.reason, refusal.message)
-                if self._follow_up is not None:
-                    self._follow_up.refuse(event, refusal)
+                if self._follow_up is not None and not await self._follow_up.refuse(event, refusal):
+                    metrics.EVENTS.labels(type(event).__name__, "requeued").inc()
+                    await message.nack(requeue=True)  # shutting down while its answer waited for room
+                    return
                 await message.ack()
                 return
             if not await self._claimed(event):

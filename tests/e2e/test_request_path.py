@@ -68,7 +68,10 @@ def test_the_seed_request_completes_and_is_recorded(platform: Platform) -> None:
     import asyncio
 
     types, usage_rows = asyncio.run(recorded())
-    assert types == ["InferenceRequested", "InferenceStarted", "InferenceCompleted"]
+    # InferenceStarted only when the inference outlasted MLP_STARTED_EVENT_AFTER_MS (default 50 ms).
+    assert [t for t in types if t != "InferenceStarted"] == ["InferenceRequested", "InferenceCompleted"]
+    assert types.count("InferenceStarted") <= 1
+    assert types[-1] == "InferenceCompleted"
     assert len(usage_rows) == 1
     assert usage_rows[0]["user_id"] == "test-user"
     assert usage_rows[0]["total_tokens"] == usage["total_tokens"]

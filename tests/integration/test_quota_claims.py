@@ -21,6 +21,7 @@ from mlp.settings import Settings
 from projections.status_cache import StatusCache, StatusKeys
 from quota.service import QuotaService, QuotaSettings, Reservation
 from tests.integration.test_quota_ledger import Clock, flush_quota_keys, with_limits
+from tests.support.ledger import charge_ledger
 
 pytestmark = pytest.mark.integration
 
@@ -247,13 +248,7 @@ async def test_the_rebuild_keeps_the_claim_of_committed_requests(
     request = requested(who)
     assert (await reserve(quota, request)).answer == "run"
     await quota.commit(request.request_id, 5, user_id=who, outcome=encode_event(completed(request)))
-    await pool.execute(
-        "INSERT INTO token_usage (request_id, user_id, model, prompt_tokens, completion_tokens, total_tokens,"
-        " occurred_at) VALUES ($1, $2, 'basic-model', 2, 3, 5, $3)",
-        request.request_id,
-        who,
-        clock.now,
-    )
+    await charge_ledger(pool, [(request.request_id, who, 5, clock.now)])
     await flush_quota_keys(client, migrated)  # Redis lost everything; the ledger rebuilds it
 
     again = await reserve(quota, request)

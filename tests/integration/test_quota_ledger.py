@@ -21,6 +21,7 @@ from quota import store
 from quota.ledger import QuotaUnavailable
 from quota.plans import Overrides
 from quota.service import QuotaService, QuotaSettings
+from tests.support.ledger import charge_ledger
 
 pytestmark = pytest.mark.integration
 
@@ -220,16 +221,7 @@ async def test_a_commit_after_the_reservation_expired_still_charges_the_tokens_s
 
 
 async def _insert_usage(pool: asyncpg.Pool, rid: str, who: str, tokens: int, at: datetime) -> None:
-    await pool.execute(
-        "INSERT INTO token_usage (request_id, user_id, model, prompt_tokens, completion_tokens, total_tokens,"
-        " occurred_at) VALUES ($1, $2, 'basic-model', $3, $4, $5, $6)",
-        rid,
-        who,
-        tokens // 2,
-        tokens - tokens // 2,
-        tokens,
-        at,
-    )
+    await charge_ledger(pool, [(rid, who, tokens, at)])
 
 
 async def _insert_request(

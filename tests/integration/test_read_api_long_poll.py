@@ -19,11 +19,16 @@ from projections.status_cache import StatusCache, StatusKeys
 from read_api.deps import pool_of
 from read_api.main import create_app
 from read_api.requests_routes import POSTGRES_RECHECK_S, next_recheck_s
-from read_api.terminal_waits import wait_key
+from read_api.terminal_waits import TerminalWaits, wait_key
 from tenancy.caller import OPEN, Caller
 from tests.support.apps import running
 
 pytestmark = pytest.mark.integration
+
+
+def terminal_waits_of_app(app: Any) -> TerminalWaits:
+    waits: TerminalWaits = app.state.deps.terminal_waits
+    return waits
 
 
 def _client(app: Any, address: str) -> httpx.AsyncClient:
@@ -32,11 +37,15 @@ def _client(app: Any, address: str) -> httpx.AsyncClient:
 
 
 async def test_waits_beyond_the_callers_cap_answer_429_and_free_slots_are_reused(module_settings: Settings) -> None:
-    settings = module_settings.model_copy(update={"max_waits_per_caller": 2, "max_wait_s": 1.5})
+    settings = module_settings.model_copy(update={"max_waits_per_caller": 2, "max_wait_s": 5})
     app = create_app(settings)
     async with running(app), _client(app, "10.1.1.1") as one, _client(app, "10.1.1.2") as other:
-        held = [asyncio.create_task(one.get(f"/api/v1/inference/{new_event_id()}", params={"wait": 1})) for _ in "ab"]
-        await asyncio.sleep(0.3)  # both are waiting now
+        held = [asyncio.create_task(one.get(f"/api/v1/inference/{new_event_id()}", params={"wait": 4})) for _ in "ab"]
+        waits = terminal_waits_of_app(app)
+        deadline = time.monotonic() + 10
+        while waits.held("addr:10.1.1.1") < 2:  # both are waiting now (a loaded machine takes its time)
+            assert time.monotonic() < deadline, "the two long-polls never took their slots"
+            await asyncio.sleep(0.02)
         over = await one.get(f"/api/v1/inference/{new_event_id()}", params={"wait": 1})
         not_waiting = await one.get(f"/api/v1/inference/{new_event_id()}")  # a plain GET holds no slot
         someone_else = await other.get(f"/api/v1/inference/{new_event_id()}", params={"wait": 0.2})

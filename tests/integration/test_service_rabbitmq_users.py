@@ -32,8 +32,16 @@ from events.topology import (
     dead_letter_queue,
     projections_queue,
     requests_queue,
+    webhooks_queue,
 )
-from mlp.bus import EventPublisher, PublishError, TopologyMissingError, declare_topology, make_broker
+from mlp.bus import (
+    EventPublisher,
+    PublishError,
+    TopologyMissingError,
+    declare_own_queue,
+    declare_topology,
+    make_broker,
+)
 from mlp.settings import Settings
 from tests.support.apps import running
 from tests.support.postgres_roles import login_users
@@ -42,7 +50,7 @@ from tests.support.rabbitmq_users import BrokerUser, load_definitions, user_like
 pytestmark = pytest.mark.integration
 
 DEFINITIONS = "platform-services.definitions.json"
-SERVICES = ("mlp-gateway", "mlp-worker", "mlp-collector")
+SERVICES = ("mlp-gateway", "mlp-worker", "mlp-collector", "mlp-dispatcher")
 MODEL = "basic-model"
 USER = "alice"
 
@@ -60,6 +68,9 @@ def users(module_settings: Settings) -> Iterator[dict[str, Settings]]:
         user_like(definitions, "mlp-gateway", module_settings.rabbitmq_url, "svc-gateway") as made["mlp-gateway"],
         user_like(definitions, "mlp-worker", module_settings.rabbitmq_url, "svc-worker") as made["mlp-worker"],
         user_like(definitions, "mlp-collector", module_settings.rabbitmq_url, "svc-collector") as made["mlp-collector"],
+        user_like(definitions, "mlp-dispatcher", module_settings.rabbitmq_url, "svc-dispatcher") as made[
+            "mlp-dispatcher"
+        ],
     ):
         yield {service: module_settings.model_copy(update={"rabbitmq_url": u.url}) for service, u in made.items()}
 
@@ -147,6 +158,13 @@ async def declared(users: dict[str, Settings]) -> dict[str, Settings]:
     """The services' start-up: the gateway's user may not declare, so it waits for a service that does."""
     with pytest.raises(TopologyMissingError, match=EVENTS_EXCHANGE):
         await _start_topology(users["mlp-gateway"], verify_only=True)
+    # The webhook dispatcher declares and binds its own queue only; it may start before the others.
+    dispatcher = make_broker(users["mlp-dispatcher"])
+    await dispatcher.connect()
+    try:
+        await declare_own_queue(dispatcher, webhooks_queue())
+    finally:
+        await dispatcher.stop()
     for service in ("mlp-worker", "mlp-collector"):  # either may start first: both declare everything
         await _start_topology(users[service], verify_only=False)
     await _start_topology(users["mlp-gateway"], verify_only=True)
@@ -179,9 +197,10 @@ async def test_the_gateway_runs_with_its_own_rabbitmq_user_and_postgres_role(
 
 
 async def test_a_request_flows_through_the_services_own_users(declared: dict[str, Settings]) -> None:
-    gateway, worker, collector = (declared[s] for s in SERVICES)
+    gateway, worker, collector, dispatcher = (declared[s] for s in SERVICES)
     await _get(worker, requests_queue(MODEL).name)  # start from empty queues
     await _get(collector, projections_queue().name)
+    await _get(dispatcher, webhooks_queue().name)
 
     request = _requested()
     await _publish(gateway, request)
@@ -208,6 +227,8 @@ async def test_a_request_flows_through_the_services_own_users(declared: dict[str
         "InferenceRejected",
         "InferenceRejected",
     ]
+    outcomes = await _get(dispatcher, webhooks_queue().name)  # the webhook dispatcher: the outcomes only
+    assert [type(e).__name__ for e in outcomes] == ["InferenceCompleted", "InferenceRejected", "InferenceRejected"]
 
 
 @pytest.mark.parametrize(
@@ -218,6 +239,8 @@ async def test_a_request_flows_through_the_services_own_users(declared: dict[str
         ("mlp-worker", "requested"),
         ("mlp-collector", "requested"),
         ("mlp-collector", "completed"),
+        ("mlp-dispatcher", "completed"),
+        ("mlp-dispatcher", "requested"),
     ],
 )
 async def test_a_service_cannot_publish_another_services_events(
@@ -262,8 +285,17 @@ async def _everything_into_a_work_queue(channel: aio_pika.abc.AbstractChannel) -
     await queue.bind(await channel.get_exchange(EVENTS_EXCHANGE, ensure=False), routing_key="inference.completed.#")
 
 
+def _bind_outcomes_into(name: str) -> Action:
+    async def action(channel: aio_pika.abc.AbstractChannel) -> None:
+        queue = await channel.get_queue(name, ensure=False)
+        await queue.bind(await channel.get_exchange(EVENTS_EXCHANGE, ensure=False), routing_key="inference.#")
+
+    return action
+
+
 REQUESTS = requests_queue(MODEL)
 PROJECTIONS = projections_queue()
+WEBHOOKS = webhooks_queue()
 # What each service's user must not do, beyond publishing other services' events.
 # The worker and the collector declare every queue at start-up, and RabbitMQ lets a user declare a queue
 # with a dead-letter exchange only with read on the queue and write on that exchange: so each of them
@@ -277,7 +309,17 @@ REFUSED: dict[str, list[Action]] = {
     ],
     "mlp-worker": [_consume(dead_letter_queue(REQUESTS).name), _consume(dead_letter_queue(PROJECTIONS).name)],
     "mlp-collector": [_consume(dead_letter_queue(REQUESTS).name), _consume(dead_letter_queue(PROJECTIONS).name)],
+    # The webhook dispatcher: its own queue only (it declares nothing else, so it needs nothing else).
+    "mlp-dispatcher": [
+        _consume(REQUESTS.name),
+        _consume(PROJECTIONS.name),
+        _consume(dead_letter_queue(WEBHOOKS).name),
+        _into_queue(WEBHOOKS.name),
+    ],
 }
+# Only the dispatcher binds its queue: the other services cannot route events into it.
+for _service in ("mlp-worker", "mlp-collector"):
+    REFUSED[_service] += [_bind_outcomes_into(WEBHOOKS.name), _consume(dead_letter_queue(WEBHOOKS).name)]
 EVERY_SERVICE: list[Action] = [
     _into_queue(REQUESTS.name),
     _into_queue(PROJECTIONS.name),

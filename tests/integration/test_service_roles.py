@@ -25,13 +25,16 @@ from projections.queries import get_request
 from projections.replay import replay
 from projections.sample_events import request_stream
 from quota.plans import day_window, month_window
-from quota.store import PostgresLedgerSource, daily_usage, fetch_limits
+from quota.store import PostgresLedgerSource, UsageTotals, daily_usage, fetch_limits
 from read_api.metrics_routes import token_rate
 from tests.support.postgres_roles import SERVICE_ROLES, login_users
+from webhooks import store as webhook_store
+from webhooks.rules import Outcome
 
 pytestmark = pytest.mark.integration
 
 ROLES = SERVICE_ROLES
+QUOTA_ROLES = ("mlp_gateway", "mlp_worker", "mlp_collector", "mlp_read_api")  # the dispatcher holds no quota
 QUOTA_READS = {"SELECT"}
 
 # The decision for every table: which service role holds which privileges on it. A table that a later
@@ -52,11 +55,22 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "mlp_collector": {"SELECT", "INSERT"},
         "mlp_read_api": {"SELECT"},
     },
-    "token_usage_daily": {"mlp_collector": {"SELECT", "INSERT", "UPDATE"}, "mlp_read_api": {"SELECT"}},
-    "quota_plans": {role: {"SELECT"} for role in ROLES},
-    "user_quotas": {role: {"SELECT"} for role in ROLES},
+    "token_usage_daily": {
+        "mlp_gateway": QUOTA_READS,  # the quota rebuild's per-window totals (0008)
+        "mlp_worker": QUOTA_READS,
+        "mlp_collector": {"SELECT", "INSERT", "UPDATE"},
+        "mlp_read_api": {"SELECT"},
+    },
+    "quota_plans": {role: {"SELECT"} for role in QUOTA_ROLES},
+    "user_quotas": {role: {"SELECT"} for role in QUOTA_ROLES},
     # The key store: read by both APIs (which record a key's last use); the gateway's admin routes write keys.
     "api_keys": {"mlp_gateway": {"SELECT", "INSERT"}, "mlp_read_api": {"SELECT"}},
+    # Webhooks (0009): the gateway's routes register, list and delete endpoints and record a submit's
+    # one-off target; the dispatcher reads them and works off the delivery log.
+    "webhooks": {"mlp_gateway": {"SELECT", "INSERT", "DELETE"}, "mlp_dispatcher": {"SELECT"}},
+    "webhook_user_secrets": {"mlp_gateway": {"SELECT", "INSERT"}, "mlp_dispatcher": {"SELECT"}},
+    "webhook_request_targets": {"mlp_gateway": {"SELECT", "INSERT", "DELETE"}, "mlp_dispatcher": {"SELECT"}},
+    "webhook_deliveries": {"mlp_gateway": {"SELECT"}, "mlp_dispatcher": {"SELECT", "INSERT", "UPDATE"}},
 }
 EXPECTED_COLUMN_GRANTS: dict[tuple[str, str], dict[str, set[str]]] = {
     ("api_keys", "last_used_at"): {"mlp_gateway": {"UPDATE"}, "mlp_read_api": {"UPDATE"}},
@@ -181,8 +195,16 @@ async def test_gateway_and_worker_read_the_quota_inputs_and_write_nothing(
     limits = await fetch_limits(pool, "roles-bob", "free")
     assert limits.plan == "free"
     now = datetime.now(UTC)
-    state = await PostgresLedgerSource(pool).ledger_state(day_window(now), month_window(now), now - timedelta(days=1))
-    assert "roles-bob" in {total.user_id for total in state.totals}
+    source = PostgresLedgerSource(pool)
+    users = {
+        row.user_id
+        async for batch in source.ledger_rows(day_window(now), month_window(now), now - timedelta(days=1))
+        if isinstance(batch, list)
+        for row in batch
+        if isinstance(row, UsageTotals)
+    }
+    assert "roles-bob" in users
+    assert await source.charged("roles-forged") is None  # the redelivery check reads the ledger too
 
     outcome = InferenceCompleted(
         event_id=str(uuid.uuid4()),
@@ -234,6 +256,36 @@ async def test_read_api_reads_what_it_shows_and_writes_nothing(pools: dict[str, 
         "TRUNCATE token_usage",
     ):
         await _refused(read_api, sql)
+
+
+async def test_gateway_registers_webhooks_and_the_dispatcher_works_off_deliveries(
+    pools: dict[str, asyncpg.Pool],
+) -> None:
+    gateway, dispatcher = pools["mlp_gateway"], pools["mlp_dispatcher"]
+    hook, _ = await webhook_store.create_webhook(
+        gateway, "roles-erin", "http://127.0.0.1:9/hook", ["InferenceCompleted"], max_per_user=5
+    )
+    event = _completed("roles-erin")[-1]
+    assert isinstance(event, InferenceCompleted)
+    await webhook_store.remember_target(gateway, event.request_id, "roles-erin", "http://127.0.0.1:9/once")
+    assert await webhook_store.enqueue(dispatcher, event) == 2  # the endpoint and the one-off target
+    claimed = await webhook_store.claim_due(dispatcher, 10, 30.0)
+    assert {c.url for c in claimed} >= {"http://127.0.0.1:9/hook", "http://127.0.0.1:9/once"}
+    assert all(c.secret for c in claimed)
+    for due in claimed:
+        outcome = Outcome("delivered", None)
+        assert await webhook_store.record_attempt(dispatcher, due, outcome, status_code=200, error=None)
+    assert [d.state for d in await webhook_store.webhook_deliveries(gateway, hook.webhook_id)] == ["delivered"]
+    for sql in (
+        "SELECT count(*) FROM api_keys",
+        "SELECT count(*) FROM event_store",
+        "DELETE FROM webhooks",
+        "UPDATE webhooks SET url = 'http://evil.example/'",
+        "DELETE FROM webhook_deliveries",
+    ):
+        await _refused(dispatcher, sql)
+    await _refused(gateway, "UPDATE webhook_deliveries SET state = 'pending'")
+    assert await webhook_store.delete_webhook(gateway, hook.webhook_id)
 
 
 async def test_replay_keeps_the_read_models_owner_and_service_grants(

@@ -18,6 +18,7 @@ from events.model import (
     InferenceRequested,
     InferenceStarted,
     encode_event,
+    new_event_id,
 )
 from events.topology import requested_routing_key, requests_queue
 from ml_service.launcher import TritonProcess
@@ -93,7 +94,8 @@ async def test_a_request_is_started_then_completed_with_its_tokens_charged(
     wsettings: Settings, quota: QuotaService
 ) -> None:
     request = requested(user_id="happy-user", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
-    async with observed(wsettings) as log, running_worker(wsettings):
+    always = wsettings.model_copy(update={"started_event_after_ms": 0})  # InferenceStarted for every request
+    async with observed(wsettings) as log, running_worker(always):
         await publish(wsettings, request)
         events = await log.terminal(request.request_id)
     kinds = [type(e) for e in events]
@@ -119,8 +121,8 @@ async def test_with_a_started_threshold_only_an_inference_slower_than_it_is_seen
     wsettings: Settings, quota: QuotaService
 ) -> None:
     deferred = wsettings.model_copy(update={"started_event_after_ms": 1_000})  # slow-model takes 5 s
-    fast = requested(user_id="fast-user")
-    slow = requested(model="slow-model", user_id="patient-user")
+    fast = requested(user_id=f"fast-user-{new_event_id()[-8:]}")
+    slow = requested(model="slow-model", user_id=f"patient-user-{new_event_id()[-8:]}")
     async with observed(wsettings) as log, running_worker(deferred, models=("basic-model", "slow-model")):
         await publish(wsettings, fast, slow)
         fast_events = await log.terminal(fast.request_id)
@@ -133,10 +135,14 @@ async def test_with_a_started_threshold_only_an_inference_slower_than_it_is_seen
     # Published after the threshold, but it says when the inference started: about 5 s before the answer.
     assert (completed.occurred_at - started.occurred_at).total_seconds() > 4
     assert started.reserved_tokens == len(slow.prompt) + slow.max_tokens
+    assert completed.started_at == started.occurred_at  # the outcome says when it started, too
     fast_done = fast_events[-1]
     assert isinstance(fast_done, InferenceCompleted)
-    assert (await quota.view("fast-user")).day.used == fast_done.total_tokens
-    assert (await quota.view("patient-user")).day.used == completed.total_tokens
+    # No InferenceStarted for the fast one: its outcome carries the start.
+    assert fast_done.started_at is not None
+    assert fast.occurred_at <= fast_done.started_at <= fast_done.occurred_at
+    assert (await quota.view(fast.user_id)).day.used == fast_done.total_tokens
+    assert (await quota.view(slow.user_id)).day.used == completed.total_tokens
 
 
 async def test_over_quota_is_rejected_and_triton_is_never_called(

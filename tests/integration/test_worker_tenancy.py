@@ -99,11 +99,14 @@ async def test_a_second_tenant_cannot_end_a_request_it_learned_the_uuid_of(wsett
     assert all(a.user_id == "bob-t2" and a.request_id.startswith("bob-t2.rejected-") for a in answers)
     # alice's request kept its one outcome: the platform published nothing more on it (bob's own
     # publish is on the bus too, under the id he named; the collector's guards are tested elsewhere).
-    platform_events = [e for e in log.by_request[alices.request_id] if not isinstance(e, type(alices))]
-    assert [(type(e), e.user_id) for e in platform_events] == [
-        (InferenceStarted, "alice-t2"),
-        (InferenceCompleted, "alice-t2"),
+    # (InferenceStarted only when the inference outlasted MLP_STARTED_EVENT_AFTER_MS.)
+    platform_events = [
+        e for e in log.by_request[alices.request_id] if not isinstance(e, (type(alices), InferenceStarted))
     ]
+    assert [(type(e), e.user_id) for e in platform_events] == [(InferenceCompleted, "alice-t2")]
+    starts = [e for e in log.by_request[alices.request_id] if isinstance(e, InferenceStarted)]
+    assert len(starts) <= 1
+    assert all(e.user_id == "alice-t2" for e in starts)
 
 
 async def test_twenty_publishes_of_one_id_with_twenty_prompts_run_one_inference(
@@ -150,7 +153,7 @@ async def test_a_redelivery_of_a_committed_request_is_answered_without_triton(
         await wait_idle(worker, wsettings, BASIC_QUEUE)
     assert await triton_inference_count(triton_server.http_url, "basic-model") == before
     assert again == [first, first]  # the same event, republished: same event_id, same completion
-    assert sum(isinstance(e, InferenceStarted) for e in log.by_request[request.request_id]) == 1
+    assert sum(isinstance(e, InferenceStarted) for e in log.by_request[request.request_id]) <= 1  # started once
     assert isinstance(first, InferenceCompleted)
     assert (await quota.view("again-t4")).day.used == first.total_tokens
 

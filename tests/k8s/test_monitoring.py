@@ -28,7 +28,7 @@ from tests.k8s.manifests import (
 pytestmark = pytest.mark.k8s
 
 # component label -> Services of that component are platform services with /metrics
-SCRAPED_COMPONENTS = ("gateway", "read-api", "collector", "worker", "triton")
+SCRAPED_COMPONENTS = ("gateway", "read-api", "collector", "dispatcher", "worker", "triton")
 
 
 def _validators() -> dict[str, jsonschema.Draft202012Validator]:

@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from events.topology import requests_bound_policy
 from mlp.settings import Settings
 from tests.k8s.manifests import K8S_DIR, REPO, Manifest, Rendered, env_value, is_placeholder
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.k8s
 EXAMPLES_FILE = REPO / "examples" / "rabbitmq" / "external-publisher.definitions.json"
 SERVICES_FILE = REPO / "examples" / "rabbitmq" / "platform-services.definitions.json"
 # The services with a RabbitMQ user (the read API has none: it reads Postgres and Redis).
-BUS_SERVICES = ("gateway", "worker", "collector")
+BUS_SERVICES = ("gateway", "worker", "collector", "dispatcher")
 KIND_DATA = K8S_DIR / "overlays" / "kind" / "data"
 KIND_TEMPLATE = KIND_DATA / "secrets" / "rabbitmq-definitions.json.example"
 DEFINITIONS_SECRET = "mlp-rabbitmq-definitions"
@@ -102,6 +103,21 @@ def test_kind_external_user_has_exactly_the_permissions_of_the_examples_file() -
         assert _for_users(kind[section], external) == examples[section], section
     for policy in examples["policies"]:
         assert policy in kind["policies"], policy["name"]
+
+
+def test_kind_definitions_bound_the_requests_queues_as_the_platform_does() -> None:
+    """The broker imports the requests queues' bound (the services' users may not set policies): the policy
+    ``mlp policy`` would set for the default MLP_MAX_QUEUED_PER_MODEL, which the gateway's gauge shows."""
+    policy = requests_bound_policy(Settings().max_queued_per_model)
+    (imported,) = [p for p in _json(KIND_TEMPLATE)["policies"] if p["name"] == policy.name]
+    assert imported == {
+        "vhost": "/",
+        "name": policy.name,
+        "pattern": policy.pattern,
+        "apply-to": policy.apply_to,
+        "priority": policy.priority,
+        "definition": policy.definition,
+    }
 
 
 def test_kind_definitions_create_every_vhost_they_use() -> None:

@@ -48,6 +48,7 @@ SERVICE_SECRETS = {
     "gateway": {"MLP_RABBITMQ_URL", "MLP_POSTGRES_DSN", "MLP_REDIS_URL", "MLP_KEY_PEPPER"},
     "worker": {"MLP_RABBITMQ_URL", "MLP_POSTGRES_DSN", "MLP_REDIS_URL"},
     "collector": {"MLP_RABBITMQ_URL", "MLP_POSTGRES_DSN", "MLP_REDIS_URL"},
+    "dispatcher": {"MLP_RABBITMQ_URL", "MLP_POSTGRES_DSN"},  # no Redis: its state is in Postgres
     "read-api": {"MLP_POSTGRES_DSN", "MLP_REDIS_URL", "MLP_KEY_PEPPER"},
     "migrate": {"MLP_POSTGRES_DSN"},
 }
@@ -56,12 +57,14 @@ SERVICE_WORKLOADS = {
     **{("Deployment", f"mlp-worker-{model}"): "worker" for model in QUICKSTART_MODELS},
     ("Deployment", "mlp-gateway"): "gateway",
     ("Deployment", "mlp-collector"): "collector",
+    ("Deployment", "mlp-dispatcher"): "dispatcher",
     ("Deployment", "mlp-read-api"): "read-api",
     ("Job", "mlp-migrate"): "migrate",
 }
 OVERLAY_NAMES = ("kind", "production")
 KIND_POSTGRES_ROLES = K8S_DIR / "overlays" / "kind" / "data" / "postgres" / "mlp-roles.psql"
 SERVICE_ROLES_MIGRATION = REPO / "projections" / "migrations" / "0005_service_roles.sql"
+WEBHOOKS_MIGRATION = REPO / "projections" / "migrations" / "0009_webhooks.sql"  # adds mlp_dispatcher
 
 
 def _env_file(path: Path) -> dict[str, str]:
@@ -209,7 +212,8 @@ def _kind_login_users() -> dict[str, str]:
 def test_kind_creates_exactly_the_service_roles_the_migration_grants() -> None:
     created = set(re.findall(r"CREATE ROLE (\w+) NOLOGIN;", KIND_POSTGRES_ROLES.read_text(encoding="utf-8")))
     (listed,) = re.findall(r"ARRAY\[([^\]]+)\]", SERVICE_ROLES_MIGRATION.read_text(encoding="utf-8"))
-    assert created == {name.strip().strip("'") for name in listed.split(",")}
+    later = set(re.findall(r"CREATE ROLE (\w+) NOLOGIN", WEBHOOKS_MIGRATION.read_text(encoding="utf-8")))
+    assert created == {name.strip().strip("'") for name in listed.split(",")} | later
     assert set(_kind_login_users().values()) == created
 
 
@@ -310,7 +314,7 @@ def test_kind_generate_script_writes_consistent_random_secrets(tmp_path: Path) -
     # Both APIs hash API keys with the same pepper.
     assert services["gateway"]["MLP_KEY_PEPPER"] == services["read-api"]["MLP_KEY_PEPPER"]
     passwords = [*rabbitmq.values(), *postgres.values(), redis_password, services["gateway"]["MLP_KEY_PEPPER"]]
-    assert len(set(passwords)) == len(passwords) == 6 + 6 + 1 + 1
+    assert len(set(passwords)) == len(passwords) == 7 + 7 + 1 + 1
     assert all(len(password) >= 32 for password in passwords)
     for written in (*(secrets / f"{s}.env" for s in SERVICE_SECRETS), data / "rabbitmq-definitions.json"):
         assert written.stat().st_mode & 0o077 == 0  # readable by the owner only

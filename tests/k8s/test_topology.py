@@ -8,7 +8,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from events.topology import PROJECTIONS_QUEUE, all_queues, projections_queue, requests_queue
+from events.topology import (
+    PROJECTIONS_QUEUE,
+    WEBHOOKS_QUEUE,
+    all_queues,
+    projections_queue,
+    requests_queue,
+    webhooks_queue,
+)
 from mlp.settings import Settings
 from tests.k8s.manifests import REPO, Manifest, Rendered, env_value, ident, namespace_of
 
@@ -79,6 +86,15 @@ def test_collector_scales_on_the_projections_queue(overlay: Rendered) -> None:
     assert rabbitmq["metadata"]["queueName"] == projections_queue().name == PROJECTIONS_QUEUE
     assert rabbitmq["metadata"]["protocol"] == "http"
     assert scaled["spec"]["minReplicaCount"] >= 1  # projections never stop
+
+
+def test_dispatcher_scales_on_the_webhooks_queue(overlay: Rendered) -> None:
+    scaled = _scaled_object_of(overlay, "mlp-dispatcher")
+    rabbitmq = _trigger(scaled, "rabbitmq")
+    assert rabbitmq["metadata"]["queueName"] == webhooks_queue().name == WEBHOOKS_QUEUE
+    assert rabbitmq["metadata"]["protocol"] == "http"
+    assert scaled["spec"]["minReplicaCount"] >= 1  # retries come due from Postgres, not from the queue
+    assert _container_ports(overlay, "mlp-dispatcher") == {Settings.model_validate({}).dispatcher_health_port}
 
 
 def test_every_scaled_queue_is_a_work_queue_of_the_topology(overlay: Rendered) -> None:

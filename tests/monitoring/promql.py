@@ -112,6 +112,7 @@ def defined_metric_names() -> set[str]:
     import ml_worker.metrics  # noqa: F401
     import mlp.metrics  # noqa: F401
     import results_collector.metrics  # noqa: F401
+    import webhook_dispatcher.metrics  # noqa: F401
 
     bus = CollectorRegistry()
     MetricsContainer(bus, metrics_prefix="faststream", custom_label_names=())

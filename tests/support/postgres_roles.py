@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-SERVICE_ROLES = ("mlp_gateway", "mlp_worker", "mlp_collector", "mlp_read_api")
+SERVICE_ROLES = ("mlp_gateway", "mlp_worker", "mlp_collector", "mlp_read_api", "mlp_dispatcher")
 
 
 def dsn_as(dsn: str, user: str) -> str:

@@ -34,6 +34,9 @@ class RabbitmqAdmin(Protocol):
     def set_policy(
         self, vhost: str, name: str, pattern: str, definition: Mapping[str, Any], priority: int, apply_to: str
     ) -> None: ...
+    def queue_policy(self, vhost: str, queue: str) -> str | None:
+        """The name of the policy in effect on ``queue`` (None: none, or no such queue)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,16 @@ def choose_admin(
 
 
 class Rabbitmqctl:
-    def _run(self, *args: str) -> None:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=TIMEOUT_S)
+    def _run(self, *args: str) -> str:
+        done = subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=TIMEOUT_S)
+        return done.stdout.decode()
+
+    def queue_policy(self, vhost: str, queue: str) -> str | None:
+        for line in self._run("list_queues", "-p", vhost, "--no-table-headers", "name", "policy").splitlines():
+            name, _, policy = line.partition("\t")
+            if name == queue:
+                return policy.strip() or None
+        return None
 
     def add_vhost(self, vhost: str) -> None:
         self._run("add_vhost", vhost)
@@ -115,6 +126,16 @@ class ManagementApi:
         url = "/api/" + "/".join(quote(segment, safe="") for segment in path)
         with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
             client.request(method, url, json=body).raise_for_status()
+
+    def queue_policy(self, vhost: str, queue: str) -> str | None:
+        url = "/api/" + "/".join(quote(segment, safe="") for segment in ("queues", vhost, queue))
+        with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
+            reply = client.get(url)
+        if reply.status_code == 404:
+            return None
+        reply.raise_for_status()
+        policy = reply.json().get("policy")
+        return str(policy) if policy else None
 
     def add_vhost(self, vhost: str) -> None:
         self._send("PUT", "vhosts", vhost)

@@ -90,7 +90,7 @@ class Platform:
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def service(self, name: str, path: str = "/readyz") -> ServiceProcess:
-        """A new process of ``name`` (gateway, worker, collector, api) configured like the others.
+        """A new process of ``name`` (gateway, worker, collector, dispatcher, api) configured like the others.
 
         ``path`` is what "started" means: /readyz (dependencies reachable) or /healthz (alive).
         """
@@ -99,6 +99,7 @@ class Platform:
             "api": "MLP_READ_API_PORT",
             "collector": "MLP_COLLECTOR_HEALTH_PORT",
             "worker": "MLP_WORKER_HEALTH_PORT",
+            "dispatcher": "MLP_DISPATCHER_HEALTH_PORT",
         }
         port = int(self.env[ports[name]])
         return ServiceProcess(
@@ -129,6 +130,7 @@ def platform_env(namespace: Namespace, triton_grpc_url: str, extra: Mapping[str,
             "MLP_READ_API_PORT": str(free_port()),
             "MLP_COLLECTOR_HEALTH_PORT": str(free_port()),
             "MLP_WORKER_HEALTH_PORT": str(free_port()),
+            "MLP_DISPATCHER_HEALTH_PORT": str(free_port()),
             "MLP_LOG_FORMAT": "json",
             "OTEL_SDK_DISABLED": "true",
             "PYTHONUNBUFFERED": "1",

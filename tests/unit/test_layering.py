@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-_CONTEXTS = {"events", "mlp", "projections", "quota", "ml_service", "tenancy"}
+_CONTEXTS = {"events", "mlp", "projections", "quota", "ml_service", "tenancy", "webhooks"}
 # package -> the first-party packages it may import (besides itself)
 FLOORS: dict[str, set[str]] = {
     "events": set(),  # the domain language: imports nothing of ours
@@ -22,13 +22,15 @@ FLOORS: dict[str, set[str]] = {
     "ml_service": {"events", "mlp"},
     "quota": {"events", "mlp", "projections"},  # composes the status cache's Lua fragments
     "tenancy": {"events", "mlp"},
+    "webhooks": {"events", "mlp"},  # signed webhooks: the SSRF guard, signing, the store (gateway + dispatcher)
     # services: contexts and plumbing, never another service
     "api_gateway": _CONTEXTS,
     "ml_worker": _CONTEXTS,
     "results_collector": _CONTEXTS,
     "read_api": _CONTEXTS,
+    "webhook_dispatcher": _CONTEXTS,
     # the top floor: may import anything; nothing imports it
-    "ops": _CONTEXTS | {"api_gateway", "ml_worker", "results_collector", "read_api"},
+    "ops": _CONTEXTS | {"api_gateway", "ml_worker", "results_collector", "read_api", "webhook_dispatcher"},
 }
 
 

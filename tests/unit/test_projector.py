@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
 from events.model import AnyEvent, InferenceCompleted, InferenceRequested, InferenceStarted, new_event_id
@@ -50,6 +51,17 @@ def test_a_completed_request_projects_its_lifecycle_result_and_one_charge() -> N
         )
     ]
     assert [(u.user_id, u.total_tokens, u.occurred_at) for u in final.usage] == [("alice", 19, completed.occurred_at)]
+
+
+def test_an_outcome_carries_the_start_when_no_started_event_was_published() -> None:
+    requested, started, completed = request_stream("r2", start=T0, tokens=(3, 4))
+    assert isinstance(completed, InferenceCompleted)
+    with_start = msgspec.structs.replace(completed, started_at=started.occurred_at)
+    row = plan_events([requested, with_start]).requests[0]
+    assert (row.status, row.started_at, row.finished_at) == ("completed", started.occurred_at, completed.occurred_at)
+    # Both, in any order: the earliest start wins.
+    later = msgspec.structs.replace(completed, started_at=completed.occurred_at)
+    assert plan_events([requested, later, started]).requests[0].started_at == started.occurred_at
 
 
 def test_failed_and_rejected_carry_their_error_and_charge_nothing() -> None:

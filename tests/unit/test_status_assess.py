@@ -46,6 +46,11 @@ def fine() -> Status:
     )
 
 
+def test_an_empty_webhooks_queue_without_a_dispatcher_is_no_problem() -> None:
+    # Only a dispatcher binds mlp.webhooks: where none ever ran, nothing waits for one.
+    assert assess(replace(fine(), queues=[QueueState("mlp.webhooks", True, 0, 0)])) == []
+
+
 def test_a_healthy_platform_has_no_problems() -> None:
     status = fine()
     assert assess(status) == []
@@ -69,6 +74,10 @@ def test_a_healthy_platform_has_no_problems() -> None:
         (
             lambda s: replace(s, queues=[QueueState("mlp.requests.basic-model", True, 40, 0)]),
             "queue mlp.requests.basic-model has no consumer (40 message(s) waiting)",
+        ),
+        (
+            lambda s: replace(s, queues=[QueueState("mlp.webhooks", True, 7, 0)]),
+            "queue mlp.webhooks has no consumer (7 message(s) waiting)",
         ),
         (
             lambda s: replace(s, projections=ProjectionState(120, 0, 45.0, 0.02)),
@@ -107,6 +116,12 @@ def test_critical_problems_make_it_unhealthy(change: object, problem: str) -> No
         (
             lambda s: replace(s, quota=QuotaState(True, None, rebuilding=True)),
             "the quota counters are being rebuilt from the ledger",
+        ),
+        (  # ready on a fallback (mlp.health): the read API without Redis
+            lambda s: replace(
+                s, services=[ServiceState("read-api", "http://ra", True, True, "0.1.0", {"redis": False})]
+            ),
+            "read-api degraded (redis down; serving on its fallback)",
         ),
     ],
 )

@@ -121,6 +121,30 @@ def test_the_delivery_limit_fails_the_request_and_releases() -> None:
     assert "boom" in outcome.event.error_message
 
 
+def test_a_transient_failure_requeues_until_the_last_delivery_then_fails_the_request_with_its_cause() -> None:
+    for count in range(DELIVERY_LIMIT):
+        assert decide.transient_outcome(request(), count, "QuotaUnavailable: redis down") is None
+    outcome = decide.transient_outcome(request(), DELIVERY_LIMIT, "QuotaUnavailable: redis down")
+    assert outcome is not None
+    assert outcome.quota == Release()
+    assert isinstance(outcome.event, InferenceFailed)
+    assert outcome.event.error_code == "transient_exhausted"
+    assert "QuotaUnavailable: redis down" in outcome.event.error_message
+
+
+@pytest.mark.parametrize(
+    ("released", "action"),
+    [
+        ("released", "publish"),  # its hold freed (or none held): the failure is its outcome
+        ("conflict", "answer_publisher"),  # the id is another request's
+        ("committed", "dead_letter"),  # its result was recorded and charged: never a failure on top
+        ("none", "dead_letter"),  # it ended before (failed or refused): its kept outcome stands
+    ],
+)
+def test_the_last_delivery_never_gives_a_charged_or_ended_request_a_second_outcome(released: str, action: str) -> None:
+    assert decide.last_delivery_action(released) == action
+
+
 def test_details_are_bounded() -> None:
     outcome = decide.decide_outcome(request(), TritonFailed("model_error", "x" * 10_000))
     assert isinstance(outcome.event, InferenceFailed)

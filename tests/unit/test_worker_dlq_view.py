@@ -45,4 +45,8 @@ def test_a_replay_drops_the_broker_headers_and_counts_itself() -> None:
 
 
 def test_the_default_queues_are_the_dead_letter_queues() -> None:
-    assert dead_letter_queues(("basic-model",)) == ["mlp.projections.dlq", "mlp.requests.basic-model.dlq"]
+    assert dead_letter_queues(("basic-model",)) == [
+        "mlp.projections.dlq",
+        "mlp.webhooks.dlq",
+        "mlp.requests.basic-model.dlq",
+    ]

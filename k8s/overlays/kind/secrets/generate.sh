@@ -2,7 +2,7 @@
 # Writes the kind overlay's git-ignored secret files from their committed .example templates,
 # replacing each `changeme-<name>` placeholder with one random value per name, the same in every file
 # (the services' URLs must match the data services' own credentials):
-#   secrets/{gateway,worker,collector,read-api,migrate}.env   one Secret per service
+#   secrets/{gateway,worker,collector,dispatcher,read-api,migrate}.env   one Secret per service
 #   secrets/keda-rabbitmq.env                                  KEDA's monitoring-only RabbitMQ user
 #   ../data/secrets/postgres.env                               the PostgreSQL users' passwords
 #   ../data/secrets/redis-auth.conf                            Redis's password
@@ -12,13 +12,14 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 data="$here/../data/secrets"
 outputs=""
-for service in gateway worker collector read-api migrate keda-rabbitmq; do
+for service in gateway worker collector dispatcher read-api migrate keda-rabbitmq; do
   outputs="$outputs $here/$service.env"
 done
 outputs="$outputs $data/postgres.env $data/redis-auth.conf $data/rabbitmq-definitions.json"
 # No name is the prefix of another: each sed expression replaces whole placeholders only.
-names="rabbitmq-admin rabbitmq-gateway rabbitmq-worker rabbitmq-collector rabbitmq-keda rabbitmq-external
-postgres-superuser postgres-migrate postgres-gateway postgres-worker postgres-collector postgres-read-api
+names="rabbitmq-admin rabbitmq-gateway rabbitmq-worker rabbitmq-collector rabbitmq-dispatcher rabbitmq-keda
+rabbitmq-external postgres-superuser postgres-migrate postgres-gateway postgres-worker postgres-collector
+postgres-dispatcher postgres-read-api
 redis key-pepper"
 
 for f in $outputs; do

@@ -1,0 +1,1 @@
+"""The webhook dispatcher (``mlp dispatcher``): outcome events in, signed deliveries out (docs/operations.md)."""
