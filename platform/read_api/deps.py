@@ -13,6 +13,7 @@ import asyncpg
 from fastapi import Depends, Request
 
 from mlp.settings import Settings
+from projections.queue_position import QueuePositions
 from projections.status_cache import StatusCache
 from quota.service import QuotaService
 from read_api.event_feed import EventFeed
@@ -27,6 +28,7 @@ class ReadApiDeps:
     status_cache: StatusCache
     terminal_waits: TerminalWaits
     event_feed: EventFeed  # the SSE streams' live feed and their per-caller places
+    queue_positions: QueuePositions
     quota: QuotaService
     authenticator: Authenticator  # read by tenancy.http's CallerDep
 
@@ -56,6 +58,10 @@ def event_feed_of(request: Request) -> EventFeed:
     return get_deps(request).event_feed
 
 
+def queue_positions_of(request: Request) -> QueuePositions:
+    return get_deps(request).queue_positions
+
+
 def quota_of(request: Request) -> QuotaService:
     return get_deps(request).quota
 
@@ -65,4 +71,5 @@ PoolDep = Annotated[asyncpg.Pool, Depends(pool_of)]
 StatusCacheDep = Annotated[StatusCache, Depends(status_cache_of)]
 TerminalWaitsDep = Annotated[TerminalWaits, Depends(terminal_waits_of)]
 EventFeedDep = Annotated[EventFeed, Depends(event_feed_of)]
+QueuePositionsDep = Annotated[QueuePositions, Depends(queue_positions_of)]
 QuotaDep = Annotated[QuotaService, Depends(quota_of)]

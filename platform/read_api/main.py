@@ -16,6 +16,7 @@ from mlp.db import create_pool
 from mlp.health import dependency_checks
 from mlp.http import run_service, service_app
 from mlp.settings import Settings
+from projections.queue_position import QueuePositions
 from projections.status_cache import StatusCache, StatusKeys
 from quota.service import QuotaService, QuotaSettings
 from read_api import (
@@ -63,6 +64,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
             status_cache=status_cache,
             terminal_waits=terminal_waits,
             event_feed=event_feed,
+            queue_positions=QueuePositions(redis_client),
             quota=QuotaService(pool, redis_client, QuotaSettings.of(settings)),
             authenticator=authenticator,
         )
