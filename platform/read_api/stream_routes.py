@@ -58,8 +58,10 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncGenerator[bytes, None], on_close: Callable[[], None]) -> None:
-        super().__init__(events, headers=_SSE_HEADERS)
+    def __init__(
+        self, events: AsyncGenerator[bytes, None], on_close: Callable[[], None], status_code: int = 200
+    ) -> None:
+        super().__init__(events, status_code=status_code, headers=_SSE_HEADERS)
         self._events = events
         self._on_close = on_close
 
@@ -75,7 +77,8 @@ class EventStreamResponse(StreamingResponse):
 
 @router.get(
     "/api/v1/inference/{request_id}/stream",
-    response_class=EventStreamResponse,
+    # no media type of its own: the 200 is documented as text/event-stream below, the errors as JSON
+    response_class=Response,
     responses={
         200: {
             "description": _STREAM_DOC,
