@@ -38,8 +38,9 @@ from tenancy.http import CallerDep
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["requests"])
 
-# A stream re-reads the store at least this often: notifications are only a wake-up.
-RECHECK_S: Final = 5.0
+# A stream re-reads the store at least this often. Only a safety net: a notification reaches a connected
+# listener, and every stream re-reads when the listening connection comes back after losing it.
+RECHECK_S: Final = 30.0
 # A store error mid-stream is retried at the next re-read (the stream stays open, heartbeats go on).
 _READ_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 

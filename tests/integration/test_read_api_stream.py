@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 import asyncpg
 import httpx
@@ -29,35 +28,13 @@ from read_api.main import create_app
 from read_api.sse import HEARTBEAT, TERMINAL_TYPES, format_sse
 from tests.support.apps import running
 from tests.support.services import free_port
+from tests.support.sse import Message, messages
 
 pytestmark = pytest.mark.integration
 
 KEYS = "k-alice=alice,k-bob=bob"
 ALICE = {"X-API-Key": "k-alice"}
 BOB = {"X-API-Key": "k-bob"}
-
-
-@dataclass(frozen=True)
-class Message:
-    id: str | None
-    event: str | None
-    data: str
-
-
-def messages(text: str) -> list[Message]:
-    """The SSE messages of a stream's text (comments and retry fields left out)."""
-    found: list[Message] = []
-    for block in text.split("\n\n"):
-        fields: dict[str, list[str]] = {}
-        for line in block.split("\n"):
-            if not line or line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            fields.setdefault(name, []).append(value.removeprefix(" "))
-        if "data" in fields:
-            data = "\n".join(fields["data"])
-            found.append(Message(fields.get("id", [None])[0], fields.get("event", [None])[0], data))
-    return found
 
 
 class Stream:
