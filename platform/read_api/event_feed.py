@@ -65,7 +65,9 @@ class EventFeed:
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self._held: defaultdict[str, int] = defaultdict(int)
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self.stopping = False  # the process is shutting down: every stream ends (clients resume elsewhere)
         self.listening = asyncio.Event()  # set while the LISTEN is in place (tests wait on it)
 
     @classmethod
@@ -76,7 +78,19 @@ class EventFeed:
         return cls(connect, max_per_caller)
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._listen(), name="event-feed")
+
+    def stop_streams(self) -> None:
+        """End every open stream at its next wake-up, which this causes at once. Safe in a signal handler
+        (the server's graceful shutdown calls it: ``mlp.http``), so streams do not hold the shutdown up."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._stop_streams)
+
+    def _stop_streams(self) -> None:
+        self.stopping = True
+        self._wake_all()
 
     async def close(self) -> None:
         self._closing = True

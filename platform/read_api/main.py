@@ -58,6 +58,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
         terminal_waits.start()
         event_feed = EventFeed.for_dsn(settings.postgres_dsn, settings.max_streams_per_caller)
         event_feed.start()
+        app.state.on_exit_signal = event_feed.stop_streams  # SIGTERM: streams end, clients resume elsewhere
         app.state.deps = ReadApiDeps(
             settings=settings,
             pool=pool,

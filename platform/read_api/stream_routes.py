@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from mlp.http_errors import error_response, error_responses
 from projections.event_log import EventHead, payloads_of, stream_heads, stream_owner
 from read_api.deps import EventFeedDep, PoolDep, SettingsDep, StatusCacheDep
-from read_api.event_feed import TooManyStreams
+from read_api.event_feed import EventFeed, TooManyStreams
 from read_api.request_events_routes import accepted_owner
 from read_api.requests_routes import RequestId
 from read_api.sse import HEARTBEAT, ended, format_sse, parse_event_id, sent_through, unsent
@@ -122,6 +122,8 @@ async def stream_inference(
     owner = await stream_owner(pool, request_id) or await accepted_owner(cache, request_id)
     if owner is None or not caller.may_see_user(owner):
         return error_response(404, "not_found", f"no request {request_id}")
+    if feed.stopping:
+        return error_response(503, "dependency_unavailable", "this replica is shutting down", {"Retry-After": "1"})
     try:
         lease = feed.lease(wait_key(caller, request.client.host if request.client else None))
     except TooManyStreams:
@@ -135,7 +137,14 @@ async def stream_inference(
         if ended(heads, sent) and not unsent(heads, sent):
             return Response(status_code=204)
         follow = _follow(
-            pool, request_id, heads, sent, woke, heartbeat_s=settings.stream_heartbeat_s, max_s=settings.max_stream_s
+            pool,
+            request_id,
+            heads,
+            sent,
+            woke,
+            feed,
+            heartbeat_s=settings.stream_heartbeat_s,
+            max_s=settings.max_stream_s,
         )
         response = EventStreamResponse(follow, on_close=stack.pop_all().close)
     return response
@@ -147,12 +156,14 @@ async def _follow(
     heads: list[EventHead],
     sent: set[str],
     woke: asyncio.Event,
+    feed: EventFeed,
     *,
     heartbeat_s: float,
     max_s: float,
 ) -> AsyncGenerator[bytes, None]:
     """Send what is unsent, wait for a wake-up (a notification, the re-read timer), re-read, and so on,
-    until the terminal event went out or ``max_s`` passed. Memory: the ids sent, one event, this frame."""
+    until the terminal event went out, ``max_s`` passed or the process shuts down. Memory: the ids sent,
+    one event, this frame."""
     deadline = time.monotonic() + max_s
     last_write = time.monotonic()
     while True:
@@ -173,6 +184,8 @@ async def _follow(
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woke.wait(), min(recheck_at, last_write + heartbeat_s, deadline) - now)
+        if feed.stopping:
+            return
         woke.clear()  # before the re-read: a notification during it sets the event again
         try:
             heads = await stream_heads(pool, request_id)

@@ -286,3 +286,26 @@ async def test_an_idle_stream_sends_heartbeat_comments(keyed: Settings, pool: as
                 await asyncio.sleep(0.02)
         assert len(stream.messages()) == 1  # the heartbeats are comments, not messages
         assert not stream.ended.is_set()
+
+
+async def test_a_shutting_down_replica_ends_its_streams_at_once_and_opens_no_more(
+    keyed: Settings, pool: asyncpg.Pool
+) -> None:
+    """The server's SIGTERM handler calls ``app.state.on_exit_signal`` (mlp.http): a stream must not hold the
+    graceful shutdown up for its whole timeout; its client resumes on another replica with Last-Event-ID."""
+    request_id = new_event_id()
+    await store(pool, request_stream(request_id, user_id="alice", outcome="queued"))
+    app = create_app(keyed)
+    async with (
+        serving(app) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+        open_stream(client, request_id, ALICE) as stream,
+    ):
+        await stream.until(1)
+        app.state.on_exit_signal()
+        async with asyncio.timeout(30):
+            await stream.ended.wait()
+        assert len(stream.messages()) == 1
+        refused = await client.get(f"/api/v1/inference/{request_id}/stream", headers=ALICE)
+        assert refused.status_code == 503
+        assert "Retry-After" in refused.headers
