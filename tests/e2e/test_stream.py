@@ -21,7 +21,9 @@ SEED = {"prompt": "test prompt", "user_id": "test-user", "model": "basic-model"}
 
 @pytest.fixture(scope="module")
 def platform(triton_grpc_url: str) -> Iterator[Platform]:
-    with isolated_namespace("sse") as ns, running_platform(ns, triton_grpc_url) as running:
+    # Every request announces its start here (MLP_STARTED_EVENT_AFTER_MS=0): the stream carries three events.
+    env = {"MLP_STARTED_EVENT_AFTER_MS": "0"}
+    with isolated_namespace("sse") as ns, running_platform(ns, triton_grpc_url, extra_env=env) as running:
         yield running
 
 
