@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Annotated, Final
 
 import asyncpg
@@ -167,7 +167,7 @@ async def _follow(
     deadline = time.monotonic() + max_s
     last_write = time.monotonic()
     while True:
-        async for chunk in _send_unsent(pool, heads, sent):
+        for chunk in await _unsent_messages(pool, heads, sent):
             yield chunk
             last_write = time.monotonic()
         if ended(heads, sent):
@@ -193,20 +193,24 @@ async def _follow(
             log.warning("stream of %s: the event store did not answer (%r); trying again", request_id, exc)
 
 
-async def _send_unsent(pool: asyncpg.Pool, heads: list[EventHead], sent: set[str]) -> AsyncIterator[bytes]:
+async def _unsent_messages(pool: asyncpg.Pool, heads: list[EventHead], sent: set[str]) -> list[bytes]:
+    """The SSE messages of the events not sent yet, up to the terminal one (marked sent); none when the
+    store does not answer now (the next re-read tries again)."""
     todo = unsent(heads, sent)
     if not todo:
-        return
+        return []
     try:
         payloads = await payloads_of(pool, [head.event_id for head in todo])
     except _READ_ERRORS as exc:
         log.warning("stream: the event store did not answer (%r); trying again", exc)
-        return
+        return []
+    chunks: list[bytes] = []
     for head in todo:
         payload = payloads.get(head.event_id)
         if payload is None:  # the store is append-only: never, but never send a hole either
             continue
         sent.add(head.event_id)
-        yield format_sse(head.event_id, head.type, payload)
+        chunks.append(format_sse(head.event_id, head.type, payload))
         if ended([head], sent):
-            return
+            break
+    return chunks
