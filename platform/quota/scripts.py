@@ -197,6 +197,7 @@ local claim_ttl, ev, dg = ARGV[12], ARGV[14], ARGV[15]
 local rec = P .. 'rq:' .. rid
 local answer, st = claim_check(rec, user, ev, dg, ARGV[13])
 if answer then return answer end
+queue_started(ARGV[13], ARGV[5])  -- taken off its model's queue (projections.queue_position)
 if st[1] == 'reserved' then
   purge(user, now)
   if redis.call('ZSCORE', P .. 'rz:' .. user, rid) then return {'ALREADY', st[7] or '0'} end
