@@ -65,6 +65,10 @@ class RequestView(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorView | None = None
     reason: str | None = None
     trace_id: str | None = None
+    # A queued request's place in its model's queue (1 = next) and the seconds until it starts, when the
+    # gateway admitted it (projections.queue_position); the read API fills them in, null otherwise.
+    queue_position: int | None = None
+    eta_s: float | None = None
 
     @classmethod
     def from_cache(cls, request_id: str, fields: Mapping[str, str]) -> RequestView:

@@ -18,7 +18,7 @@ Postgres projection, so redelivery, reordering and replay are harmless:
 Hash fields (strings; timestamps ISO-8601 UTC, microsecond precision): user_id, model, status,
 created_at, started_at, finished_at, updated_at, completion, embedding (an embed model's answer, a JSON
 array), prompt_tokens, completion_tokens, total_tokens, latency_ms, error_code, error_message, reason,
-trace_id.
+trace_id; and for a request the gateway admitted, queue and queue_ticket (projections.queue_position).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from events.model import (
 )
 from events.status import STATUS_RANK, TERMINAL_STATUSES, status_of
 from mlp.redis_scripts import evalsha_pipelined
+from projections.queue_position import QUEUE_LUA_FUNCTIONS, QueueKeys
 
 _json = msgspec.json.Encoder()
 # How long a request's entry lives (Postgres answers after that).
@@ -168,7 +169,9 @@ local terminal = {_lua_set(sorted(TERMINAL_STATUSES))}
 
 # Functions the quota scripts (quota.scripts) put in front of theirs: the worker's redelivery check and
 # the gateway's first entry run inside the quota script's own round trip. Keys come in ARGV there.
-STATUS_LUA_FUNCTIONS: Final = f"""
+STATUS_LUA_FUNCTIONS: Final = (
+    QUEUE_LUA_FUNCTIONS
+    + f"""
 local status_terminal = {_lua_set(sorted(TERMINAL_STATUSES))}
 -- true when the request's hash holds a terminal status
 local function status_is_terminal(key)
@@ -176,14 +179,17 @@ local function status_is_terminal(key)
   return status ~= false and status_terminal[status] == true
 end
 -- a new request's first entry: 'queued', then the field/value pairs ARGV[first..]; never over an
--- existing entry (a fresh request id, so there is no rank to respect yet)
+-- existing entry (a fresh request id, so there is no rank to respect yet). With a 'queue' field, the
+-- request takes its model's next admission ticket (projections.queue_position).
 local function status_put_queued(key, ttl_s, first)
   if redis.call('EXISTS', key) == 1 then return end
   redis.call('HSET', key, 'status', 'queued')
   for i = first, #ARGV, 2 do redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
+  queue_take_ticket(key, ttl_s)
   redis.call('EXPIRE', key, ttl_s)
 end
 """
+)
 
 # KEYS[1] = the hash, KEYS[2] = the channel announcing terminal states (long-polls wait on it);
 # ARGV = status, ttl_s, then field/value pairs. Returns 1 when anything changed.
@@ -260,6 +266,7 @@ class StatusCache:
     def __init__(self, redis: redis.Redis, keys: StatusKeys, ttl_s: int = STATUS_TTL_S) -> None:
         self._redis = redis
         self._keys = keys
+        self._queue_keys = QueueKeys(keys.prefix)
         self._ttl_s = ttl_s
         self._advance = redis.register_script(_ADVANCE)
         self._restore = redis.register_script(_RESTORE)
@@ -280,9 +287,14 @@ class StatusCache:
     def request_id_of(self, status_key: str) -> str:
         return self._keys.request_id_of(status_key)
 
+    def status_key(self, request_id: str) -> str:
+        """The request's hash."""
+        return self._keys.status(request_id)
+
     def queued(self, event: InferenceRequested) -> QueuedStatus:
         """The request's first entry, for the admission to write (``status_put_queued``) when it admits. Pure."""
         _, _, fields = cache_update(event)
+        fields["queue"] = self._queue_keys.of(event.model)  # the admission takes a ticket in this queue
         flat = [part for pair in fields.items() for part in pair]
         return QueuedStatus(self._keys.status(event.request_id), self._ttl_s, flat)
 

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Collection, Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -78,6 +79,15 @@ class _Server(uvicorn.Server):
                 yield
             finally:
                 self._captured_signals.clear()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Also tell the app that the graceful shutdown begins: ``app.state.on_exit_signal`` (a callable that
+        is safe in a signal handler), so that open-ended responses (the read API's SSE streams) end now
+        instead of holding the shutdown for its whole timeout."""
+        super().handle_exit(sig, frame)
+        on_exit = getattr(getattr(self.config.app, "state", None), "on_exit_signal", None)
+        if callable(on_exit):
+            on_exit()
 
 
 def native_telemetry(enabled: bool) -> TelemetryConfig | None:

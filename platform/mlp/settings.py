@@ -155,6 +155,12 @@ class Settings(BaseSettings):
     # Long-polls one caller (a user, else a key, else a client address in open mode) may hold open at once
     # on one read API replica; one more answers 429 with Retry-After.
     max_waits_per_caller: int = Field(default=32, ge=1)
+    # SSE streams (GET /api/v1/inference/{id}/stream): open at once per caller on one read API replica (one
+    # more answers 429), the heartbeat comment's interval, and the longest a stream stays open (the client
+    # then resumes with Last-Event-ID, as EventSource does by itself).
+    max_streams_per_caller: int = Field(default=16, ge=1)
+    stream_heartbeat_s: float = Field(default=15.0, gt=0)
+    max_stream_s: float = Field(default=3600.0, gt=0)
 
     # Postgres pool of the services: how long a query may wait for a free connection, and how long a
     # statement may run, before it fails (the HTTP services answer 503) instead of piling up.

@@ -201,6 +201,7 @@ local claim_ttl, ev, dg = ARGV[12], ARGV[14], ARGV[15]
 local rec = P .. 'rq:' .. rid
 local answer, st = claim_check(rec, user, ev, dg, ARGV[13])
 if answer then return answer end
+queue_started(ARGV[13], ARGV[5])  -- taken off its model's queue (projections.queue_position)
 -- a cancel was asked for while it ran (CANCEL's mark): a redelivery ends it cancelled, never runs it again
 if st[1] == 'reserved' and redis.call('HEXISTS', rec, 'x') == 1 then return {'CANCELLING', st[7] or '0'} end
 if st[1] == 'reserved' then

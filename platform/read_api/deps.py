@@ -13,8 +13,10 @@ import asyncpg
 from fastapi import Depends, Request
 
 from mlp.settings import Settings
+from projections.queue_position import QueuePositions
 from projections.status_cache import StatusCache
 from quota.service import QuotaService
+from read_api.event_feed import EventFeed
 from read_api.terminal_waits import TerminalWaits
 from tenancy.authenticator import Authenticator
 
@@ -25,6 +27,8 @@ class ReadApiDeps:
     pool: asyncpg.Pool
     status_cache: StatusCache
     terminal_waits: TerminalWaits
+    event_feed: EventFeed  # the SSE streams' live feed and their per-caller places
+    queue_positions: QueuePositions
     quota: QuotaService
     authenticator: Authenticator  # read by tenancy.http's CallerDep
 
@@ -50,6 +54,14 @@ def terminal_waits_of(request: Request) -> TerminalWaits:
     return get_deps(request).terminal_waits
 
 
+def event_feed_of(request: Request) -> EventFeed:
+    return get_deps(request).event_feed
+
+
+def queue_positions_of(request: Request) -> QueuePositions:
+    return get_deps(request).queue_positions
+
+
 def quota_of(request: Request) -> QuotaService:
     return get_deps(request).quota
 
@@ -58,4 +70,6 @@ SettingsDep = Annotated[Settings, Depends(settings_of)]
 PoolDep = Annotated[asyncpg.Pool, Depends(pool_of)]
 StatusCacheDep = Annotated[StatusCache, Depends(status_cache_of)]
 TerminalWaitsDep = Annotated[TerminalWaits, Depends(terminal_waits_of)]
+EventFeedDep = Annotated[EventFeed, Depends(event_feed_of)]
+QueuePositionsDep = Annotated[QueuePositions, Depends(queue_positions_of)]
 QuotaDep = Annotated[QuotaService, Depends(quota_of)]

@@ -1,4 +1,5 @@
-"""Composition root of the read API (``mlp api``): status, results, quota, usage and the token-rate metric."""
+"""Composition root of the read API (``mlp api``): status, results, event streams (SSE), quota, usage and the
+token-rate metric."""
 
 from __future__ import annotations
 
@@ -15,10 +16,19 @@ from mlp.db import create_pool
 from mlp.health import dependency_checks
 from mlp.http import run_service, service_app
 from mlp.settings import Settings
+from projections.queue_position import QueuePositions
 from projections.status_cache import StatusCache, StatusKeys
 from quota.service import QuotaService, QuotaSettings
-from read_api import metrics_routes, quota_routes, request_events_routes, request_list_routes, requests_routes
+from read_api import (
+    metrics_routes,
+    quota_routes,
+    request_events_routes,
+    request_list_routes,
+    requests_routes,
+    stream_routes,
+)
 from read_api.deps import ReadApiDeps
+from read_api.event_feed import EventFeed
 from read_api.terminal_waits import TerminalWaits
 from tenancy.authenticator import Authenticator
 from tenancy.http import add_auth_handlers
@@ -46,11 +56,16 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
         status_cache = StatusCache(redis_client, StatusKeys(settings.redis_prefix))
         terminal_waits = TerminalWaits(redis_client, status_cache, settings.max_waits_per_caller)
         terminal_waits.start()
+        event_feed = EventFeed.for_dsn(settings.postgres_dsn, settings.max_streams_per_caller)
+        event_feed.start()
+        app.state.on_exit_signal = event_feed.stop_streams  # SIGTERM: streams end, clients resume elsewhere
         app.state.deps = ReadApiDeps(
             settings=settings,
             pool=pool,
             status_cache=status_cache,
             terminal_waits=terminal_waits,
+            event_feed=event_feed,
+            queue_positions=QueuePositions(redis_client),
             quota=QuotaService(pool, redis_client, QuotaSettings.of(settings)),
             authenticator=authenticator,
         )
@@ -58,6 +73,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
         try:
             yield
         finally:
+            await event_feed.close()
             await terminal_waits.close()
             await authenticator.close()
             await redis_client.aclose()
@@ -68,6 +84,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
     app.include_router(request_list_routes.router)
     app.include_router(requests_routes.router)
     app.include_router(request_events_routes.router)
+    app.include_router(stream_routes.router)
     app.include_router(quota_routes.router)
     app.include_router(metrics_routes.router)
     add_auth_handlers(app)

@@ -39,7 +39,7 @@ async def get_inference_events(
         owner: str | None = stored.user_id
         payloads = stored.payloads
     else:
-        owner, payloads = await _accepted_owner(cache, request_id), []
+        owner, payloads = await accepted_owner(cache, request_id), []
     if owner is None or not caller.may_see_user(owner):
         return error_response(404, "not_found", f"no request {request_id}")
     # The stored JSON goes out as it is: no decoding and re-encoding of every event.
@@ -47,7 +47,7 @@ async def get_inference_events(
     return Response(body, media_type="application/json")
 
 
-async def _accepted_owner(cache: StatusCache, request_id: str) -> str | None:
+async def accepted_owner(cache: StatusCache, request_id: str) -> str | None:
     """The user of a request the status cache knows but the event store does not hold yet."""
     try:
         fields = await cache.get(request_id)

@@ -18,6 +18,7 @@ import time
 from typing import Annotated, Final
 
 import asyncpg
+import msgspec
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 from msgspec import json as msgspec_json
@@ -26,8 +27,9 @@ from events.request_rules import REQUEST_ID_PATTERN
 from events.status import TERMINAL_STATUSES
 from mlp.http_errors import error_response, error_responses
 from projections.queries import RequestView, get_request
+from projections.queue_position import QueuePositions
 from projections.status_cache import StatusCache, StatusCacheUnavailable
-from read_api.deps import PoolDep, SettingsDep, StatusCacheDep, TerminalWaitsDep
+from read_api.deps import PoolDep, QueuePositionsDep, SettingsDep, StatusCacheDep, TerminalWaitsDep
 from read_api.schemas import RequestOut
 from read_api.terminal_waits import TerminalWaits, TooManyWaits, wait_key
 from tenancy.caller import Caller
@@ -71,6 +73,17 @@ async def cached_view(cache: StatusCache, request_id: str) -> RequestView | None
 async def load_view(cache: StatusCache, pool: asyncpg.Pool, request_id: str) -> RequestView | None:
     view = await cached_view(cache, request_id)
     return view if view is not None else await get_request(pool, request_id)
+
+
+async def with_queue_position(view: RequestView, cache: StatusCache, queue: QueuePositions) -> RequestView:
+    """A queued view with its ``queue_position`` and ``eta_s`` (projections.queue_position), when it has a ticket."""
+    if view.status != "queued":
+        return view
+    standing = await queue.standing(cache.status_key(view.request_id))
+    if standing is None:
+        return view
+    position, eta_s = standing
+    return msgspec.structs.replace(view, queue_position=position, eta_s=eta_s)
 
 
 async def wait_for_view(
@@ -121,6 +134,7 @@ async def get_inference(
     pool: PoolDep,
     cache: StatusCacheDep,
     waits: TerminalWaitsDep,
+    queue: QueuePositionsDep,
     wait: Annotated[
         float,
         Query(ge=0, description="seconds to wait for a terminal state (capped at the server's MLP_MAX_WAIT_S)"),
@@ -138,4 +152,5 @@ async def get_inference(
             return error_response(429, "too_many_waits", detail, {"Retry-After": "1"})
     if view is None:
         return error_response(404, "not_found", f"no request {request_id}")
+    view = await with_queue_position(view, cache, queue)
     return Response(_encoder.encode(view), media_type="application/json")

@@ -45,6 +45,13 @@ class RequestOut(BaseModel):
     error: ErrorOut | None
     reason: str | None = Field(description="a rejection's reason (also in error.code)")
     trace_id: str | None
+    queue_position: int | None = Field(
+        description="a queued request's place in its model's queue, 1 = next (approximate; null when not queued"
+        " or unknown: docs/http.md)"
+    )
+    eta_s: float | None = Field(
+        description="estimated seconds until a queued request starts, at the measured pace (null until measured)"
+    )
 
 
 class RequestPageOut(BaseModel):

@@ -10,7 +10,8 @@ The bus adapter decides ack/nack/reject here and nowhere else:
 - a request whose id another request already claimed (the quota's claim, the one the worker checks too)
   -> ``ack`` without storing it: the stream's owner is the claim's, whichever consumer saw it first; the
   worker answers its publisher with ``duplicate_request_id``;
-- written (newly stored, or a duplicate already stored) -> ``ack``, only after the commit;
+- written (newly stored, or a duplicate already stored) -> ``ack``, only after the commit, in bulk: one
+  ``multiple`` ack for a run of written deliveries (``mlp.acks``);
 - Postgres down -> the handler keeps waiting while its batch is retried (the message stays unacked;
   no requeue, which a quorum queue would count towards its delivery limit);
 - shutting down before it was written -> ``nack(requeue=True)``, never a reject.
@@ -35,6 +36,7 @@ from events.identity import RequestClaim, claim_of
 from events.model import AnyEvent, EventDecodeError, InferenceRequested, decode_event
 from events.request_rules import RequestLimits
 from mlp import metrics as platform_metrics
+from mlp.acks import BulkAcker
 from mlp.backoff import Backoff
 from projections.postgres import is_transient, store_and_project
 from projections.projector import invalid_reason
@@ -81,10 +83,13 @@ class Collector:
         follow_up: FollowUp | None = None,
         claims: Claims | None = None,
         status_keys: StatusKeys | None = None,
+        acks: BulkAcker | None = None,
     ) -> None:
         """``limits``: the platform's request limits and served models (guards.unstorable_request);
         ``claims``: who owns a request id (None: every storable request is stored, as in unit tests)."""
         self._claims = claims
+        # One multiple ack per run of written events (mlp.acks), not one frame per event.
+        self._acks = acks or BulkAcker()
         self._status_keys = status_keys
         self._pool = pool
         self._cache_sync = cache_sync
@@ -111,6 +116,7 @@ class Collector:
 
     async def close(self, drain_timeout_s: float) -> None:
         await self._batcher.close(drain_timeout_s)
+        await self._acks.close()
         await self._cache_sync.close(timeout_s=min(5.0, drain_timeout_s))
         if self._follow_up is not None:
             await self._follow_up.close(timeout_s=min(5.0, drain_timeout_s))
@@ -138,14 +144,14 @@ class Collector:
                 log.info("request %s not stored (%s): %s", event.request_id[:200], refusal.reason, refusal.message)
                 if self._follow_up is not None and not await self._follow_up.refuse(event, refusal):
                     metrics.EVENTS.labels(type(event).__name__, "requeued").inc()
-                    await message.nack(requeue=True)  # shutting down while its answer waited for room
+                    await self._requeue(message)  # shutting down while its answer waited for room
                     return
-                await message.ack()
+                self._acks.done(message)
                 return
             if not await self._claimed(event):
                 metrics.EVENTS.labels(type(event).__name__, "refused").inc()
                 log.info("request %s not stored: the id names another request", event.request_id[:200])
-                await message.ack()
+                self._acks.done(message)
                 return
         try:
             newly_stored = await self._batcher.submit(Incoming(event, body, consumer_parent(event)))
@@ -154,10 +160,10 @@ class Collector:
             return
         except ShuttingDown:
             metrics.EVENTS.labels(type(event).__name__, "requeued").inc()
-            await message.nack(requeue=True)
+            await self._requeue(message)
             return
         metrics.EVENTS.labels(type(event).__name__, "stored" if newly_stored else "duplicate").inc()
-        await message.ack()
+        self._acks.done(message)
 
     async def _claimed(self, request: InferenceRequested) -> bool:
         """Whether the request is its message's to store. Redis down: stored (the worker cannot claim either
@@ -182,6 +188,11 @@ class Collector:
             extra={"message_id": message.message_id, "reason": reason[:500]},
         )
         await message.reject(requeue=False)
+        self._acks.settled(message)
+
+    async def _requeue(self, message: RabbitMessage) -> None:
+        await message.nack(requeue=True)
+        self._acks.settled(message)
 
     async def _write(self, items: list[Incoming]) -> Sequence[bool]:
         with batch_span([i.trace_parent for i in items]) as batch:
