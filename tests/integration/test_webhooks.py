@@ -167,7 +167,13 @@ async def test_a_webhook_belongs_to_its_user_another_sees_404_an_admin_sees_all(
         assert hook["id"].startswith("wh_")
         assert hook["secret"].startswith("whsec_")
         assert len(base64.b64decode(hook["secret"].removeprefix("whsec_"))) == 32
-        assert hook["events"] == ["InferenceCompleted", "InferenceFailed", "InferenceRejected"]
+        assert hook["events"] == [
+            "InferenceCompleted",
+            "InferenceFailed",
+            "InferenceRejected",
+            "InferenceCancelled",
+            "InferenceExpired",
+        ]
         assert hook["user_id"] == "alice"
         path = f"/api/v1/webhooks/{hook['id']}"
 
