@@ -52,6 +52,7 @@ from ml_worker.inbound import CancelRequest, Delivery, Invalid, max_body_bytes, 
 from ml_worker.metrics import REDELIVERIES
 from ml_worker.tracing import record_outcome, request_span, with_worker_traceparent
 from mlp import metrics
+from mlp.acks import BulkAcker
 from mlp.backoff import Backoff
 from mlp.bus import PublishError
 from mlp.logs import bind_request_id
@@ -205,6 +206,8 @@ class RequestHandler:
         self._started_after_s = started_after_s
         self._max_body = max_body_bytes(limits.max_prompt_chars)
         self.draining = asyncio.Event()
+        # Acks go out in bulk (mlp.acks): one multiple ack per run of finished deliveries.
+        self.acks = BulkAcker()
         # In-flight deliveries, so a shutdown can requeue what it could not finish.
         self.in_flight: dict[asyncio.Task[Any], RabbitMessage] = {}
 
@@ -227,6 +230,7 @@ class RequestHandler:
         if isinstance(parsed, Invalid | CancelRequest) or not decide.is_last_delivery(count):
             with contextlib.suppress(Exception):  # a closed channel requeues it anyway
                 await message.nack(requeue=True)
+            self.acks.settled(message)
             return
         with bind_request_id(parsed.request_id):
             await self._after_transient(message, parsed, count, "the worker was shutting down")
@@ -300,7 +304,7 @@ class RequestHandler:
         match reservation.answer:
             case "finished":
                 log.info("request %s already has its outcome; dropping the redelivery", request.request_id)
-                await message.ack()
+                self.acks.done(message)
                 return
             case "done":
                 await self._answer_again(message, request, reservation.outcome_event)
@@ -355,7 +359,7 @@ class RequestHandler:
             return False
         await self._deps.publisher.publish(event)
         record_outcome(event)
-        await message.ack()
+        self.acks.done(message)
         _count_outcome(self._model_label(request.model), event, request.occurred_at)
         return True
 
@@ -365,17 +369,17 @@ class RequestHandler:
         for tries in range(1, TRANSIENT_MAX_TRIES + 1):
             try:
                 await self._cancel_for_publisher(command)
-                await message.ack()
+                self.acks.done(message)
                 return
             except TRANSIENT_ERRORS as exc:
                 if self.draining.is_set() or tries == TRANSIENT_MAX_TRIES or _channel_closed(message):
                     log.warning("cancel of %s: %s; requeueing", command.request_id, _describe(exc))
-                    await _requeue(message, self._model_label(command.model))
+                    await _requeue(message, self._model_label(command.model), self.acks)
                     return
                 await asyncio.sleep(TRANSIENT_BACKOFF.delay(tries - 1))
             except Exception:
                 log.exception("cancel of %s failed; dropped", command.request_id)
-                await message.ack()
+                self.acks.done(message)
                 return
 
     async def _cancel_for_publisher(self, command: CancelRequest) -> None:
@@ -480,7 +484,7 @@ class RequestHandler:
                 event = await self._release(request, event)
         await self._deps.publisher.publish(event)
         record_outcome(event)
-        await message.ack()
+        self.acks.done(message)
         _count_outcome(self._model_label(request.model), event, request.occurred_at)
 
     async def _release(self, request: InferenceRequested, event: decide.Terminal) -> decide.Terminal:
@@ -504,7 +508,7 @@ class RequestHandler:
         if event is not None:
             await self._deps.publisher.publish(event)
         log.info("request %s already ended; answered with its outcome again, not run", request.request_id)
-        await message.ack()
+        self.acks.done(message)
         REDELIVERIES.labels(self._model_label(request.model), "answered_again").inc()
 
     async def _answer_publisher(self, message: RabbitMessage, request: InferenceRequested) -> None:
@@ -512,7 +516,7 @@ class RequestHandler:
         log.warning("request %s: the id names another request; refused to the publisher", request.request_id)
         rejection = duplicate_rejection(request)
         await self._deps.publisher.publish(rejection)
-        await message.ack()
+        self.acks.done(message)
         _count_outcome(self._model_label(request.model), rejection, request.occurred_at)
 
     async def _dead_letter_invalid(self, message: RabbitMessage, invalid: Invalid, count: int) -> None:
@@ -529,12 +533,13 @@ class RequestHandler:
                     if self.draining.is_set() or tries == TRANSIENT_MAX_TRIES or _channel_closed(message):
                         if not decide.is_last_delivery(count):
                             log.warning("rejection of an invalid message not done (%s); requeueing", _describe(exc))
-                            await _requeue(message, label)
+                            await _requeue(message, label, self.acks)
                             return
                         log.warning("rejection of an invalid message not done (%s); dead-lettering", _describe(exc))
                         break
                     await asyncio.sleep(TRANSIENT_BACKOFF.delay(tries - 1))
         await message.reject(requeue=False)
+        self.acks.settled(message)
         REDELIVERIES.labels(label, "dead_letter").inc()
 
     async def _invalid_answer(self, invalid: Invalid) -> InferenceRejected:
@@ -560,7 +565,7 @@ class RequestHandler:
     ) -> None:
         log.exception("request %s: unexpected %s (delivery %d)", request.request_id, type(exc).__name__, count + 1)
         if not decide.is_last_delivery(count):
-            await _requeue(message, self._model_label(request.model))
+            await _requeue(message, self._model_label(request.model), self.acks)
             return
         await self._end_on_last_delivery(message, request, decide.delivery_limit_outcome(request, _describe(exc)))
 
@@ -571,7 +576,7 @@ class RequestHandler:
         outcome = decide.transient_outcome(request, count, cause)
         if outcome is None:
             log.warning("request %s: %s; requeueing (delivery %d)", request.request_id, cause, count + 1)
-            await _requeue(message, self._model_label(request.model))
+            await _requeue(message, self._model_label(request.model), self.acks)
             return
         log.warning("request %s: %s on its last delivery; it ends failed", request.request_id, cause)
         await self._end_on_last_delivery(message, request, outcome)
@@ -610,13 +615,14 @@ class RequestHandler:
             # Not even the failure could be recorded (Redis or the broker down): the broker dead-letters the
             # message on this return, never silently; `mlp dlq replay` re-drives it once the cause is fixed.
             log.exception("request %s: its failure could not be recorded; left to the DLQ", request.request_id)
-            await _requeue(message, label)
+            await _requeue(message, label, self.acks)
             REDELIVERIES.labels(label, "dead_letter").inc()
             return
         try:
             await message.reject(requeue=False)
         except Exception as exc:  # channel gone: the broker returns it, past its limit, to the DLQ itself
             log.warning("reject of %s failed (%s); the broker dead-letters it", message.message_id, _describe(exc))
+        self.acks.settled(message)
         REDELIVERIES.labels(label, "dead_letter").inc()
 
     def _count(self, request: InferenceRequested) -> int | None:
@@ -640,11 +646,12 @@ def _delivery(message: RabbitMessage) -> Delivery:
     )
 
 
-async def _requeue(message: RabbitMessage, model: str) -> None:
+async def _requeue(message: RabbitMessage, model: str, acks: BulkAcker) -> None:
     try:
         await message.nack(requeue=True)
     except Exception as exc:  # channel gone: the broker requeues unacked messages itself
         log.warning("nack of %s failed (%s); the broker requeues it", message.message_id, _describe(exc))
+    acks.settled(message)
     REDELIVERIES.labels(model, "requeue").inc()
 
 

@@ -89,6 +89,7 @@ class Worker:
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
+        await handler.acks.close()  # the acks still owed, while the channels are open
         # Cancel the consumers before requeueing: a requeued message would otherwise be
         # delivered straight back to this (stopping) consumer and spend another delivery.
         for subscriber in self.subscribers:

@@ -128,7 +128,7 @@ class Collector:
         except EventDecodeError as exc:
             if cancel_command(body) is not None:  # a bus publisher's cancel (the worker's): not an event
                 metrics.EVENTS.labels("CancelInference", "ignored").inc()
-                await message.ack()
+                self._acks.done(message)
                 return
             await self._reject(message, "undecodable", str(exc))
             return
