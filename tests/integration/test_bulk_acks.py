@@ -4,7 +4,7 @@ that covers a delivery still in hand (closing the consumer returns exactly those
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import aio_pika
 import pytest
@@ -24,9 +24,9 @@ HELD = {10, 30, 50}  # message numbers whose handling is still going on when the
 
 
 @pytest.fixture
-def namespace() -> AsyncIterator[Namespace]:
+def namespace() -> Iterator[Namespace]:
     with isolated_namespace("acks") as ns:
-        yield ns  # type: ignore[misc]
+        yield ns
 
 
 async def _ready(url: str) -> int:
@@ -67,7 +67,7 @@ async def _consume(url: str, acker: BulkAcker, hold: set[int], seen: list[int]) 
 async def test_runs_are_acked_in_bulk_and_a_delivery_in_hand_is_never_covered(namespace: Namespace) -> None:
     url = namespace.rabbitmq_url
     await _publish(url, COUNT)
-    acker, seen = BulkAcker(max_delay_s=0.2), []
+    acker, seen = BulkAcker(max_delay_s=0.2), list[int]()
     broker = await _consume(url, acker, HELD, seen)
     try:
         await eventually(lambda: _true(len(seen) == COUNT), "every message delivered")
@@ -79,7 +79,7 @@ async def test_runs_are_acked_in_bulk_and_a_delivery_in_hand_is_never_covered(na
     assert acker.frames < COUNT - len(HELD)  # fewer ack frames than acked deliveries
 
     # The rest, finished in full: nothing left.
-    again, seen_again = BulkAcker(), []
+    again, seen_again = BulkAcker(), list[int]()
     broker = await _consume(url, again, set(), seen_again)
     try:
         await eventually(lambda: _true(len(seen_again) == len(HELD)), "the held messages redelivered")
