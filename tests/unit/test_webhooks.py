@@ -147,7 +147,7 @@ def test_subscribable_types_are_the_terminal_events() -> None:
 
 def test_the_webhooks_queue_is_bound_per_user_to_every_outcome_kind() -> None:
     assert webhooks_queue().binding_keys == ()  # declared unbound: the dispatcher binds it per user
-    assert OUTCOME_KINDS == tuple(EVENT_KINDS[t] for t in TERMINAL_EVENTS)
+    assert tuple(EVENT_KINDS[t] for t in TERMINAL_EVENTS) == OUTCOME_KINDS
     assert webhook_binding_keys("alice") == tuple(f"inference.{k}.*.alice" for k in OUTCOME_KINDS)
 
 
