@@ -25,6 +25,7 @@ from events.model import (
     InferenceRequested,
     InferenceStarted,
 )
+from events.request_rules import IDENTIFIER
 
 EVENTS_EXCHANGE: Final = "mlp.events"  # durable topic exchange carrying every domain event
 DEAD_LETTER_EXCHANGE: Final = "mlp.dead-letter"  # durable direct exchange; key = source queue name
@@ -44,7 +45,8 @@ EVENT_KINDS: Final[dict[type[Event], str]] = {
     InferenceCancelled: "cancelled",
     InferenceExpired: "expired",
 }
-OUTCOME_KINDS: Final = ("completed", "failed", "rejected", "cancelled", "expired")
+# The outcome kinds: the terminal events of events.model, whatever types that set grows to.
+OUTCOME_KINDS: Final[tuple[str, ...]] = tuple(EVENT_KINDS[t] for t in TERMINAL_EVENTS)
 
 
 def routing_key(event: Event) -> str:
@@ -98,10 +100,18 @@ def projections_queue() -> QueueSpec:
 
 
 def webhooks_queue() -> QueueSpec:
-    """The outcome events (every terminal event type of events.model), consumed by the webhook dispatcher,
-    which alone binds it (a worker's or collector's user may not bind outcome keys: docs/kubernetes.md)."""
-    keys = tuple(f"inference.{EVENT_KINDS[t]}.#" for t in TERMINAL_EVENTS)
-    return dataclasses.replace(_work_queue(WEBHOOKS_QUEUE, keys), consumer_binds=True)
+    """The outcomes of the users who have a webhook, consumed by the webhook dispatcher, which alone binds
+    it, per user (``webhook_binding_keys``; a worker's or collector's user may not bind outcome keys:
+    docs/kubernetes.md). Declared without bindings: a user without webhooks sends nothing here."""
+    return dataclasses.replace(_work_queue(WEBHOOKS_QUEUE, ()), consumer_binds=True)
+
+
+def webhook_binding_keys(user_id: str) -> tuple[str, ...]:
+    """The binding keys of ``mlp.webhooks`` for one user with a webhook: each outcome kind, any model."""
+    # A validated identifier (events.request_rules): no dot, star or hash, so exactly this user's keys.
+    if not IDENTIFIER.match(user_id):
+        raise ValueError(f"not a user id: {user_id[:200]!r}")
+    return tuple(f"inference.{kind}.*.{user_id}" for kind in OUTCOME_KINDS)
 
 
 def dead_letter_queue(source: QueueSpec) -> QueueSpec:

@@ -65,7 +65,7 @@ def rabbit_queue(spec: QueueSpec, binding_key: str | None = None, *, declare: bo
         queue_type=QueueType.QUORUM,
         durable=True,
         arguments=arguments,
-        routing_key=binding_key if binding_key is not None else spec.binding_keys[0],
+        routing_key=binding_key if binding_key is not None else (spec.binding_keys[0] if spec.binding_keys else ""),
         declare=declare,
     )
 
@@ -138,6 +138,18 @@ async def declare_own_queue(broker: RabbitBroker, spec: QueueSpec) -> None:
         dead = await broker.declare_queue(rabbit_queue(dlq))
         for key in dlq.binding_keys:
             await dead.bind(dead_letters, routing_key=key)
+
+
+async def bind_keys(broker: RabbitBroker, spec: QueueSpec, keys: Sequence[str], *, bind: bool = True) -> None:
+    """Bind (``bind=False``: unbind) ``spec``'s queue to ``keys`` on its exchange; both are idempotent. The queue
+    is the broker's robust one: a binding made here is restored after a reconnect, one removed here is not."""
+    exchange = await broker.declare_exchange(EVENTS if spec.exchange == EVENTS_EXCHANGE else DEAD_LETTERS)
+    queue = await broker.declare_queue(rabbit_queue(spec))
+    for key in keys:
+        if bind:
+            await queue.bind(exchange, routing_key=key)
+        else:
+            await queue.unbind(exchange, routing_key=key)
 
 
 async def _verify_topology(broker: RabbitBroker, models: Sequence[str]) -> None:

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     # The delivery loop: how often it looks for due deliveries when idle, and how many it sends at once.
     webhook_poll_interval_s: float = Field(default=1.0, gt=0, le=60)
     webhook_concurrency: int = Field(default=16, ge=1, le=512)
+    # The full resync of the webhooks queue's per-user bindings (the backstop of the change notifications),
+    # and how often one-off webhook_url targets are looked up in the event store (their added latency).
+    webhook_resync_s: float = Field(default=30.0, gt=0, le=3600)
+    webhook_target_scan_s: float = Field(default=1.0, gt=0, le=60)
 
     # Messaging.
     # declare: create the exchanges, queues and bindings at start-up (idempotent; any service may start

@@ -1,5 +1,7 @@
 """Composition root of the webhook dispatcher (``mlp dispatcher``): a consumer of ``mlp.webhooks`` on the
-shared consumer lifecycle (``mlp.consumer``), with its delivery loop over Postgres.
+shared consumer lifecycle (``mlp.consumer``), with its delivery loop over Postgres, the per-user bindings of
+its queue (``webhook_dispatcher.bindings``: synced before it consumes, then on change notifications and
+every ``MLP_WEBHOOK_RESYNC_S``) and the scan of one-off targets.
 
 The pool, the HTTP client, the SSRF guard and the dispatcher are created in the consumer's resources;
 ``/healthz`` ``/readyz`` ``/metrics`` run on the health side port (``MLP_DISPATCHER_HEALTH_PORT``). On
@@ -16,18 +18,20 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+import asyncpg
 from faststream import AckPolicy
 from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker, RabbitMessage
 
-from events.topology import webhooks_queue
+from events.topology import OUTCOME_KINDS, webhooks_queue
 from mlp import logs
 from mlp.backoff import Backoff
-from mlp.bus import EVENTS, declare_own_queue, rabbit_queue
+from mlp.bus import bind_keys, declare_own_queue, rabbit_queue
 from mlp.consumer import Consumer, HealthAddress, consumer_broker, run_consumer
 from mlp.db import create_pool
 from mlp.health import ReadinessCheck, dependency_checks
 from mlp.settings import Settings, get_settings
+from webhook_dispatcher.bindings import Bindings
 from webhook_dispatcher.sender import Sender, http_client
 from webhook_dispatcher.service import Dispatcher
 from webhooks.rules import RetryPolicy
@@ -36,6 +40,8 @@ from webhooks.ssrf import TargetGuard
 log = logging.getLogger("webhook_dispatcher")
 
 SERVICE = "webhook-dispatcher"
+# Before the per-user bindings, mlp.webhooks was bound to every outcome: removed at start.
+LEGACY_BINDING_KEYS = tuple(f"inference.{kind}.#" for kind in OUTCOME_KINDS)
 
 
 async def _message_itself(message: StreamMessage[object]) -> StreamMessage[object]:
@@ -54,11 +60,21 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 def build_app(settings: Settings) -> Consumer:
     broker, tel = consumer_broker(SERVICE, settings, app_id="mlp-dispatcher")
     dispatcher: Dispatcher | None = None
+    bindings: Bindings | None = None
+    synced = False  # the bindings were synced once: the outcomes of every user with a webhook reach the queue
     drain_timeout_s = settings.graceful_timeout_s * 0.75
 
-    subscriber = broker.subscriber(
-        rabbit_queue(webhooks_queue()), EVENTS, ack_policy=AckPolicy.MANUAL, decoder=_message_itself
-    )
+    # No exchange: FastStream binds nothing; the bindings are per user (Bindings).
+    subscriber = broker.subscriber(rabbit_queue(webhooks_queue()), ack_policy=AckPolicy.MANUAL, decoder=_message_itself)
+
+    async def bind(keys: tuple[str, ...], on: bool) -> None:
+        await bind_keys(broker, webhooks_queue(), keys, bind=on)
+
+    async def listen_connection() -> asyncpg.Connection:
+        return await asyncpg.connect(settings.postgres_dsn, timeout=10)
+
+    async def bindings_synced() -> bool:
+        return synced
 
     @subscriber
     async def on_outcome(message: RabbitMessage) -> None:
@@ -67,7 +83,7 @@ def build_app(settings: Settings) -> Consumer:
 
     @asynccontextmanager
     async def resources() -> AsyncIterator[Mapping[str, ReadinessCheck]]:
-        nonlocal dispatcher
+        nonlocal dispatcher, bindings
         pool = await create_pool(settings, min_size=1, max_size=4)
         client = http_client(settings.webhook_timeout_s)
         try:
@@ -85,25 +101,39 @@ def build_app(settings: Settings) -> Consumer:
                 poll_interval_s=settings.webhook_poll_interval_s,
                 # past the attempt's own bound (DNS + the HTTP timeout), so a live attempt is never retried twice
                 lease_s=settings.webhook_timeout_s * 2 + 5,
+                target_scan_s=settings.webhook_target_scan_s,
+            )
+            bindings = Bindings(
+                pool, bind, listen_connection, resync_s=settings.webhook_resync_s, on_enqueued=dispatcher.wake
             )
             dispatcher.start()
             try:
-                yield dependency_checks(pool=pool)
+                yield {**dependency_checks(pool=pool), "bindings": bindings_synced}
             finally:
+                await bindings.close()
                 await dispatcher.close(drain_timeout_s)
         finally:
             await client.aclose()
             await pool.close()
 
     async def drain() -> None:
+        if bindings is not None:
+            await bindings.close()
         if dispatcher is not None:
             await asyncio.gather(subscriber.stop(), dispatcher.close(drain_timeout_s))
 
     health = HealthAddress(settings.health_host, settings.dispatcher_health_port)
 
     async def declare(broker: RabbitBroker) -> None:
-        # Its own queue only, bound to the outcome keys: its RabbitMQ user may bind nothing else.
+        nonlocal synced
+        # Its own queue only, bound per user to the outcome keys: its RabbitMQ user may bind nothing else.
         await declare_own_queue(broker, webhooks_queue())
+        # The bindings to every outcome of an earlier version, if still there (unbinding none is no error).
+        await bind(LEGACY_BINDING_KEYS, False)
+        assert bindings is not None, "the resources create the bindings before the broker connects"
+        await bindings.sync(rebind=True)  # before consuming: every user with a webhook is bound
+        synced = True
+        bindings.start()
 
     return Consumer(SERVICE, broker, tel, settings.models, health, resources=resources, drain=drain, declare=declare)
 

@@ -21,3 +21,6 @@ PENDING: Final = Gauge("mlp_webhook_deliveries_pending", "Webhook deliveries pen
 
 for _outcome in ("delivered", "retry", "failed"):
     DELIVERIES.labels(outcome=_outcome)
+BOUND_USERS: Final = Gauge(
+    "mlp_webhook_bound_users", "Users whose outcome keys are bound to the webhooks queue (they have a webhook)."
+)

@@ -1,10 +1,15 @@
-"""The dispatcher: enqueue on outcome events, deliver from Postgres.
+"""The dispatcher: enqueue on outcome events (of the users with a webhook: the queue is bound per user,
+webhook_dispatcher.bindings) and one-off targets from the event store, deliver from Postgres.
 
 The bus adapter decides ack/nack/reject here and nowhere else:
 - a body that is not a valid event -> ``reject`` (dead-lettered, as the collector does);
 - an event on another routing key than its own (forged by a publisher), or not an outcome -> ``ack``, dropped;
 - an outcome -> its deliveries are inserted in one transaction, then ``ack`` (Postgres down: retried with
   backoff while the message stays unacked; shutting down first -> ``nack(requeue=True)``).
+
+A request's one-off ``webhook_url`` takes no bus: every ``MLP_WEBHOOK_TARGET_SCAN_S`` the target scan
+enqueues the targets whose request has an outcome in the event store (``store.enqueue_one_off_targets``; the
+targets table holds only the pending ones, so with none it reads nothing).
 
 The delivery loop claims due rows (``webhooks.store.claim_due``: FOR UPDATE SKIP LOCKED, a lease), sends
 them concurrently and records each outcome. A dispatcher killed mid-attempt loses nothing: the row stays
@@ -60,6 +65,7 @@ class Dispatcher:
         concurrency: int,
         poll_interval_s: float,
         lease_s: float,
+        target_scan_s: float = 1.0,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._pool = pool
@@ -68,10 +74,12 @@ class Dispatcher:
         self._concurrency = concurrency
         self._poll_interval_s = poll_interval_s
         self._lease_s = lease_s
+        self._target_scan_s = target_scan_s
         self._clock = clock
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._scan_task: asyncio.Task[None] | None = None
         self._pending_at = float("-inf")
 
     # --- enqueue (the bus side) ----------------------------------------------------------------
@@ -120,11 +128,21 @@ class Dispatcher:
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="webhook-deliveries")
+        self._scan_task = asyncio.create_task(self._scan_targets(), name="webhook-target-scan")
+
+    def wake(self) -> None:
+        """Deliveries were enqueued elsewhere (the bindings' catch-up): claim now."""
+        self._wake.set()
 
     async def close(self, timeout_s: float) -> None:
         """Stop claiming; attempts in flight get ``timeout_s`` to finish (an unfinished one stays pending)."""
         self._closing.set()
         self._wake.set()
+        if self._scan_task is not None:
+            self._scan_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scan_task
+            self._scan_task = None
         if self._loop_task is None:
             return
         try:
@@ -178,6 +196,27 @@ class Dispatcher:
         finally:
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
+
+    async def _scan_targets(self) -> None:
+        """Enqueue the one-off targets whose request has an outcome, every ``target_scan_s``."""
+        failures = 0
+        while not self._closing.is_set():
+            try:
+                added = await store.enqueue_one_off_targets(self._pool)
+                failures = 0
+            except DB_ERRORS as exc:
+                log.warning("target scan: Postgres unavailable: %r", exc)
+                added, failures = 0, failures + 1
+            except Exception:  # a bug must not end the scan: logged, retried after a pause
+                log.exception("target scan: unexpected error")
+                added, failures = 0, failures + 1
+            if added:
+                metrics.ENQUEUED.inc(added)
+                self._wake.set()
+            wait_s = self._target_scan_s if not failures else _ENQUEUE_BACKOFF.delay(failures)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._closing.wait()
 
     async def _refresh_pending(self) -> None:
         now = asyncio.get_running_loop().time()

@@ -14,11 +14,17 @@ from typing import Final
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from events.model import Event, encode_event
+from events.model import TERMINAL_EVENTS, Event, EventDecodeError, decode_event, encode_event
 from webhooks.rules import DeliveryState, Outcome
 from webhooks.signing import new_secret
 
 WEBHOOK_ID_PATTERN: Final = r"^wh_[0-9a-f]{24}$"
+# NOTIFY'd with the user id, in the transaction that creates or deletes one of the user's webhooks: the
+# dispatcher binds or unbinds that user's outcome keys (webhook_dispatcher.bindings).
+CHANGED_CHANNEL: Final = "mlp_webhooks_changed"
+# The terminal types as an SQL literal list (class names: safe to inline). Inlined, not a parameter, so the
+# planner proves the partial index event_store_outcomes_by_user (migration 0012) applies, in every plan.
+_TERMINAL_TYPES_SQL: Final = ", ".join(f"'{t.__name__}'" for t in TERMINAL_EVENTS)
 
 
 class WebhookLimitReached(Exception):
@@ -123,6 +129,7 @@ async def create_webhook(
             list(events),
             secret,
         )
+        await conn.execute("SELECT pg_notify($1, $2)", CHANGED_CHANNEL, user_id)
     assert row is not None
     return _webhook(row), secret
 
@@ -144,7 +151,12 @@ async def get_webhook(pool: asyncpg.Pool, webhook_id: str) -> Webhook | None:
 
 async def delete_webhook(pool: asyncpg.Pool, webhook_id: str) -> bool:
     """Remove an endpoint with its delivery log (pending deliveries stop); False when there was none."""
-    return await pool.fetchval("DELETE FROM webhooks WHERE webhook_id = $1 RETURNING true", webhook_id) is not None
+    async with pool.acquire() as conn, conn.transaction():
+        user_id = await conn.fetchval("DELETE FROM webhooks WHERE webhook_id = $1 RETURNING user_id", webhook_id)
+        if user_id is None:
+            return False
+        await conn.execute("SELECT pg_notify($1, $2)", CHANGED_CHANNEL, user_id)
+    return True
 
 
 async def webhook_deliveries(
@@ -206,22 +218,144 @@ INSERT INTO webhook_deliveries (webhook_id, user_id, url, event_id, event_type, 
 SELECT webhook_id, user_id, url, $1, $2, $3, $4 FROM webhooks WHERE user_id = $5 AND $2 = ANY (events)
 ON CONFLICT DO NOTHING
 """
-_ENQUEUE_ONE_OFF = """
-INSERT INTO webhook_deliveries (webhook_id, user_id, url, event_id, event_type, request_id, body)
-SELECT NULL, user_id, url, $1, $2, $3, $4 FROM webhook_request_targets WHERE request_id = $3 AND user_id = $5
-ON CONFLICT DO NOTHING
-"""
 
 
 async def enqueue(pool: asyncpg.Pool, event: Event) -> int:
-    """One delivery per endpoint that wants ``event`` (its user's subscriptions and the request's one-off
-    target), in one transaction; a redelivered event adds nothing. Returns the rows added."""
+    """One delivery per registered endpoint of the user that wants ``event``, in one statement; a redelivered
+    event adds nothing. Returns the rows added. (A request's one-off target: ``enqueue_one_off_targets``.)"""
     body = encode_event(event).decode()
     args = (event.event_id, type(event).__name__, event.request_id, body, event.user_id)
+    return _count(await pool.execute(_ENQUEUE_SUBSCRIBED, *args))
+
+
+# The pending one-off targets (the table holds only those: a target is deleted with its delivery's enqueue)
+# whose request has an outcome in the event store. Empty table, nothing read.
+_DUE_TARGETS = f"""
+SELECT t.request_id, t.user_id, t.url, e.payload::text AS payload
+FROM webhook_request_targets AS t
+JOIN LATERAL (
+    SELECT payload FROM event_store AS s
+    WHERE s.request_id = t.request_id AND s.type IN ({_TERMINAL_TYPES_SQL})
+    ORDER BY s.occurred_at, s.event_id LIMIT 1
+) AS e ON true
+ORDER BY t.created_at LIMIT $1
+"""
+_ENQUEUE_ONE_OFF = """
+INSERT INTO webhook_deliveries (webhook_id, user_id, url, event_id, event_type, request_id, body)
+VALUES (NULL, $1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING
+"""
+
+
+async def enqueue_one_off_targets(pool: asyncpg.Pool, limit: int = 500) -> int:
+    """Enqueue the delivery of each one-off ``webhook_url`` target whose request has an outcome in the event
+    store, and remove the target in the same transaction; returns the deliveries added. An outcome that does
+    not decode (never expected: the collector stored it decoded) leaves its target, logged by the caller's
+    count staying 0. A request's first outcome is delivered, as the event store keeps only one."""
     async with pool.acquire() as conn, conn.transaction():
-        added = _count(await conn.execute(_ENQUEUE_SUBSCRIBED, *args))
-        added += _count(await conn.execute(_ENQUEUE_ONE_OFF, *args))
+        rows = await conn.fetch(_DUE_TARGETS, limit)
+        added = 0
+        done: list[str] = []
+        for row in rows:
+            try:
+                event = decode_event(row["payload"])
+            except EventDecodeError:
+                continue
+            added += _count(
+                await conn.execute(
+                    _ENQUEUE_ONE_OFF,
+                    row["user_id"],
+                    row["url"],
+                    event.event_id,
+                    type(event).__name__,
+                    event.request_id,
+                    encode_event(event).decode(),
+                )
+            )
+            done.append(row["request_id"])
+        if done:
+            await conn.execute("DELETE FROM webhook_request_targets WHERE request_id = ANY ($1::text[])", done)
     return added
+
+
+# --- the dispatcher's side: which users' outcome keys are bound ---------------------------------------
+
+
+async def webhook_users(pool: asyncpg.Pool, user_id: str | None = None) -> set[str]:
+    """The users with at least one webhook (only ``user_id``, if given)."""
+    rows = await pool.fetch("SELECT DISTINCT user_id FROM webhooks WHERE $1::text IS NULL OR user_id = $1", user_id)
+    return {r["user_id"] for r in rows}
+
+
+async def bound_users(pool: asyncpg.Pool, user_id: str | None = None) -> set[str]:
+    """The users whose outcome keys the dispatcher has bound (``webhook_bindings``)."""
+    rows = await pool.fetch("SELECT user_id FROM webhook_bindings WHERE $1::text IS NULL OR user_id = $1", user_id)
+    return {r["user_id"] for r in rows}
+
+
+async def record_bound(pool: asyncpg.Pool, user_id: str) -> None:
+    """After the bind: the binding's bound_at ends the window that ``catch_up`` reads (kept when already there)."""
+    await pool.execute("INSERT INTO webhook_bindings (user_id) VALUES ($1) ON CONFLICT DO NOTHING", user_id)
+
+
+async def record_unbound(pool: asyncpg.Pool, user_id: str) -> None:
+    await pool.execute("DELETE FROM webhook_bindings WHERE user_id = $1", user_id)
+
+
+# The outcomes no queue saw: a bound user's, that occurred from a webhook's creation to the binding (with a
+# margin for the clocks of the workers that set occurred_at), without a delivery to that webhook yet.
+# Bindings older than the horizon are not read again (their window was read every resync since).
+_CATCH_UP = f"""
+SELECT w.webhook_id, w.user_id, w.url, e.payload::text AS payload
+FROM webhook_bindings AS b
+JOIN webhooks AS w ON w.user_id = b.user_id AND w.created_at <= b.bound_at + make_interval(secs => $2)
+JOIN event_store AS e
+    ON (e.payload ->> 'user_id') = b.user_id
+    AND e.type IN ({_TERMINAL_TYPES_SQL}) AND e.type = ANY (w.events)
+    AND e.occurred_at >= w.created_at - make_interval(secs => $2)
+    AND e.occurred_at <= b.bound_at + make_interval(secs => $2)
+WHERE ($1::text IS NULL OR b.user_id = $1) AND b.bound_at >= now() - make_interval(secs => $3)
+    AND NOT EXISTS (
+        SELECT 1 FROM webhook_deliveries AS d WHERE d.webhook_id = w.webhook_id AND d.request_id = e.request_id
+    )
+LIMIT $4
+"""
+_ENQUEUE_ONE = """
+INSERT INTO webhook_deliveries (webhook_id, user_id, url, event_id, event_type, request_id, body)
+VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING
+"""
+CLOCK_MARGIN_S: Final = 5.0
+CATCH_UP_HORIZON_S: Final = 3600.0
+
+
+async def catch_up(pool: asyncpg.Pool, user_id: str | None = None, *, limit: int = 1000) -> int:
+    """Enqueue, from the event store, the outcomes of bound users (only ``user_id``, if given) that went past
+    ``mlp.webhooks`` because they were published before the binding; returns the deliveries added. Run
+    after each bind and on every resync (the collector may store such an outcome later than the bind)."""
+    added = 0
+    while True:
+        rows = await pool.fetch(_CATCH_UP, user_id, CLOCK_MARGIN_S, CATCH_UP_HORIZON_S, limit)
+        inserted = 0
+        async with pool.acquire() as conn, conn.transaction():
+            for row in rows:
+                try:
+                    event = decode_event(row["payload"])
+                except EventDecodeError:
+                    continue
+                inserted += _count(
+                    await conn.execute(
+                        _ENQUEUE_ONE,
+                        row["webhook_id"],
+                        row["user_id"],
+                        row["url"],
+                        event.event_id,
+                        type(event).__name__,
+                        event.request_id,
+                        encode_event(event).decode(),
+                    )
+                )
+        added += inserted
+        if len(rows) < limit or not inserted:
+            return added
 
 
 def _count(status: str) -> int:

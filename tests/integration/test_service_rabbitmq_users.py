@@ -32,12 +32,14 @@ from events.topology import (
     dead_letter_queue,
     projections_queue,
     requests_queue,
+    webhook_binding_keys,
     webhooks_queue,
 )
 from mlp.bus import (
     EventPublisher,
     PublishError,
     TopologyMissingError,
+    bind_keys,
     declare_own_queue,
     declare_topology,
     make_broker,
@@ -163,6 +165,8 @@ async def declared(users: dict[str, Settings]) -> dict[str, Settings]:
     await dispatcher.connect()
     try:
         await declare_own_queue(dispatcher, webhooks_queue())
+        # USER has a webhook: the dispatcher binds their outcome keys (webhook_dispatcher.bindings).
+        await bind_keys(dispatcher, webhooks_queue(), webhook_binding_keys(USER))
     finally:
         await dispatcher.stop()
     for service in ("mlp-worker", "mlp-collector"):  # either may start first: both declare everything

@@ -41,7 +41,8 @@ QUOTA_READS = {"SELECT"}
 # migration adds fails test_every_table_has_decided_grants until its grants are decided here and in SQL.
 EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
     "schema_migrations": {},
-    "event_store": {"mlp_collector": {"SELECT", "INSERT"}, "mlp_read_api": {"SELECT"}},
+    # The dispatcher reads it for one-off targets and the bindings' catch-up (0012).
+    "event_store": {"mlp_collector": {"SELECT", "INSERT"}, "mlp_read_api": {"SELECT"}, "mlp_dispatcher": {"SELECT"}},
     "inference_requests": {
         "mlp_gateway": QUOTA_READS,
         "mlp_worker": QUOTA_READS,
@@ -69,8 +70,11 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
     # one-off target; the dispatcher reads them and works off the delivery log.
     "webhooks": {"mlp_gateway": {"SELECT", "INSERT", "DELETE"}, "mlp_dispatcher": {"SELECT"}},
     "webhook_user_secrets": {"mlp_gateway": {"SELECT", "INSERT"}, "mlp_dispatcher": {"SELECT"}},
-    "webhook_request_targets": {"mlp_gateway": {"SELECT", "INSERT", "DELETE"}, "mlp_dispatcher": {"SELECT"}},
+    # The dispatcher removes a one-off target once its delivery is enqueued (0012).
+    "webhook_request_targets": {"mlp_gateway": {"SELECT", "INSERT", "DELETE"}, "mlp_dispatcher": {"SELECT", "DELETE"}},
     "webhook_deliveries": {"mlp_gateway": {"SELECT"}, "mlp_dispatcher": {"SELECT", "INSERT", "UPDATE"}},
+    # The users whose outcome keys the dispatcher bound (0012): its own record.
+    "webhook_bindings": {"mlp_dispatcher": {"SELECT", "INSERT", "DELETE"}},
 }
 EXPECTED_COLUMN_GRANTS: dict[tuple[str, str], dict[str, set[str]]] = {
     ("api_keys", "last_used_at"): {"mlp_gateway": {"UPDATE"}, "mlp_read_api": {"UPDATE"}},
@@ -261,14 +265,23 @@ async def test_read_api_reads_what_it_shows_and_writes_nothing(pools: dict[str, 
 async def test_gateway_registers_webhooks_and_the_dispatcher_works_off_deliveries(
     pools: dict[str, asyncpg.Pool],
 ) -> None:
-    gateway, dispatcher = pools["mlp_gateway"], pools["mlp_dispatcher"]
+    gateway, dispatcher, collector = pools["mlp_gateway"], pools["mlp_dispatcher"], pools["mlp_collector"]
     hook, _ = await webhook_store.create_webhook(
         gateway, "roles-erin", "http://127.0.0.1:9/hook", ["InferenceCompleted"], max_per_user=5
     )
-    event = _completed("roles-erin")[-1]
+    assert "roles-erin" in await webhook_store.webhook_users(dispatcher)
+    await webhook_store.record_bound(dispatcher, "roles-erin")
+    assert await webhook_store.bound_users(dispatcher, "roles-erin") == {"roles-erin"}
+    stream = _completed("roles-erin")
+    event = stream[-1]
     assert isinstance(event, InferenceCompleted)
     await webhook_store.remember_target(gateway, event.request_id, "roles-erin", "http://127.0.0.1:9/once")
-    assert await webhook_store.enqueue(dispatcher, event) == 2  # the endpoint and the one-off target
+    async with collector.acquire() as conn, conn.transaction():
+        await store_events(conn, stream)
+    assert await webhook_store.enqueue(dispatcher, event) == 1  # the endpoint (over the bus)
+    assert await webhook_store.catch_up(dispatcher, "roles-erin") == 0  # enqueued already
+    assert await webhook_store.enqueue_one_off_targets(dispatcher) == 1  # the one-off target (the event store)
+    await webhook_store.record_unbound(dispatcher, "roles-erin")
     claimed = await webhook_store.claim_due(dispatcher, 10, 30.0)
     assert {c.url for c in claimed} >= {"http://127.0.0.1:9/hook", "http://127.0.0.1:9/once"}
     assert all(c.secret for c in claimed)
@@ -278,7 +291,8 @@ async def test_gateway_registers_webhooks_and_the_dispatcher_works_off_deliverie
     assert [d.state for d in await webhook_store.webhook_deliveries(gateway, hook.webhook_id)] == ["delivered"]
     for sql in (
         "SELECT count(*) FROM api_keys",
-        "SELECT count(*) FROM event_store",
+        "INSERT INTO event_store (event_id, request_id, type, occurred_at, payload)"
+        " VALUES (gen_random_uuid(), 'x', 'InferenceCompleted', now(), '{}')",
         "DELETE FROM webhooks",
         "UPDATE webhooks SET url = 'http://evil.example/'",
         "DELETE FROM webhook_deliveries",

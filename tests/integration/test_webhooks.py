@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import httpx
@@ -19,12 +20,14 @@ import pytest
 from faststream.rabbit import RabbitBroker
 
 from api_gateway.main import create_app
-from events.model import InferenceCompleted, InferenceFailed, new_event_id, utc_now
+from events.model import TERMINAL_EVENTS, Event, InferenceCompleted, InferenceFailed, new_event_id, utc_now
+from events.topology import EVENTS_EXCHANGE, WEBHOOKS_QUEUE, webhook_binding_keys
 from mlp.bus import EventPublisher, declare_topology, make_broker
 from mlp.settings import Settings
 from ops import webhooks as webhooks_cli
+from projections.postgres import store_events
 from tests.support.apps import running
-from tests.support.isolation import isolated_namespace
+from tests.support.isolation import broker_admin, isolated_namespace
 from tests.support.queues import drain_requests
 from tests.support.services import free_port
 from tests.support.waiting import eventually
@@ -32,6 +35,8 @@ from tests.support.webhook_receiver import Received, WebhookReceiver
 from webhook_dispatcher.main import build_app
 from webhook_dispatcher.sender import Sender, http_client
 from webhooks import signing
+from webhooks import store as webhook_store
+from webhooks.rules import DELIVERED_TYPES
 from webhooks.ssrf import TargetGuard
 from webhooks.store import DueDelivery
 
@@ -47,6 +52,8 @@ FAST = {
     "webhook_timeout_s": 2.0,
     "webhook_poll_interval_s": 0.1,
     "webhook_retry_window_s": 3600.0,
+    "webhook_resync_s": 1.0,
+    "webhook_target_scan_s": 0.2,
 }
 
 
@@ -95,7 +102,21 @@ class Stack:
         response = await self.gateway.post("/api/v1/webhooks", json=body, headers=ADMIN)
         assert response.status_code == 201, response.text
         created: dict[str, str] = response.json()
+        await eventually(lambda: self.is_bound(user_id), "the user's outcome keys bound (the change notified)")
         return created
+
+    async def is_bound(self, user_id: str) -> bool:
+        """The dispatcher records a binding after making it (webhook_bindings)."""
+        return bool(await self.pool.fetchval("SELECT count(*) FROM webhook_bindings WHERE user_id = $1", user_id))
+
+    def binding_keys(self) -> set[str]:
+        vhost = unquote(urlsplit(self.settings.rabbitmq_url).path.removeprefix("/")) or "/"
+        return broker_admin().queue_binding_keys(vhost, WEBHOOKS_QUEUE, EVENTS_EXCHANGE)
+
+    async def store(self, *events: Event) -> None:
+        """Append to the event store as the collector does (no collector runs here)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await store_events(conn, events)
 
     async def deliveries(self, webhook_id: str) -> list[dict[str, object]]:
         response = await self.gateway.get(f"/api/v1/webhooks/{webhook_id}/deliveries", headers=ADMIN)
@@ -347,7 +368,9 @@ async def test_a_submits_one_off_webhook_url_is_signed_with_the_users_signing_se
     assert (await stack.gateway.get("/api/v1/webhooks/signing-secret", headers=ALICE)).json()["secret"] == secret
 
     outcome, second = completed("alice", request_id), completed("alice", request_id)
-    await stack.publisher.publish_many([outcome, second])  # a second outcome (a redelivery) is never delivered
+    # No bus: the target scan finds the outcome in the event store, which keeps a request's first outcome
+    # only (a second one, a redelivery, is never delivered).
+    await stack.store(outcome, second)
 
     def once() -> list[Received]:
         return [r for r in receiver.delivered() if json.loads(r.body)["request_id"] == request_id]
@@ -476,3 +499,109 @@ async def test_a_submit_refused_as_queue_full_leaves_no_webhook_target(keyed: Se
         finally:
             await pool.close()
         assert sorted(r["request_id"] for r in targets) == sorted(accepted)  # the refused one left none
+
+
+# --- per-user bindings: a user without webhooks costs the dispatcher nothing ---------------------------
+
+
+async def test_a_user_without_webhooks_has_no_binding_their_outcomes_never_reach_the_queue(
+    stack: Stack, receiver: WebhookReceiver
+) -> None:
+    without, with_hook = a_user(), a_user()
+    hook = await stack.register(with_hook, receiver.url)
+    keys = stack.binding_keys()
+    assert set(webhook_binding_keys(with_hook)) <= keys
+    assert not any(k.endswith("." + without) for k in keys)
+    assert not any(k.endswith(".#") for k in keys)  # no catch-all binding (nor an earlier version's)
+    assert all(k.split(".")[-1] != "*" for k in keys)  # every key names one user
+
+    ignored, wanted = completed(without), completed(with_hook)
+    await stack.publisher.publish(ignored)
+    await stack.publisher.publish(wanted)
+    await eventually(lambda: _async(len(receiver.delivered()) == 1), "the subscribed user's outcome delivered")
+    assert [d["event_id"] for d in await stack.deliveries(hook["id"])] == [wanted.event_id]
+    assert not await stack.pool.fetchval("SELECT count(*) FROM webhook_deliveries WHERE user_id = $1", without)
+
+
+async def test_creating_a_webhook_binds_its_user_deleting_the_last_one_unbinds(
+    stack: Stack, receiver: WebhookReceiver
+) -> None:
+    user = a_user()
+    assert not set(webhook_binding_keys(user)) & stack.binding_keys()
+    first = await stack.register(user, receiver.url)
+    second = await stack.register(user, receiver.url + "?second")
+    assert set(webhook_binding_keys(user)) <= stack.binding_keys()
+
+    assert (await stack.gateway.delete(f"/api/v1/webhooks/{first['id']}", headers=ADMIN)).status_code == 200
+    await stack.publisher.publish(event := completed(user))  # still bound: the other webhook gets it
+    await eventually(lambda: _async(len(receiver.delivered()) == 1), "delivered to the remaining webhook")
+    assert receiver.delivered()[0].headers["webhook-id"] == event.event_id
+    assert set(webhook_binding_keys(user)) <= stack.binding_keys()
+
+    assert (await stack.gateway.delete(f"/api/v1/webhooks/{second['id']}", headers=ADMIN)).status_code == 200
+
+    async def unbound() -> bool:
+        return not await stack.is_bound(user) and not set(webhook_binding_keys(user)) & stack.binding_keys()
+
+    await eventually(unbound, "the user's keys unbound once their last webhook is gone")
+
+
+async def test_an_outcome_published_before_the_binding_is_delivered_from_the_event_store(
+    stack: Stack, receiver: WebhookReceiver
+) -> None:
+    """The race: a webhook created, an outcome published before the dispatcher bound the user (so the queue
+    never saw it). Simulated without any notification: the webhook row and the stored outcome inserted
+    directly; the periodic resync binds the user and enqueues the outcome from the event store."""
+    user = a_user()
+    secret = signing.new_secret()
+    webhook_id = "wh_" + uuid.uuid4().hex[:24]
+    await stack.pool.execute(
+        "INSERT INTO webhooks (webhook_id, user_id, url, events, secret) VALUES ($1, $2, $3, $4, $5)",
+        webhook_id,
+        user,
+        receiver.url,
+        list(DELIVERED_TYPES),
+        secret,
+    )
+    missed = completed(user)
+    await stack.store(missed)  # the collector stored it; the webhooks queue was not bound for it
+
+    await eventually(lambda: _async(len(receiver.delivered()) == 1), "delivered after the resync")
+    got = receiver.delivered()[0]
+    assert got.headers["webhook-id"] == missed.event_id
+    assert spec_verify(secret, got)
+    assert await stack.is_bound(user)
+    assert set(webhook_binding_keys(user)) <= stack.binding_keys()
+
+    # Once bound, the bus carries the user's outcomes; the catch-up never enqueues one twice.
+    await stack.publisher.publish(live := completed(user))
+    await eventually(lambda: _async(len(receiver.delivered()) == 2), "the next outcome over the bus")
+    assert sorted(r.headers["webhook-id"] for r in receiver.delivered()) == sorted([missed.event_id, live.event_id])
+    rows = await stack.pool.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", webhook_id)
+    assert rows == 2
+
+
+async def test_a_one_off_target_is_delivered_by_the_scan_and_then_forgotten(
+    stack: Stack, receiver: WebhookReceiver
+) -> None:
+    user = a_user()  # no registered webhook: nothing of this user is bound
+    request_id = new_event_id()
+    await webhook_store.remember_target(stack.pool, request_id, user, receiver.url + "?scan")
+    secret = await webhook_store.user_signing_secret(stack.pool, user)
+    outcome = completed(user, request_id)
+    await stack.store(outcome)
+    await eventually(lambda: _async(len(receiver.delivered()) == 1), "the one-off delivery by the target scan")
+    assert receiver.delivered()[0].headers["webhook-id"] == outcome.event_id
+    assert spec_verify(secret, receiver.delivered()[0])
+    assert not await stack.is_bound(user)
+    assert not await stack.pool.fetchval(
+        "SELECT count(*) FROM webhook_request_targets WHERE request_id = $1", request_id
+    )
+
+
+async def test_the_catch_up_index_covers_every_terminal_event_type(stack: Stack) -> None:
+    definition = await stack.pool.fetchval(
+        "SELECT indexdef FROM pg_indexes WHERE indexname = 'event_store_outcomes_by_user'"
+    )
+    assert definition is not None
+    assert all(f"'{t.__name__}'" in definition for t in TERMINAL_EVENTS), definition

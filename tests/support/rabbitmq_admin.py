@@ -38,6 +38,10 @@ class RabbitmqAdmin(Protocol):
         """The name of the policy in effect on ``queue`` (None: none, or no such queue)."""
         ...
 
+    def queue_binding_keys(self, vhost: str, queue: str, exchange: str) -> set[str]:
+        """The routing keys ``queue`` is bound to on ``exchange``."""
+        ...
+
 
 @dataclass(frozen=True)
 class UseRabbitmqctl:
@@ -74,6 +78,17 @@ class Rabbitmqctl:
             if name == queue:
                 return policy.strip() or None
         return None
+
+    def queue_binding_keys(self, vhost: str, queue: str, exchange: str) -> set[str]:
+        out = self._run(
+            "list_bindings", "-p", vhost, "--no-table-headers", "source_name", "destination_name", "routing_key"
+        )
+        keys = set()
+        for line in out.splitlines():
+            source, destination, key = [*line.split("\t"), "", "", ""][:3]
+            if source == exchange and destination == queue:
+                keys.add(key.strip())
+        return keys
 
     def add_vhost(self, vhost: str) -> None:
         self._run("add_vhost", vhost)
@@ -136,6 +151,14 @@ class ManagementApi:
         reply.raise_for_status()
         policy = reply.json().get("policy")
         return str(policy) if policy else None
+
+    def queue_binding_keys(self, vhost: str, queue: str, exchange: str) -> set[str]:
+        path = ("bindings", vhost, "e", exchange, "q", queue)
+        url = "/api/" + "/".join(quote(segment, safe="") for segment in path)
+        with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
+            reply = client.get(url)
+        reply.raise_for_status()
+        return {str(b["routing_key"]) for b in reply.json()}
 
     def add_vhost(self, vhost: str) -> None:
         self._send("PUT", "vhosts", vhost)

@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from events.model import TERMINAL_EVENTS
+from events.topology import EVENT_KINDS, OUTCOME_KINDS, webhook_binding_keys, webhooks_queue
 from mlp.backoff import Backoff
 from mlp.settings import Settings
 from webhooks import signing
@@ -142,6 +143,18 @@ def test_the_spec_example_signature() -> None:
 def test_subscribable_types_are_the_terminal_events() -> None:
     assert set(DELIVERED_TYPES) == {t.__name__ for t in TERMINAL_EVENTS}
     assert unknown_types(["InferenceCompleted", "InferenceStarted", "Nope"]) == ["InferenceStarted", "Nope"]
+
+
+def test_the_webhooks_queue_is_bound_per_user_to_every_outcome_kind() -> None:
+    assert webhooks_queue().binding_keys == ()  # declared unbound: the dispatcher binds it per user
+    assert tuple(EVENT_KINDS[t] for t in TERMINAL_EVENTS) == OUTCOME_KINDS
+    assert webhook_binding_keys("alice") == tuple(f"inference.{k}.*.alice" for k in OUTCOME_KINDS)
+
+
+@pytest.mark.parametrize("user_id", ["", "a.b", "*", "#", "a b", "x" * 129])
+def test_a_binding_key_is_never_made_of_a_non_identifier(user_id: str) -> None:
+    with pytest.raises(ValueError, match="not a user id"):
+        webhook_binding_keys(user_id)
 
 
 def test_retries_back_off_for_the_whole_window_then_fail() -> None:
