@@ -50,7 +50,13 @@ class InferenceSubmit(BaseModel):
     ) = None
     # A one-off webhook of this request's outcome, signed with the user's signing secret
     # (GET /api/v1/webhooks/signing-secret); SSRF-checked here (docs/http.md "Webhooks").
-    webhook_url: Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)] | None = None
+    webhook_url: (
+        Annotated[
+            str,
+            Field(min_length=1, max_length=MAX_URL_CHARS, json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://"}),
+        ]
+        | None
+    ) = None
 
     @field_validator("prompt")
     @classmethod

@@ -32,6 +32,7 @@ router = APIRouter(tags=["webhooks"])
 
 WebhookId = Annotated[str, Path(pattern=store.WEBHOOK_ID_PATTERN, description="the webhook's id (wh_ + 24 hex)")]
 _ERRORS = error_responses(
+    400,
     401,
     403,
     404,
@@ -46,11 +47,23 @@ _ERRORS = error_responses(
 )
 
 
+# The schema names the types; the route's own check words the 422 (unknown_types).
+EventTypeName = Annotated[str, Field(json_schema_extra={"enum": list(DELIVERED_TYPES)})]
+
+
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS, description="http or https, a public address")]
-    events: Annotated[list[str], Field(min_length=1, max_length=len(DELIVERED_TYPES))] | None = Field(
+    url: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=MAX_URL_CHARS,
+            description="http or https, a public address",
+            json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://"},  # the scheme; the address is checked
+        ),
+    ]
+    events: Annotated[list[EventTypeName], Field(min_length=1, max_length=len(DELIVERED_TYPES))] | None = Field(
         default=None, description=f"the event types to deliver (default: all of {', '.join(DELIVERED_TYPES)})"
     )
     user_id: UserId | None = Field(default=None, description="whose webhook (admin keys only; default: the key's user)")
@@ -188,6 +201,16 @@ async def signing_secret(
     if isinstance(owner, JSONResponse):
         return owner
     return SigningSecret(user_id=owner, secret=await store.user_signing_secret(webhooks.pool, owner))
+
+
+@router.api_route("/api/v1/webhooks/signing-secret", methods=["DELETE"], include_in_schema=False)
+async def signing_secret_other_methods() -> JSONResponse:
+    # Without it a DELETE here would reach DELETE /api/v1/webhooks/{webhook_id} and answer its id's 422.
+    return JSONResponse(
+        {"error": "method_not_allowed", "detail": "the signing secret is read (GET) only"},
+        status_code=405,
+        headers={"Allow": "GET"},
+    )
 
 
 @router.get("/api/v1/webhooks/{webhook_id}", response_model=WebhookOut, responses=_ERRORS)
