@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
@@ -39,6 +40,11 @@ class UnsafeTarget(ValueError):
     """A webhook target the platform refuses to call; the message says why (safe to show the caller)."""
 
 
+# A DNS name as resolvers take it: ASCII labels (an internationalized name in its punycode form).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
+_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
 def parse_target(url: str) -> SplitResult:
     """The URL's parts when its form is acceptable (scheme, host, no credentials, bounded); raises UnsafeTarget."""
     if len(url) > MAX_URL_CHARS:
@@ -54,6 +60,9 @@ def parse_target(url: str) -> SplitResult:
         raise UnsafeTarget(f"scheme {parts.scheme!r} is not allowed; only http and https")
     if not parts.hostname:
         raise UnsafeTarget("the URL has no host")
+    if not _HOST.fullmatch(parts.hostname) and literal_address(parts.hostname) is None:
+        # A resolver would fail on it anyway (or IDNA-encode it under our feet): ask for the A-label form.
+        raise UnsafeTarget("the host must be a DNS name of letters, digits, '-' and '.' (punycode), or an IP address")
     if parts.username is not None or parts.password is not None:
         raise UnsafeTarget("credentials in the URL are not allowed (the signature authenticates the sender)")
     if port == 0:
@@ -137,7 +146,7 @@ class TargetGuard:
         try:
             async with asyncio.timeout(self._timeout_s):
                 addresses = await self._resolve(host, port)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, UnicodeError) as exc:
             raise UnsafeTarget(f"{host} does not resolve: {type(exc).__name__}") from exc
         check_addresses(host, addresses)
         return url

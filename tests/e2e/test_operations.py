@@ -25,7 +25,12 @@ USER = "ops-user"
 @pytest.fixture(scope="module")
 def platform(triton_server: TritonProcess) -> Iterator[Platform]:
     ports = triton_server.options.ports
-    extra = {"MLP_TRITON_HTTP_PORT": str(ports.http), "MLP_TRITON_METRICS_PORT": str(ports.metrics)}
+    extra = {
+        "MLP_TRITON_HTTP_PORT": str(ports.http),
+        "MLP_TRITON_METRICS_PORT": str(ports.metrics),
+        # InferenceStarted for every request: the backlog the status counts is then exactly 3 per request.
+        "MLP_STARTED_EVENT_AFTER_MS": "0",
+    }
     with isolated_namespace("e2e-ops") as ns, running_platform(ns, triton_server.grpc_url, extra_env=extra) as running:
         yield running
 

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from events.registry import QUICKSTART_MODELS
-from events.topology import PROJECTIONS_QUEUE, requests_queue
+from events.topology import PROJECTIONS_QUEUE, WEBHOOKS_QUEUE, requests_queue
 from ml_service.launcher import TritonProcess
 from mlp.settings import Settings
 from ops import reconcile
@@ -124,6 +124,7 @@ def _jobs(platform: Platform, triton: TritonProcess, namespace: Namespace) -> li
         ScrapeJob("mlp-read-api", f"127.0.0.1:{env['MLP_READ_API_PORT']}"),
         ScrapeJob("mlp-collector", f"127.0.0.1:{env['MLP_COLLECTOR_HEALTH_PORT']}"),
         ScrapeJob("mlp-worker-basic-model", f"127.0.0.1:{env['MLP_WORKER_HEALTH_PORT']}"),
+        ScrapeJob("mlp-dispatcher", f"127.0.0.1:{env['MLP_DISPATCHER_HEALTH_PORT']}"),
         ScrapeJob("mlp-triton", urlsplit(triton.metrics_url).netloc),
         ScrapeJob(
             "rabbitmq",
@@ -143,10 +144,11 @@ def load(triton_server: TritonProcess, tmp_path_factory: pytest.TempPathFactory)
         isolated_namespace("e2e-prom") as ns,
         running_platform(ns, triton_server.grpc_url, extra_env=extra) as platform,
     ):
+        platform.start("dispatcher")  # the webhook metrics the rules and the dashboard read are its
         config = prometheus_config(_jobs(platform, triton_server, ns), [RULES_FILE])
         with running_prometheus(workdir, config) as prometheus:
             started = time.time()
-            prometheus.wait_for('count(up{job=~"mlp-.+|rabbitmq"} == 1) == 6', "every target up")
+            prometheus.wait_for('count(up{job=~"mlp-.+|rabbitmq"} == 1) == 7', "every target up")
             # The warm-up creates the outcome series; rate() counts from their first sample on.
             warm_up = _run(platform, 1, 1)
             # every series the checks count from, scraped with its warm-up value (the gateway's and the worker's)
@@ -382,10 +384,14 @@ def test_keda_queries_in_k8s_answer_numbers(load: Load) -> None:
         assert isinstance(value, int | float)
         assert value >= 0
     queues = {t["metadata"]["queueName"] for s in scaled for t in s["spec"]["triggers"] if t["type"] == "rabbitmq"}
-    # One worker (and trigger) per deployed model of the registry, plus the collector's.
-    assert queues == {PROJECTIONS_QUEUE, *(requests_queue(m).name for m in QUICKSTART_MODELS)}
+    # One worker (and trigger) per deployed model of the registry, plus the collector's and the dispatcher's.
+    assert queues == {PROJECTIONS_QUEUE, WEBHOOKS_QUEUE, *(requests_queue(m).name for m in QUICKSTART_MODELS)}
     vhost = load.namespace.name
-    served = {PROJECTIONS_QUEUE, *(requests_queue(m).name for m in Settings(environment="test").models)}
+    served = {
+        PROJECTIONS_QUEUE,
+        WEBHOOKS_QUEUE,
+        *(requests_queue(m).name for m in Settings(environment="test").models),
+    }
     for queue in sorted(queues & served):  # only this run's queues exist in its vhost
         depth = load.prometheus.value(f'rabbitmq_detailed_queue_messages{{vhost="{vhost}", queue="{queue}"}}')
         assert depth is not None, queue

@@ -71,6 +71,9 @@ def test_public_addresses_pass(address: str) -> None:
         "http://exa mple.com/",
         "https://example.com/" + "a" * 2100,
         "javascript:alert(1)",
+        "HTtp://`\x8f",  # found by schemathesis: the resolver's IDNA encoding raised, a 500
+        "https://b\u00fccher.example/",  # an internationalized name: its punycode form is asked for
+        "http://under_score.example/",
     ],
 )
 def test_malformed_or_disallowed_urls_are_refused(url: str) -> None:
