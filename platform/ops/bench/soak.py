@@ -4,8 +4,8 @@
   mlp bench --soak 60s --rate 20       a fixed rate
 
 The soak needs to control the processes, so it runs the platform itself (``--soak`` implies
-``--spawn``): the services of ``mlp up`` (collector, worker, read API, gateway; Triton when none
-answers at MLP_TRITON_URL) on free ports, and a PRIVATE ``redis-server`` on a free port
+``--spawn``): the services of ``mlp up`` (collector, worker, read API, gateway, and a Triton of its
+own unless MLP_TRITON_URL is set and answers) on free ports, and a PRIVATE ``redis-server`` on a free port
 (MLP_REDIS_URL points the services at it), because restarting the machine's shared Redis would
 hit everyone using it. ``mlp up`` stops everything when a child dies, so the soak supervises the
 services itself: a killed worker is started again, as an orchestrator would.
@@ -256,7 +256,9 @@ async def soak_platform(base: Settings, base_env: Mapping[str, str], err: TextIO
             await private.start()
             services: dict[str, Service] = {}
             try:
-                start_triton = not _triton_answers(base)
+                # A Triton of its own unless MLP_TRITON_URL names one that answers: on a shared machine
+                # whatever happens to listen on the default port may be gone in a minute.
+                start_triton = not (base_env.get("MLP_TRITON_URL") and _triton_answers(base))
                 env = soak_env(base_env, private.url, start_triton)
                 settings = soak_settings(base, env)
                 env["MLP_MODELS"] = ",".join(settings.models)
@@ -424,7 +426,7 @@ async def soak(args: argparse.Namespace, base: Settings, out: TextIO, err: TextI
         async with soak_platform(base, os.environ, err) as platform:
             report = await _drive(platform, args, faults, started, err)
     except SoakError as exc:
-        err.write(f"mlp bench --soak: the platform did not start: {exc}\n")
+        err.write(f"mlp bench --soak: could not run: {exc}\n")
         return EXIT_USAGE
     out.write(render_soak(report) + "\n")
     if json_path is not None:
@@ -466,6 +468,8 @@ async def _drive(
             else:
                 err.write(f"soak: measuring capacity ({PROBE_S:.0f} s closed loop at c={PROBE_CONCURRENCY}) ...\n")
                 measured = await measure_capacity(session, url, body, tracker, grace)
+                if measured <= 0:
+                    raise SoakError("the capacity probe completed no request (is Triton serving the model?)")
                 rate = soak_rate(measured)
                 source = f"50% of measured capacity {measured:.0f} req/s"
             err.write(f"soak: open loop at {rate:g} req/s for {duration:.0f} s\n")

@@ -206,7 +206,7 @@ def render_soak(report: SoakReport) -> str:
         f" ({', '.join(f'{k} {v}' for k, v in sorted(report.outcomes.items())) or 'none'})",
         f"  LOST {report.lost}   DOUBLE-CHARGED {report.double_charged}",
         f"  charges (every request of the run, warm-up included): {c.charged_once} of {c.completed} completed"
-        " charged once, {c.uncharged} uncharged,"
+        f" charged once, {c.uncharged} uncharged,"
         f" {c.charged_not_completed} charged without completing; day counter {c.redis_day_tokens} vs ledger"
         f" {c.ledger_day_tokens} tokens (excess {excess}), {c.open_reservations} still reserved",
         "  faults: " + ", ".join(f"{kind} x{n}" for kind, n in counts.items()),
