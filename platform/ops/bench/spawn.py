@@ -65,7 +65,8 @@ class SpawnedPlatform:
 
     def rss_kib(self) -> dict[str, int]:
         """Resident memory (KiB) of each service started by ``mlp up``, Triton included (see ``rss_kib``)."""
-        pids = service_pids(self.pid)
+        # mlp up's names for the services (``read-api``, not the CLI's ``api``), as in ``--soak``
+        pids = {"read-api" if name == "api" else name: pid for name, pid in service_pids(self.pid).items()}
         if "triton" not in pids:  # a Triton that answered already: ours only when it is on our port
             triton = triton_pid(self.settings.triton_url)
             if triton is not None:
