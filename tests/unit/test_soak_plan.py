@@ -107,7 +107,7 @@ def _charges(**changes: int | None) -> Charges:
         redis_day_tokens=400,
         open_reservations=0,
     )
-    return replace(base, **changes)
+    return replace(base, **changes)  # type: ignore[arg-type]
 
 
 def _report(**changes: object) -> SoakReport:
