@@ -122,3 +122,8 @@ def test_spawn_runs_its_own_platform_and_reports_cpu_per_service(
     assert {"gateway", "worker", "collector"} <= set(cpu)
     assert set(data_service_cpu_seconds()) <= set(cpu)  # RabbitMQ, Postgres, Redis when they run here
     assert all(value >= 0 for value in cpu.values())
+    # RSS per service at the start and the end of the load (the Triton answered already: found by its port)
+    for sample in ("service_rss_kib_start", "service_rss_kib_end"):
+        assert {"gateway", "worker", "collector", "read-api", "triton"} <= set(report[sample])
+        assert all(kib > 0 for kib in report[sample].values())
+    assert "RSS per service (start -> end of the load): " in out.getvalue()

@@ -3,6 +3,7 @@
   mlp bench --rate 100 --duration 30            open loop: 100 requests/s for 30 s
   mlp bench --concurrency 64 --requests 20000   closed loop: 64 outstanding requests
   mlp bench --spawn --rate 500 --duration 60 --json bench.json
+  mlp bench --soak 10m                          faults under a steady load (ops/bench/soak.py)
 
 Drives load through the real gateway over HTTP, then reads each accepted request's terminal event
 from Postgres ``event_store`` (submit -> terminal latency on one machine clock). Before the load it
@@ -37,6 +38,7 @@ from mlp.settings import Settings
 from ops import reconcile
 from ops.bench.baselines import broker_round_trip, sample_event_body, triton_direct
 from ops.bench.load import LoadPlan, LoadRunner, LoadStats, encode_body, new_session
+from ops.bench.soak_plan import parse_duration
 from ops.bench.spawn import SpawnError, spawned_platform
 from ops.bench.stats import (
     Baseline,
@@ -103,7 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write the report as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument("--no-reconcile", action="store_true", help="skip `mlp reconcile` of the run's window")
+    parser.add_argument(
+        "--soak",
+        type=_duration,
+        metavar="DURATION",
+        help="a soak (10m, 60s): open loop at --rate or 50%% of measured capacity while workers are killed, "
+        "a private Redis restarted and the collector paused; implies --spawn",
+    )
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 class Progress:
@@ -215,10 +231,16 @@ def machine_info() -> dict[str, object]:
 
 
 CpuProbe = Callable[[], dict[str, float]]
+RssProbe = Callable[[], dict[str, int]]
 
 
 async def run_bench(
-    args: argparse.Namespace, settings: Settings, gateway_url: str, err: TextIO, cpu_probe: CpuProbe | None = None
+    args: argparse.Namespace,
+    settings: Settings,
+    gateway_url: str,
+    err: TextIO,
+    cpu_probe: CpuProbe | None = None,
+    rss_probe: RssProbe | None = None,
 ) -> Report:
     rate = args.rate if args.rate is not None or args.concurrency is not None else 100.0
     duration = args.duration if args.duration is not None or args.requests is not None else 30.0
@@ -269,6 +291,7 @@ async def run_bench(
             batches_before = await triton_counts(settings.triton_url, args.model)
             runner = LoadRunner(session, plan, tracker.add)
             cpu_before = cpu_probe() if cpu_probe is not None else {}
+            rss_start = rss_probe() if rss_probe is not None else {}
             progress = Progress(lambda: runner.stats, lambda: len(tracker.done) - warmed, err)
 
             async def report_progress() -> None:
@@ -279,6 +302,7 @@ async def run_bench(
             ticker = asyncio.create_task(_tick(1.0, report_progress))
             try:
                 stats = await runner.run()
+                rss_end = rss_probe() if rss_probe is not None else {}
             finally:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -339,6 +363,8 @@ async def run_bench(
         lost_request_ids=sorted(lost),
         notes=notes,
         service_cpu_ms_per_request=cpu,
+        service_rss_kib_start=rss_start,
+        service_rss_kib_end=rss_end,
     )
 
 
@@ -370,12 +396,18 @@ async def reconcile_run(settings: Settings, started: datetime, grace_s: float, o
 
 async def _main(args: argparse.Namespace, settings: Settings, out: TextIO, err: TextIO) -> int:
     started = datetime.now(UTC)
+    if args.soak is not None:
+        from ops.bench.soak import soak  # it builds on this module's pieces
+
+        return await soak(args, settings, out, err)
     if args.spawn:
         err.write("spawning the platform (mlp up on free ports) ...\n")
         try:
             async with spawned_platform(settings, os.environ) as spawned:
                 settings = spawned.settings
-                report = await run_bench(args, spawned.settings, spawned.gateway_url, err, spawned.cpu_seconds)
+                report = await run_bench(
+                    args, spawned.settings, spawned.gateway_url, err, spawned.cpu_seconds, spawned.rss_kib
+                )
         except SpawnError as exc:
             err.write(f"mlp bench: the spawned platform did not start: {exc}\n")
             return EXIT_USAGE
@@ -413,7 +445,13 @@ def _runner() -> asyncio.Runner:
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.soak is not None and (args.concurrency or args.duration or args.requests or args.gateway):
+        parser.error(
+            "--soak takes --rate (or measures capacity) and runs its own platform: "
+            "not --concurrency, --duration, --requests or --gateway"
+        )
     settings = Settings()
     with _runner() as runner:
         return runner.run(_main(args, settings, out or sys.stdout, err or sys.stderr))

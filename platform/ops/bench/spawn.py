@@ -63,6 +63,16 @@ class SpawnedPlatform:
     log_path: Path
     pid: int  # the ``mlp up`` process; the services are its children
 
+    def rss_kib(self) -> dict[str, int]:
+        """Resident memory (KiB) of each service started by ``mlp up``, Triton included (see ``rss_kib``)."""
+        # mlp up's names for the services (``read-api``, not the CLI's ``api``), as in ``--soak``
+        pids = {"read-api" if name == "api" else name: pid for name, pid in service_pids(self.pid).items()}
+        if "triton" not in pids:  # a Triton that answered already: ours only when it is on our port
+            triton = triton_pid(self.settings.triton_url)
+            if triton is not None:
+                pids["triton"] = triton
+        return rss_kib(pids)
+
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) used so far by each service, its child processes included, and by
         the data services running on this machine (see ``data_service_cpu_seconds``)."""
@@ -102,17 +112,62 @@ def _tree_cpu_seconds(pid: int) -> float:
     return _cpu_seconds(pid) + sum(_tree_cpu_seconds(child) for child in _children(pid))
 
 
-def service_cpu_seconds(up_pid: int) -> dict[str, float]:
-    """Per service started by ``mlp up`` (``python -m ops.cli <service>``): CPU seconds so far."""
-    used: dict[str, float] = {}
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def service_pids(up_pid: int) -> dict[str, int]:
+    """The services started by ``mlp up`` (``python -m ops.cli <service>``): name -> pid."""
+    pids: dict[str, int] = {}
     for child in _children(up_pid):
-        try:
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
+        argv = _argv(child)
         if "ops.cli" in argv and argv.index("ops.cli") + 1 < len(argv):
-            used[argv[argv.index("ops.cli") + 1]] = _tree_cpu_seconds(child)
-    return used
+            pids[argv[argv.index("ops.cli") + 1]] = child
+    return pids
+
+
+def service_cpu_seconds(up_pid: int) -> dict[str, float]:
+    """Per service started by ``mlp up``: CPU seconds so far, its child processes included."""
+    return {name: _tree_cpu_seconds(pid) for name, pid in service_pids(up_pid).items()}
+
+
+def _rss_kib(pid: int) -> int:
+    """VmRSS of one process in KiB (0 when it is gone, or a zombie)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _tree_rss_kib(pid: int) -> int:
+    return _rss_kib(pid) + sum(_tree_rss_kib(child) for child in _children(pid))
+
+
+def rss_kib(pids: Mapping[str, int]) -> dict[str, int]:
+    """Resident memory in KiB (``VmRSS`` of /proc/<pid>/status) of each named process, its child
+    processes included (``ops.cli triton`` runs ``tritonserver``; uvicorn workers); the one sampling
+    function of ``mlp bench --spawn`` and ``--soak``. A process that is gone is left out."""
+    sampled = {name: _tree_rss_kib(pid) for name, pid in pids.items()}
+    return {name: kib for name, kib in sampled.items() if kib > 0}
+
+
+def triton_pid(triton_url: str) -> int | None:
+    """The ``tritonserver`` on this machine serving gRPC at ``triton_url``'s port, if there is one."""
+    port = triton_url.rsplit(":", 1)[-1].strip("/")
+    wanted = f"--grpc-port={port}"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        argv = _argv(int(entry.name))
+        if argv and argv[0].endswith("tritonserver") and wanted in argv:
+            return int(entry.name)
+    return None
 
 
 # Data services whose CPU the report shows when they run on this machine: process name -> label.

@@ -110,6 +110,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
     # --spawn only: CPU milliseconds each service spent per accepted request (load and drain)
     service_cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
+    # --spawn only: resident memory (KiB) of each service at the start and at the end of the load
+    service_rss_kib_start: dict[str, int] = field(default_factory=dict)
+    service_rss_kib_end: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         document: dict[str, Any] = _finite(asdict(self))
@@ -194,6 +197,21 @@ RATIO_LABELS: Mapping[str, str] = {
 }
 
 
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.0f}"
+
+
+def render_rss(start: Mapping[str, int], end: Mapping[str, int]) -> str:
+    """``gateway 81 -> 95 MiB, worker ...``: each service's RSS at the start and at the end."""
+    names = sorted(set(start) | set(end))
+    shown = []
+    for name in names:
+        before = _mib(start[name]) if name in start else "?"
+        after = _mib(end[name]) if name in end else "?"
+        shown.append(f"{name} {before} -> {after} MiB")
+    return ", ".join(shown) if shown else "(no service measured)"
+
+
 def _ms(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:8.2f}"
 
@@ -240,6 +258,11 @@ def render_table(report: Report) -> str:
                 "  CPU per accepted request, data services on this machine: "
                 + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(theirs.items()))
             )
+    if report.service_rss_kib_start or report.service_rss_kib_end:
+        lines.append(
+            "  RSS per service (start -> end of the load): "
+            + render_rss(report.service_rss_kib_start, report.service_rss_kib_end)
+        )
     if report.ratios:
         lines += ["", "  ratios (platform / baseline, same run)"]
         for key, value in report.ratios.items():
