@@ -292,6 +292,8 @@ def test_projection_queue_and_batch_records(load: Load) -> None:
         "mlp.projections.dlq": 1,  # the poison message reached the collector too (binding inference.#)
         "mlp.requests.basic-model.dlq": 1,
         "mlp.requests.slow-model.dlq": 0,
+        "mlp.webhooks": 0,  # bound only to the keys of users with webhooks: none here
+        "mlp.webhooks.dlq": 0,
     }
     consumers = {
         labels["queue"]: v for labels, v in p.query(f'queue:rabbitmq_detailed_queue_consumers:sum{{vhost="{vhost}"}}')
