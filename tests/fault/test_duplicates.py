@@ -39,7 +39,9 @@ from tests.support.services import running_platform
 pytestmark = pytest.mark.fault
 
 REQUESTS = 40
-EVENTS_PER_REQUEST = 3  # requested, started, outcome
+EVENTS_PER_REQUEST = 3  # requested, started, outcome (InferenceStarted for every request: see below)
+# The worker publishes InferenceStarted for every request here, so each stream has three events to reorder.
+EVERY_START = {"MLP_STARTED_EVENT_AFTER_MS": "0"}
 
 
 async def _take_all(
@@ -60,7 +62,7 @@ async def _take_all(
 
 async def test_duplicated_and_reordered_events(triton_grpc_url: str, fault_table: FaultTable) -> None:
     started = time.monotonic()
-    with isolated_namespace("f-dup") as ns, running_platform(ns, triton_grpc_url) as platform:
+    with isolated_namespace("f-dup") as ns, running_platform(ns, triton_grpc_url, extra_env=EVERY_START) as platform:
         users = users_of("dup", 4)
         await grant_plan(ns.postgres_dsn, users)
         assert platform.services["collector"].terminate() == 0
