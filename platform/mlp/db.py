@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -10,6 +14,8 @@ from asyncpg.pool import PoolAcquireContext
 
 from mlp.settings import Settings
 from mlp.telemetry import asyncpg_init_for
+
+log = logging.getLogger(__name__)
 
 
 class BoundedPool(asyncpg.Pool):
@@ -90,3 +96,51 @@ async def drop_database(dsn: str) -> None:
         await conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
     finally:
         await conn.close()
+
+
+# A LISTEN connection is checked with a query this often: a half-open TCP connection is noticed this late.
+LISTEN_PING_S = 10.0
+LISTEN_RECONNECT_S = 1.0
+
+
+async def listen_forever(
+    connect: Callable[[], Awaitable[asyncpg.Connection]],
+    channel: str,
+    on_notify: Callable[[Any, int, str, object], None],  # (connection, pid, channel, payload)
+    *,
+    listening: asyncio.Event,
+    on_listening: Callable[[], None],
+    closing: Callable[[], bool],
+    what: str,
+) -> None:
+    """LISTEN on ``channel`` until ``closing()``, reconnecting when the connection is lost (Postgres restarting).
+
+    ``listening`` is set while the LISTEN is in place; ``on_listening`` runs each time it is (again): whatever
+    was notified while nothing listened is the caller's to catch up on. ``what`` names the feed in logs."""
+    while not closing():
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await connect()
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            await conn.add_listener(channel, on_notify)
+            listening.set()
+            on_listening()
+            while not closing():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), LISTEN_PING_S)
+                if lost.is_set() or conn.is_closed():
+                    raise ConnectionError("the listening connection closed")
+                await conn.execute("SELECT 1", timeout=5)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if closing():
+                return
+            log.warning("%s lost (%r); listening again", what, exc)
+            await asyncio.sleep(LISTEN_RECONNECT_S)
+        finally:
+            listening.clear()
+            if conn is not None and not conn.is_closed():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2.0)

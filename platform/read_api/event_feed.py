@@ -22,17 +22,15 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final
+from typing import Any
 
 import asyncpg
 
+from mlp.db import listen_forever
 from projections.event_log import EVENT_STORE_CHANNEL
 
 log = logging.getLogger(__name__)
 
-# How often the listening connection is checked (a query): a half-open TCP connection is noticed this late.
-_PING_S: Final = 10.0
-_RECONNECT_S: Final = 1.0
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
@@ -134,30 +132,12 @@ class EventFeed:
                 event.set()
 
     async def _listen(self) -> None:
-        while not self._closing:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await self._connect()
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(EVENT_STORE_CHANNEL, self._notified)
-                self.listening.set()
-                self._wake_all()  # whatever was stored while nothing listened
-                while not self._closing:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), _PING_S)
-                    if lost.is_set() or conn.is_closed():
-                        raise ConnectionError("the listening connection closed")
-                    await conn.execute("SELECT 1", timeout=5)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Postgres restarting: streams fall back to their timer meanwhile
-                if self._closing:
-                    return
-                log.warning("event store notifications lost (%r); listening again", exc)
-                await asyncio.sleep(_RECONNECT_S)
-            finally:
-                self.listening.clear()
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2.0)
+        await listen_forever(
+            self._connect,
+            EVENT_STORE_CHANNEL,
+            self._notified,
+            listening=self.listening,
+            on_listening=self._wake_all,
+            closing=lambda: self._closing,
+            what="event store notifications",
+        )

@@ -21,11 +21,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 import asyncpg
 
 from events.topology import webhook_binding_keys
+from mlp.db import LISTEN_RECONNECT_S, listen_forever
 from webhook_dispatcher import metrics
 from webhooks import store
 
@@ -34,9 +35,6 @@ log = logging.getLogger(__name__)
 Bind = Callable[[tuple[str, ...], bool], Awaitable[None]]  # (keys, True: bind / False: unbind)
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 Wake = Callable[[], None]
-
-_RECONNECT_S: Final = 1.0
-_PING_S: Final = 10.0
 
 
 class Bindings:
@@ -118,35 +116,20 @@ class Bindings:
             except Exception as exc:  # RabbitMQ or Postgres unavailable, or a bug: a full resync soon
                 log.warning("webhook bindings: sync failed, a full resync follows: %r", exc)
                 self._full = True
-                await asyncio.sleep(_RECONNECT_S)
+                await asyncio.sleep(LISTEN_RECONNECT_S)
                 self._wake.set()
 
+    def _resync_soon(self) -> None:
+        self._full = True  # whatever changed while nothing listened
+        self._wake.set()
+
     async def _listen(self) -> None:
-        while not self._closing:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await self._connect()
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(store.CHANGED_CHANNEL, self._notified)
-                self.listening.set()
-                self._full = True  # whatever changed while nothing listened
-                self._wake.set()
-                while not self._closing:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), _PING_S)
-                    if lost.is_set() or conn.is_closed():
-                        raise ConnectionError("the listening connection closed")
-                    await conn.execute("SELECT 1", timeout=5)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Postgres restarting: the periodic resync covers the gap
-                if self._closing:
-                    return
-                log.warning("webhook change notifications lost (%r); listening again", exc)
-                await asyncio.sleep(_RECONNECT_S)
-            finally:
-                self.listening.clear()
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2.0)
+        await listen_forever(
+            self._connect,
+            store.CHANGED_CHANNEL,
+            self._notified,
+            listening=self.listening,
+            on_listening=self._resync_soon,
+            closing=lambda: self._closing,
+            what="webhook change notifications",
+        )
