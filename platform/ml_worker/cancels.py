@@ -21,10 +21,10 @@ from typing import Any, Final, cast
 import redis.asyncio as redis
 
 from events.model import CancelCause
+from mlp.cache import Subscription
 
 log = logging.getLogger(__name__)
 
-_LISTEN_POLL_S: Final = 1.0
 _CAUSES: Final = frozenset({"http", "bus"})
 
 
@@ -77,46 +77,17 @@ class CancelListener:
     """The subscription (started and closed by the worker's resources)."""
 
     def __init__(self, client: redis.Redis, channel: str, watch: CancelWatch) -> None:
-        self._redis = client
-        self._channel = channel
         self._watch = watch
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self.subscribed = asyncio.Event()
+        self._subscription = Subscription(client, channel, self._on_notice, name="cancel-listener")
+        self.subscribed = self._subscription.subscribed
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="cancel-listener")
+        self._subscription.start()
 
     async def close(self) -> None:
-        self._closing = True
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), _LISTEN_POLL_S + 2.0)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._task, 2.0)
+        await self._subscription.close()
 
-    async def _listen(self) -> None:
-        while not self._closing:
-            try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    self.subscribed.set()
-                    while not self._closing:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S)
-                        if message is None or message.get("type") != "message":
-                            continue
-                        data = message["data"]
-                        notice = parse_notice(data.decode() if isinstance(data, bytes) else str(data))
-                        if notice is not None:
-                            self._watch.notify(notice[1], notice[0])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis restarting: running requests go on meanwhile
-                self.subscribed.clear()
-                if self._closing:
-                    return
-                log.warning("cancel subscription lost (%r); resubscribing", exc)
-                await asyncio.sleep(1.0)
+    def _on_notice(self, data: str) -> None:
+        notice = parse_notice(data)
+        if notice is not None:
+            self._watch.notify(notice[1], notice[0])

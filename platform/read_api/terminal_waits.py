@@ -16,17 +16,14 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Final
 
 import redis.asyncio as redis
 
+from mlp.cache import Subscription
 from projections.status_cache import StatusCache
 from tenancy.caller import Caller
 
 log = logging.getLogger(__name__)
-
-# How long one read of the subscription waits for a message: also how soon ``close`` is noticed.
-_LISTEN_POLL_S: Final = 1.0
 
 
 class TooManyWaits(Exception):
@@ -45,29 +42,20 @@ def wait_key(caller: Caller, client_host: str | None) -> str:
 
 class TerminalWaits:
     def __init__(self, redis_client: redis.Redis, cache: StatusCache, max_per_caller: int = 32) -> None:
-        self._redis = redis_client
         self._cache = cache
         self._max_per_caller = max_per_caller
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self._held: defaultdict[str, int] = defaultdict(int)
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._subscription = Subscription(
+            redis_client, cache.terminal_channel, self._on_terminal, name="terminal-waits"
+        )
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="terminal-waits")
+        self._subscription.start()
 
     async def close(self) -> None:
-        """Stop listening. The loop notices within ``_LISTEN_POLL_S``; cancelling it is the fallback only,
-        since a cancellation that lands inside redis-py's pub/sub read can be swallowed there."""
-        self._closing = True
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), _LISTEN_POLL_S + 2.0)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._task, 2.0)
+        """Stop listening (mlp.cache.Subscription.close)."""
+        await self._subscription.close()
 
     def held(self, caller_key: str) -> int:
         """How many long-poll slots ``caller_key`` holds now."""
@@ -100,21 +88,6 @@ class TerminalWaits:
                 if not waiters:
                     del self._waiters[request_id]
 
-    async def _listen(self) -> None:
-        while not self._closing:
-            try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._cache.terminal_channel)
-                    while not self._closing:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S)
-                        if message is None or message.get("type") != "message":
-                            continue
-                        for event in self._waiters.get(self._cache.request_id_of(str(message["data"])), ()):
-                            event.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis restarting: waiters fall back to their timer meanwhile
-                if self._closing:
-                    return
-                log.warning("terminal-state subscription lost (%r); resubscribing", exc)
-                await asyncio.sleep(1.0)
+    def _on_terminal(self, data: str) -> None:
+        for event in self._waiters.get(self._cache.request_id_of(data), ()):
+            event.set()
