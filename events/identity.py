@@ -14,6 +14,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from events.model import InferenceRejected, InferenceRequested, new_event_id, utc_now
 from events.request_rules import (
@@ -97,3 +98,23 @@ def duplicate_rejection(request: InferenceRequested) -> InferenceRejected:
         detail=duplicate_detail(request.request_id),
         traceparent=request.traceparent,
     )
+
+
+def caused_by(request: InferenceRequested) -> dict[str, Any]:
+    """The fields every event caused by ``request`` carries: a new event id, now, its stream, causation
+    and trace."""
+    return {
+        "event_id": new_event_id(),
+        "occurred_at": utc_now(),
+        "request_id": request.request_id,
+        "user_id": request.user_id,
+        "model": request.model,
+        "causation_id": request.event_id,
+        "correlation_id": request.correlation_id or request.request_id,
+        "traceparent": request.traceparent,
+    }
+
+
+def rejection_of(request: InferenceRequested, reason: RejectReason, detail: str = "") -> InferenceRejected:
+    """The request's own rejection: on its stream, to its user, caused by it."""
+    return InferenceRejected(**caused_by(request), reason=reason, detail=detail)

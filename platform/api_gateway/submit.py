@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from api_gateway.idempotency import PENDING, IdempotencyRecords, pending_ttl_for
 from events import control
-from events.identity import claim_of
+from events.identity import claim_of, rejection_of
 from events.model import InferenceRejected, InferenceRequested, new_event_id, utc_now
 from events.request_rules import Rejection, RequestLimits, check_request
 from mlp.bus import EventPublisher, PublishError, PublishRefused
@@ -31,18 +31,8 @@ log = logging.getLogger(__name__)
 
 def queue_full_rejection(refused: InferenceRequested) -> InferenceRejected:
     """The outcome of a request the broker refused (its queue full): ``queue_full`` on its own stream."""
-    return InferenceRejected(
-        event_id=new_event_id(),
-        request_id=refused.request_id,
-        occurred_at=utc_now(),
-        correlation_id=refused.correlation_id or refused.request_id,
-        causation_id=refused.event_id,
-        traceparent=refused.traceparent,
-        user_id=refused.user_id,
-        model=refused.model,
-        reason="queue_full",
-        detail="the model's request queue was full; the submit was answered 503 and not accepted",
-    )
+    detail = "the model's request queue was full; the submit was answered 503 and not accepted"
+    return rejection_of(refused, "queue_full", detail)
 
 
 class SubmitError(Exception):

@@ -14,6 +14,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from events import control
+from events.identity import caused_by, rejection_of
 from events.model import (
     CancelCause,
     ErrorCode,
@@ -24,8 +25,6 @@ from events.model import (
     InferenceRejected,
     InferenceRequested,
     InferenceStarted,
-    new_event_id,
-    utc_now,
 )
 from events.request_rules import Rejection, RejectReason, RequestLimits, check_request
 from events.topology import DELIVERY_LIMIT
@@ -92,20 +91,11 @@ def truncate(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
 
 def envelope(request: InferenceRequested) -> dict[str, Any]:
     """The fields every event caused by ``request`` carries: same stream, causation and trace."""
-    return {
-        "event_id": new_event_id(),
-        "occurred_at": utc_now(),
-        "request_id": request.request_id,
-        "user_id": request.user_id,
-        "model": request.model,
-        "causation_id": request.event_id,
-        "correlation_id": request.correlation_id or request.request_id,
-        "traceparent": request.traceparent,
-    }
+    return caused_by(request)
 
 
 def rejected(request: InferenceRequested, reason: RejectReason, detail: str = "") -> InferenceRejected:
-    return InferenceRejected(**envelope(request), reason=reason, detail=truncate(detail))
+    return rejection_of(request, reason, truncate(detail))
 
 
 def failed(request: InferenceRequested, error_code: ErrorCode, message: str = "") -> InferenceFailed:

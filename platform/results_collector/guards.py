@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from events.model import Event, InferenceRejected, InferenceRequested, new_event_id, utc_now
+from events.identity import rejection_of
+from events.model import Event, InferenceRejected, InferenceRequested
 from events.request_rules import (
     Rejection,
     RequestLimits,
@@ -54,15 +55,4 @@ def unstorable_request(event: InferenceRequested, body_bytes: int, limits: Reque
 
 def rejected_on_request(request: InferenceRequested, rejection: Rejection) -> InferenceRejected:
     """The request's own rejection (its stream, its user), caused by it."""
-    return InferenceRejected(
-        event_id=new_event_id(),
-        request_id=request.request_id,
-        occurred_at=utc_now(),
-        correlation_id=request.correlation_id or request.request_id,
-        causation_id=request.event_id,
-        traceparent=request.traceparent,
-        user_id=request.user_id,
-        model=request.model,
-        reason=rejection.reason,
-        detail=rejection.message,
-    )
+    return rejection_of(request, rejection.reason, rejection.message)
