@@ -38,32 +38,36 @@ class GatewayDeps:
         return self.authenticator.store
 
 
+# The providers are coroutine functions: FastAPI runs a plain ``def`` dependency in its thread pool, a
+# thread hop each per request (12% of the gateway's CPU under load, docs/benchmarks.md).
+
+
 def get_deps(request: Request) -> GatewayDeps:
     deps: GatewayDeps = request.app.state.deps
     return deps
 
 
-def settings_of(request: Request) -> Settings:
+async def settings_of(request: Request) -> Settings:
     return get_deps(request).settings
 
 
-def submit_of(request: Request) -> SubmitService:
+async def submit_of(request: Request) -> SubmitService:
     return get_deps(request).submit
 
 
-def cancel_of(request: Request) -> CancelService:
+async def cancel_of(request: Request) -> CancelService:
     return get_deps(request).cancel
 
 
-def keys_of(request: Request) -> KeyStore:
+async def keys_of(request: Request) -> KeyStore:
     return get_deps(request).keys
 
 
-def authenticator_of(request: Request) -> Authenticator:
+async def authenticator_of(request: Request) -> Authenticator:
     return get_deps(request).authenticator
 
 
-def webhooks_of(request: Request) -> WebhookDeps:
+async def webhooks_of(request: Request) -> WebhookDeps:
     return get_deps(request).webhooks
 
 

