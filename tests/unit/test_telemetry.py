@@ -81,7 +81,7 @@ def test_off_installs_no_sdk_provider_and_adds_no_tracing_middleware() -> None:
     assert off.shutdown() is True
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
     names = [type(m).__name__ for m in broker_middlewares(off)]
-    assert names == ["RabbitPrometheusMiddleware"]
+    assert names == ["BusMetrics"]
     app = FastAPI()
     before = list(app.user_middleware)
     instrument_fastapi(app, off)
@@ -94,7 +94,7 @@ def test_off_installs_no_sdk_provider_and_adds_no_tracing_middleware() -> None:
 
 def test_on_adds_the_tracing_middleware_before_prometheus(telemetry: Telemetry) -> None:
     names = [type(m).__name__ for m in broker_middlewares(telemetry)]
-    assert names == ["RabbitTelemetryMiddleware", "RabbitPrometheusMiddleware"]
+    assert names == ["RabbitTelemetryMiddleware", "BusMetrics"]
 
 
 def test_resource_env_overrides_our_defaults() -> None:
