@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlp.telemetry.bus_metrics import BusMetrics, bounded_routing_key
+from mlp.telemetry.bus_metrics import BusMetrics
 from mlp.telemetry.sdk import Telemetry
-
-__all__ = ["BusMetrics", "bounded_routing_key", "broker_middlewares"]
 
 
 def broker_middlewares(telemetry: Telemetry) -> list[Any]:

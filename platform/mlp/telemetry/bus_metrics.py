@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from faststream._internal.middlewares import BaseMiddleware
 from faststream.exceptions import IgnoredException
@@ -48,96 +47,68 @@ def bounded_routing_key(routing_key: str) -> str:
     return f"inference.{rest.partition('.')[0]}"
 
 
-@dataclass(slots=True)
+V = TypeVar("V")
+
+
+class _Kept(dict[str, V]):
+    """Values made on the first use of their key, then kept. The keys are bounded (a destination cut by
+    ``bounded_routing_key``, a status, an exception type), so the kept values are too."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[str], V]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: str) -> V:
+        value = self[key] = self._make(key)
+        return value
+
+
 class _Consumed:
     """One handler's children (``handler`` = exchange + bounded routing key)."""
 
-    metrics: MetricsContainer
-    labels: tuple[str, str, str]  # app_name, broker, handler
-    received: Any = field(init=False)
-    size: Any = field(init=False)
-    in_process: Any = field(init=False)
-    duration: Any = field(init=False)
-    processed: dict[ProcessingStatus, Any] = field(init=False, default_factory=dict)
-    exceptions: dict[str, Any] = field(init=False, default_factory=dict)
+    __slots__ = ("duration", "exceptions", "in_process", "processed", "received", "size")
 
-    def __post_init__(self) -> None:
-        m, labels = self.metrics, self.labels
+    def __init__(self, m: MetricsContainer, labels: tuple[str, str, str]) -> None:  # app_name, broker, handler
         self.received = m.received_messages_total.labels(*labels)
         self.size = m.received_messages_size_bytes.labels(*labels)
         self.in_process = m.received_messages_in_process.labels(*labels)
         self.duration = m.received_processed_messages_duration_seconds.labels(*labels)
-
-    def processed_as(self, status: ProcessingStatus) -> Any:
-        child = self.processed.get(status)
-        if child is None:
-            child = self.processed[status] = self.metrics.received_processed_messages_total.labels(
-                *self.labels, status.value
-            )
-        return child
-
-    def failed_with(self, exception_type: str) -> Any:
-        child = self.exceptions.get(exception_type)
-        if child is None:
-            child = self.exceptions[exception_type] = self.metrics.received_processed_messages_exceptions_total.labels(
-                *self.labels, exception_type
-            )
-        return child
+        # Bound on first use, as FastStream binds them: no zero series for a status or an exception not seen.
+        self.processed: _Kept[Any] = _Kept(lambda status: m.received_processed_messages_total.labels(*labels, status))
+        self.exceptions: _Kept[Any] = _Kept(
+            lambda exc_type: m.received_processed_messages_exceptions_total.labels(*labels, exc_type)
+        )
 
 
-@dataclass(slots=True)
 class _Published:
     """One destination's children (exchange + bounded routing key)."""
 
-    metrics: MetricsContainer
-    labels: tuple[str, str, str]  # app_name, broker, destination
-    success: Any = field(init=False)
-    duration: Any = field(init=False)
-    exceptions: dict[str, Any] = field(init=False, default_factory=dict)
+    __slots__ = ("duration", "exceptions", "statuses")
 
-    def __post_init__(self) -> None:
-        m, labels = self.metrics, self.labels
-        self.success = m.published_messages_total.labels(*labels, PublishingStatus.success.value)
+    def __init__(self, m: MetricsContainer, labels: tuple[str, str, str]) -> None:  # app_name, broker, destination
         self.duration = m.published_messages_duration_seconds.labels(*labels)
-
-    def error(self) -> Any:
-        # Bound on the first failure, as FastStream does: no zero ``status="error"`` series before one.
-        return self.metrics.published_messages_total.labels(*self.labels, PublishingStatus.error.value)
-
-    def failed_with(self, exception_type: str) -> Any:
-        child = self.exceptions.get(exception_type)
-        if child is None:
-            child = self.exceptions[exception_type] = self.metrics.published_messages_exceptions_total.labels(
-                *self.labels, exception_type
-            )
-        return child
+        self.statuses: _Kept[Any] = _Kept(lambda status: m.published_messages_total.labels(*labels, status))
+        self.exceptions: _Kept[Any] = _Kept(
+            lambda exc_type: m.published_messages_exceptions_total.labels(*labels, exc_type)
+        )
 
 
 class BusMetrics:
     """The broker middleware (a factory FastStream calls once per message) and the children it keeps."""
 
     def __init__(self, registry: CollectorRegistry, app_name: str) -> None:
-        self._metrics = MetricsContainer(registry, metrics_prefix="faststream", custom_label_names=())
-        self._app_name = app_name
-        self._consumed: dict[str, _Consumed] = {}
-        self._published: dict[str, _Published] = {}
+        m = MetricsContainer(registry, metrics_prefix="faststream", custom_label_names=())
+        self.consumed: _Kept[_Consumed] = _Kept(lambda handler: _Consumed(m, (app_name, BROKER, handler)))
+        self.published: _Kept[_Published] = _Kept(lambda destination: _Published(m, (app_name, BROKER, destination)))
 
     def __call__(self, msg: Any, /, *, context: ContextRepo) -> _Scope:
         return _Scope(msg, context=context, metrics=self)
 
-    def consumed(self, exchange: str, routing_key: str) -> _Consumed:
-        handler = f"{exchange or 'default'}.{bounded_routing_key(routing_key)}"
-        children = self._consumed.get(handler)
-        if children is None:
-            children = self._consumed[handler] = _Consumed(self._metrics, (self._app_name, BROKER, handler))
-        return children
 
-    def published(self, exchange: str, routing_key: str) -> _Published:
-        destination = f"{exchange or 'default'}.{bounded_routing_key(routing_key)}"
-        children = self._published.get(destination)
-        if children is None:
-            children = self._published[destination] = _Published(self._metrics, (self._app_name, BROKER, destination))
-        return children
+def _destination(exchange: str, routing_key: str) -> str:
+    return f"{exchange or 'default'}.{bounded_routing_key(routing_key)}"
 
 
 class _Scope(BaseMiddleware[Any, Any]):
@@ -153,7 +124,7 @@ class _Scope(BaseMiddleware[Any, Any]):
         if msg.source_type is SourceType.RESPONSE:
             return await call_next(msg)
         raw = msg.raw_message
-        children = self._metrics.consumed(raw.exchange or "", raw.routing_key or "")
+        children = self._metrics.consumed[_destination(raw.exchange or "", raw.routing_key or "")]
         children.received.inc()
         children.size.observe(len(msg.body))
         children.in_process.inc()
@@ -164,7 +135,7 @@ class _Scope(BaseMiddleware[Any, Any]):
         except Exception as exc:
             err = exc
             if not isinstance(exc, IgnoredException):
-                children.failed_with(type(exc).__name__).inc()
+                children.exceptions[type(exc).__name__].inc()
             raise
         finally:
             children.duration.observe(time.perf_counter() - start)
@@ -176,22 +147,22 @@ class _Scope(BaseMiddleware[Any, Any]):
                     or PROCESSING_STATUS_BY_HANDLER_EXCEPTION_MAP.get(type(err))
                     or ProcessingStatus.error
                 )
-            children.processed_as(status).inc()
+            children.processed[status.value].inc()
 
     async def publish_scope(
         self, call_next: Callable[[RabbitPublishCommand], Awaitable[Any]], cmd: RabbitPublishCommand
     ) -> Any:
         if cmd.publish_type is PublishType.REPLY:
             return await call_next(cmd)
-        children = self._metrics.published(cmd.exchange.name, cmd.destination)
+        children = self._metrics.published[_destination(cmd.exchange.name, cmd.destination)]
+        status = PublishingStatus.success
         start = time.perf_counter()
         try:
-            result = await call_next(cmd)
+            return await call_next(cmd)
         except Exception as exc:
-            children.failed_with(type(exc).__name__).inc()
-            children.duration.observe(time.perf_counter() - start)
-            children.error().inc(len(cmd.batch_bodies))
+            status = PublishingStatus.error
+            children.exceptions[type(exc).__name__].inc()
             raise
-        children.duration.observe(time.perf_counter() - start)
-        children.success.inc(len(cmd.batch_bodies))
-        return result
+        finally:
+            children.duration.observe(time.perf_counter() - start)
+            children.statuses[status.value].inc(len(cmd.batch_bodies))
