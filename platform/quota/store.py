@@ -126,7 +126,7 @@ async def set_user_quota(
 # --- the ledger, for rebuilding the Redis counters ---------------------------------------------
 #
 # The rebuild reads O(users x windows) rows, whatever the number of requests: the per-window totals come
-# from token_usage_daily (maintained with each ledger row, exactly once: projections.postgres._CHARGE_USAGE),
+# from token_usage_daily (maintained with each ledger row, exactly once: projections.postgres._APPLY_PLAN),
 # plus the open reservations (requests running now). It writes no per-request record for the charged
 # requests: it keeps its snapshot instead, and a script that finds no record of a request while that
 # snapshot is kept asks the ledger (``charged``) whether the request was charged, and whether the rebuild
