@@ -15,6 +15,7 @@ move a status backwards.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -157,6 +158,12 @@ async def store_events(
     return [e for e, _ in unique if str(uuid.UUID(e.event_id)) in stored]
 
 
+@functools.cache
+def _apply_plan_sql(tables: Tables) -> str:
+    """``_APPLY_PLAN`` for these tables, formatted once per set of tables rather than once per batch."""
+    return _APPLY_PLAN.format(requests=tables.requests, results=tables.results, usage=tables.usage, daily=tables.daily)
+
+
 async def apply_plan(conn: Connection, batch: BatchPlan, tables: Tables = LIVE) -> None:
     """Apply a plan's writes in one statement (``_APPLY_PLAN``; a kind with no rows gets empty arrays).
     Call inside a transaction."""
@@ -164,7 +171,7 @@ async def apply_plan(conn: Connection, batch: BatchPlan, tables: Tables = LIVE) 
         return
     rows, res, use = batch.requests, batch.results, batch.usage
     await conn.execute(
-        _APPLY_PLAN.format(requests=tables.requests, results=tables.results, usage=tables.usage, daily=tables.daily),
+        _apply_plan_sql(tables),
         [w.request_id for w in rows],
         [w.user_id for w in rows],
         [w.model for w in rows],
