@@ -25,6 +25,7 @@ from mlp.health import dependency_checks
 from mlp.http import BodySizeLimit, complete_openapi, run_service, service_app
 from mlp.settings import Settings
 from projections.status_cache import StatusCache, StatusKeys
+from quota.limits_follower import LimitsFollower
 from quota.service import QuotaService, QuotaSettings
 from tenancy.authenticator import Authenticator
 from tenancy.http import AuthRefused
@@ -56,6 +57,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
         redis_client = create_redis(settings)
         pool = await create_pool(settings, max_size=5)
         quota = QuotaService(pool, redis_client, QuotaSettings.of(settings))
+        limits_follower = LimitsFollower.for_dsn(quota, settings.postgres_dsn)
+        limits_follower.start()
         authenticator = Authenticator(settings, KeyStore(pool, pepper), clock)
         await authenticator.start()
         publisher = EventPublisher(broker, settings.publish_timeout_s)
@@ -83,6 +86,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
             yield
         finally:
             await broker.stop()
+            await limits_follower.close()
             await authenticator.close()
             await redis_client.aclose()
             await pool.close()

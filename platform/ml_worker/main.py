@@ -43,6 +43,7 @@ from mlp.db import create_pool
 from mlp.health import ReadinessCheck, dependency_checks
 from mlp.settings import Settings, get_settings
 from projections.status_cache import StatusCache, StatusKeys
+from quota.limits_follower import LimitsFollower
 from quota.service import QuotaService, QuotaSettings
 
 log = logging.getLogger("ml_worker")
@@ -143,6 +144,9 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
         # Cancels of running requests arrive on one pub/sub channel (ml_worker.cancels).
         listener = CancelListener(redis, status_keys.cancel_channel, cancels)
         listener.start()
+        quota = QuotaService(pool, redis, QuotaSettings.of(settings))
+        limits_follower = LimitsFollower.for_dsn(quota, settings.postgres_dsn)
+        limits_follower.start()
         try:
             caller = TritonCaller(
                 triton,
@@ -154,7 +158,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
             )
             deps = WorkerDeps(
                 publisher=EventPublisher(broker, settings.publish_timeout_s),
-                quota=QuotaService(pool, redis, QuotaSettings.of(settings)),
+                quota=quota,
                 status_keys=status_keys,
                 triton=caller,
                 status=StatusCache(redis, status_keys),
@@ -174,6 +178,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
             yield {**dependency_checks(pool=pool, redis_client=redis), "triton": triton_ready}
         finally:
             await listener.close()
+            await limits_follower.close()
             await triton.close()
             await redis.aclose()
             await pool.close()

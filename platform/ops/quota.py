@@ -6,7 +6,8 @@
                        [--requests-per-minute N] [--max-tokens-per-request N] [--clear-overrides]
 
 Exit codes: 0 done, 1 not found / service unavailable, 2 bad input (message on stderr).
-Running services pick up a change within a few seconds (their limits cache).
+Running services pick up a change at once: it notifies their limits cache (quota.limits_follower; within
+a few seconds where a service cannot listen).
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ from quota.plans import (
 )
 
 LIMITS_CACHE_S = 5.0
+# While a limits follower listens (quota.limits_follower), a change is notified at once: the entries may
+# live this long, the backstop for a notification lost with its connection.
+LIMITS_CACHE_FOLLOWED_S = 300.0
 LIMITS_CACHE_SIZE = 10_000
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -220,6 +223,8 @@ class QuotaService:
         self._limits_cache_s = limits_cache_s
         self._limits: OrderedDict[str, tuple[float, Limits]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Limits]] = {}
+        self._forgotten = 0  # counts forget_limits: a load that overlapped one may hold what it forgot
+        self._followed: asyncio.Event | None = None
         self.ledger = RedisLedger(
             redis,
             settings.redis_prefix,
@@ -233,7 +238,8 @@ class QuotaService:
     # --- limits ---------------------------------------------------------------------------------
 
     async def limits_for(self, user_id: str) -> Limits:
-        """The user's limits, cached for a few seconds (``mlp quota set`` takes effect that fast)."""
+        """The user's limits, cached: for minutes while a follower forgets every change (``follow_limit_changes``),
+        else for a few seconds (``mlp quota set`` takes effect that fast)."""
         check_user_id(user_id)
         cached = self._limits.get(user_id)
         if cached is not None and cached[0] > time.monotonic():
@@ -245,14 +251,21 @@ class QuotaService:
             task.add_done_callback(lambda done: self._loaded(user_id, done))
         return await asyncio.shield(task)
 
+    def follow_limit_changes(self, listening: asyncio.Event) -> None:
+        """Cache limits for minutes while ``listening`` is set: a follower (quota.limits_follower) then calls
+        ``forget_limits`` for every change, and forgets all each time it listens again."""
+        self._followed = listening
+
     async def _load_limits(self, user_id: str, stale: Limits | None) -> Limits:
+        forgotten = self._forgotten
         try:
             limits = await store.fetch_limits(self._pool, user_id, self._settings.default_plan)
         except _DB_ERRORS as exc:
             if stale is not None:  # Postgres is briefly away: the last known limits beat a 503
                 return stale
             raise QuotaUnavailable(f"cannot read quota limits: {type(exc).__name__}: {exc}") from exc
-        self._remember(user_id, limits)
+        if forgotten == self._forgotten:  # else a change was notified meanwhile: this read may predate it
+            self._remember(user_id, limits)
         return limits
 
     def _loaded(self, user_id: str, task: asyncio.Future[Limits]) -> None:
@@ -262,12 +275,15 @@ class QuotaService:
             task.exception()  # retrieved here: every waiter may have gone
 
     def _remember(self, user_id: str, limits: Limits) -> None:
-        self._limits[user_id] = (time.monotonic() + self._limits_cache_s, limits)
+        followed = self._followed is not None and self._followed.is_set()
+        ttl_s = max(self._limits_cache_s, LIMITS_CACHE_FOLLOWED_S) if followed else self._limits_cache_s
+        self._limits[user_id] = (time.monotonic() + ttl_s, limits)
         self._limits.move_to_end(user_id)
         while len(self._limits) > LIMITS_CACHE_SIZE:
             self._limits.popitem(last=False)
 
     def forget_limits(self, user_id: str | None = None) -> None:
+        self._forgotten += 1
         if user_id is None:
             self._limits.clear()
         else:

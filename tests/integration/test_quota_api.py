@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime
 
 import asyncpg
@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from mlp.settings import Settings
 from ops.quota import main as quota_cli
+from quota.limits_follower import LimitsFollower
 from quota.service import QuotaService, QuotaSettings
 from read_api.deps import pool_of, quota_of
 from read_api.quota_routes import router
@@ -185,6 +186,77 @@ async def test_a_cli_change_reaches_the_service_limits(
     assert await asyncio.to_thread(quota_cli, ["set", who, "--plan", "enterprise"], migrated) == 0
     quota.forget_limits(who)  # services see it after their short cache (a few seconds)
     assert (await quota.limits_for(who)).plan == "enterprise"
+
+
+async def followed(quota: QuotaService, migrated: Settings) -> LimitsFollower:
+    follower = LimitsFollower.for_dsn(quota, migrated.postgres_dsn)
+    follower.start()
+    await asyncio.wait_for(follower.listening.wait(), 10)
+    return follower
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> bool:
+    for _ in range(100):
+        if await check():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_followed_cache_sees_a_cli_change_without_being_told(migrated: Settings, quota: QuotaService) -> None:
+    """Cached for minutes while followed, yet the CLI's change reaches the service at once (its NOTIFY)."""
+    follower = await followed(quota, migrated)
+    try:
+        who = user()
+        assert (await quota.limits_for(who)).plan == "free"
+        assert await asyncio.to_thread(quota_cli, ["set", who, "--plan", "enterprise"], migrated) == 0
+
+        async def is_enterprise() -> bool:
+            return (await quota.limits_for(who)).plan == "enterprise"
+
+        assert await eventually(is_enterprise)
+        assert await asyncio.to_thread(quota_cli, ["set", who, "--tokens-per-day", "77"], migrated) == 0
+
+        async def has_override() -> bool:
+            return (await quota.limits_for(who)).tokens_per_day == 77
+
+        assert await eventually(has_override)
+    finally:
+        await follower.close()
+
+
+async def test_a_plan_change_is_forgotten_for_every_user(
+    migrated: Settings, quota: QuotaService, pool: asyncpg.Pool
+) -> None:
+    follower = await followed(quota, migrated)
+    bump = "UPDATE quota_plans SET tokens_per_day = tokens_per_day + $1 WHERE name = 'free'"
+    try:
+        who = user()
+        before = (await quota.limits_for(who)).tokens_per_day
+        await pool.execute(bump, 1)
+        try:
+
+            async def moved() -> bool:
+                return (await quota.limits_for(who)).tokens_per_day == before + 1
+
+            assert await eventually(moved)
+        finally:
+            await pool.execute(bump, -1)  # the plan as the other tests know it
+    finally:
+        await follower.close()
+
+
+async def test_an_unfollowed_cache_keeps_its_short_expiry(
+    migrated: Settings, pool: asyncpg.Pool, client: redis.Redis
+) -> None:
+    """No follower: a change shows after the short expiry (here 0.2 s), the way it did before 0013."""
+    quota = QuotaService(pool, client, QuotaSettings.of(migrated), lambda: NOW, limits_cache_s=0.2)
+    who = user()
+    assert (await quota.limits_for(who)).plan == "free"
+    assert await asyncio.to_thread(quota_cli, ["set", who, "--plan", "pro"], migrated) == 0
+    assert (await quota.limits_for(who)).plan == "free"  # cached
+    await asyncio.sleep(0.3)
+    assert (await quota.limits_for(who)).plan == "pro"
 
 
 def test_cli_lists_the_plans(migrated: Settings, capsys: pytest.CaptureFixture[str]) -> None:
