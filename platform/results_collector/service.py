@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -216,5 +215,6 @@ class Collector:
         self._cache_sync.push(new)
         if self._follow_up is not None:
             self._follow_up.push(new)
-        new_ids = {str(uuid.UUID(e.event_id)) for e in new}
-        return [str(uuid.UUID(i.event.event_id)) in new_ids for i in items]
+        # The same objects as the items' (a second copy of an id within the batch is not new: a duplicate).
+        new_events = {id(e) for e in new}
+        return [id(i.event) in new_events for i in items]
