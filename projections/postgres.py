@@ -123,10 +123,8 @@ ON CONFLICT (user_id, day, model) DO UPDATE SET
 """
 
 
-def _unique_by_event_id(
-    events: Sequence[Event], payloads: Sequence[bytes]
-) -> list[tuple[uuid.UUID, Event, bytes]]:
-    """The first of each event id, with the id parsed (once: it is 5% of a batch's client CPU otherwise)."""
+def _unique_by_event_id(events: Sequence[Event], payloads: Sequence[bytes]) -> list[tuple[uuid.UUID, Event, bytes]]:
+    """The first of each event id, with the id parsed once (parsing was 2.8% of the collector's samples)."""
     seen: set[uuid.UUID] = set()
     unique: list[tuple[uuid.UUID, Event, bytes]] = []
     for event, payload in zip(events, payloads, strict=True):
