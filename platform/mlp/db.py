@@ -109,13 +109,25 @@ async def drop_database(dsn: str) -> None:
         await conn.close()
 
 
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+
+def listen_connector(dsn: str) -> Connect:
+    """The ``connect`` of ``listen_forever``: a session of its own on ``dsn`` (a LISTEN cannot use the pool)."""
+
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(dsn, timeout=10)
+
+    return connect
+
+
 # A LISTEN connection is checked with a query this often: a half-open TCP connection is noticed this late.
 LISTEN_PING_S = 10.0
 LISTEN_RECONNECT_S = 1.0
 
 
 async def listen_forever(
-    connect: Callable[[], Awaitable[asyncpg.Connection]],
+    connect: Connect,
     channel: str,
     on_notify: Callable[[Any, int, str, object], None],  # (connection, pid, channel, payload)
     *,

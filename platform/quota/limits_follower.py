@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 
-import asyncpg
-
-from mlp.db import listen_forever
+from mlp.db import Connect, listen_connector, listen_forever
 from quota.service import QuotaService
 
 LIMITS_CHANNEL = "mlp_quota_limits"
 ALL_USERS = "*"
-
-Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
 class LimitsFollower:
@@ -36,10 +31,7 @@ class LimitsFollower:
 
     @classmethod
     def for_dsn(cls, quota: QuotaService, dsn: str) -> LimitsFollower:
-        async def connect() -> asyncpg.Connection:
-            return await asyncpg.connect(dsn, timeout=10)
-
-        return cls(quota, connect)
+        return cls(quota, listen_connector(dsn))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="quota-limits-follower")

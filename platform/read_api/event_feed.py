@@ -21,18 +21,13 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
-
-from mlp.db import listen_forever
+from mlp.db import Connect, listen_connector, listen_forever
 from projections.event_log import EVENT_STORE_CHANNEL
 
 log = logging.getLogger(__name__)
-
-
-Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
 class TooManyStreams(Exception):
@@ -70,10 +65,7 @@ class EventFeed:
 
     @classmethod
     def for_dsn(cls, dsn: str, max_per_caller: int = 16) -> EventFeed:
-        async def connect() -> asyncpg.Connection:
-            return await asyncpg.connect(dsn, timeout=10)
-
-        return cls(connect, max_per_caller)
+        return cls(listen_connector(dsn), max_per_caller)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -26,14 +26,13 @@ from typing import Any
 import asyncpg
 
 from events.topology import webhook_binding_keys
-from mlp.db import LISTEN_RECONNECT_S, listen_forever
+from mlp.db import LISTEN_RECONNECT_S, Connect, listen_forever
 from webhook_dispatcher import metrics
 from webhooks import store
 
 log = logging.getLogger(__name__)
 
 Bind = Callable[[tuple[str, ...], bool], Awaitable[None]]  # (keys, True: bind / False: unbind)
-Connect = Callable[[], Awaitable[asyncpg.Connection]]
 Wake = Callable[[], None]
 
 

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
-import asyncpg
 from faststream import AckPolicy
 from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker, RabbitMessage
@@ -28,7 +27,7 @@ from mlp import logs
 from mlp.backoff import Backoff
 from mlp.bus import bind_keys, declare_own_queue, rabbit_queue
 from mlp.consumer import Consumer, HealthAddress, consumer_broker, run_consumer
-from mlp.db import create_pool
+from mlp.db import create_pool, listen_connector
 from mlp.health import ReadinessCheck, dependency_checks
 from mlp.settings import Settings, get_settings
 from webhook_dispatcher.bindings import Bindings
@@ -70,9 +69,6 @@ def build_app(settings: Settings) -> Consumer:
     async def bind(keys: tuple[str, ...], on: bool) -> None:
         await bind_keys(broker, webhooks_queue(), keys, bind=on)
 
-    async def listen_connection() -> asyncpg.Connection:
-        return await asyncpg.connect(settings.postgres_dsn, timeout=10)
-
     async def bindings_synced() -> bool:
         return synced
 
@@ -104,7 +100,11 @@ def build_app(settings: Settings) -> Consumer:
                 target_scan_s=settings.webhook_target_scan_s,
             )
             bindings = Bindings(
-                pool, bind, listen_connection, resync_s=settings.webhook_resync_s, on_enqueued=dispatcher.wake
+                pool,
+                bind,
+                listen_connector(settings.postgres_dsn),
+                resync_s=settings.webhook_resync_s,
+                on_enqueued=dispatcher.wake,
             )
             dispatcher.start()
             try:
