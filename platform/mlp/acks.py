@@ -9,7 +9,13 @@ behind it are acked one by one after ``max_delay_s`` so that nothing waits on it
 
 On a quorum queue each ack frame is a Raft command of the queue: fewer frames, less broker work.
 
-``TagRun`` is the pure bookkeeping; ``BulkAcker`` applies it to aiormq channels.
+The acks of one channel reach the broker in the order they were decided, one at a time (``AckOutbox``).
+aiormq queues every frame of a connection in a bounded ``asyncio.Queue``, whose ``put`` is not first come,
+first served once it is full: an ack sent on its own task could overtake an earlier one, and a multiple
+ack for tag 9 written before the ack for tag 7 leaves tag 7 unknown to the broker, which closes the
+channel (PRECONDITION_FAILED) and with it the consumer.
+
+``TagRun`` and ``AckOutbox`` are the pure bookkeeping; ``BulkAcker`` applies them to aiormq channels.
 """
 
 from __future__ import annotations
@@ -62,6 +68,40 @@ class TagRun:
         return sorted(tags)
 
 
+@dataclass
+class AckOutbox:
+    """The acks of one channel still to send, in an order that never leaves one unknown to the broker.
+
+    A multiple ack for T covers every single ack at or below T still waiting (dropped); a single ack
+    already covered by a multiple one sent or waiting is dropped too. ``next_frame`` hands out the
+    multiple ack first, then the singles above it in tag order.
+    """
+
+    covered_through: int = 0  # the highest multiple ack sent or waiting
+    multiple: int | None = None
+    singles: set[int] = field(default_factory=set)
+
+    def add(self, tag: int, *, multiple: bool) -> None:
+        if tag <= self.covered_through:
+            return
+        if multiple:
+            self.covered_through = self.multiple = tag
+            self.singles = {t for t in self.singles if t > tag}
+        else:
+            self.singles.add(tag)
+
+    def next_frame(self) -> tuple[int, bool] | None:
+        """(tag, multiple) of the next ack to send, or None when nothing is owed."""
+        if self.multiple is not None:
+            tag, self.multiple = self.multiple, None
+            return tag, True
+        if self.singles:
+            tag = min(self.singles)
+            self.singles.discard(tag)
+            return tag, False
+        return None
+
+
 class BulkAcker:
     """Coalesces the acks of a consumer's channels: ``done(message)`` instead of ``message.ack()``.
 
@@ -74,6 +114,7 @@ class BulkAcker:
         self._oldest_waiting: dict[int, float] = {}
         self._flush_scheduled = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._outboxes: dict[int, AckOutbox] = {}  # id(channel) -> what it still owes, while being sent
         self._sending: set[asyncio.Future[Any]] = set()
         self.frames = 0  # ack frames sent (tests, metrics)
 
@@ -119,11 +160,27 @@ class BulkAcker:
                 self._send(channel, target, multiple=True)
 
     def _send(self, channel: Any, tag: int, *, multiple: bool) -> None:
-        self.frames += 1
-        task = asyncio.ensure_future(channel.basic_ack(delivery_tag=tag, multiple=multiple))
+        key = id(channel)
+        outbox = self._outboxes.get(key)
+        if outbox is not None:  # a sender of this channel is running: it takes this ack in turn
+            outbox.add(tag, multiple=multiple)
+            return
+        outbox = self._outboxes[key] = AckOutbox()
+        outbox.add(tag, multiple=multiple)
+        task = asyncio.ensure_future(self._send_in_order(channel, key, outbox))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
         task.add_done_callback(_log_failure)
+
+    async def _send_in_order(self, channel: Any, key: int, outbox: AckOutbox) -> None:
+        """Send a channel's acks one at a time, each written before the next is queued."""
+        try:
+            while (frame := outbox.next_frame()) is not None:
+                tag, multiple = frame
+                self.frames += 1
+                await channel.basic_ack(delivery_tag=tag, multiple=multiple)
+        finally:
+            del self._outboxes[key]
 
     async def _sweep(self) -> None:
         while True:

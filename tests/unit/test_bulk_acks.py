@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from mlp.acks import TagRun
+from mlp.acks import AckOutbox, TagRun
 
 
 def test_a_run_is_acked_up_to_its_first_gap() -> None:
@@ -54,3 +54,31 @@ def test_in_any_order_every_finished_tag_is_covered_once_and_no_unfinished_one_e
                 assert set(range(covered + 1, target + 1)) <= finished
                 covered = target
         assert covered == 100
+
+
+def test_the_outbox_sends_the_multiple_ack_first_and_drops_what_it_covers() -> None:
+    outbox = AckOutbox()
+    outbox.add(7, multiple=False)
+    outbox.add(12, multiple=False)
+    outbox.add(9, multiple=True)  # covers 7, not 12
+    outbox.add(5, multiple=False)  # covered already: never sent after the multiple ack for 9
+    assert outbox.next_frame() == (9, True)
+    assert outbox.next_frame() == (12, False)
+    assert outbox.next_frame() is None
+
+
+def test_the_outbox_never_sends_an_ack_below_a_multiple_one_sent_before() -> None:
+    rng = random.Random(11)
+    for _ in range(200):
+        outbox, sent = AckOutbox(), list[tuple[int, bool]]()
+        for _ in range(30):
+            outbox.add(rng.randint(1, 40), multiple=rng.random() < 0.3)
+            if rng.random() < 0.5 and (frame := outbox.next_frame()) is not None:
+                sent.append(frame)
+        while (frame := outbox.next_frame()) is not None:
+            sent.append(frame)
+        covered = 0
+        for tag, multiple in sent:
+            assert tag > covered  # the broker still knows it
+            if multiple:
+                covered = tag
