@@ -129,6 +129,19 @@ def service_pids(up_pid: int) -> dict[str, int]:
     return pids
 
 
+def _descendants(pid: int) -> list[int]:
+    return [d for child in _children(pid) for d in (child, *_descendants(child))]
+
+
+def _kill_leftovers(started: Mapping[int, list[str]]) -> None:
+    """SIGKILL each process of ``started`` still running the same command after ``mlp up`` stopped."""
+    for pid, argv in started.items():
+        if argv and _argv(pid) == argv and _rss_kib(pid) > 0:  # alive, not a zombie, not a reused pid
+            print(f"mlp bench: {' '.join(argv[:4])} (pid {pid}) outlived mlp up; killed", file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def service_cpu_seconds(up_pid: int) -> dict[str, float]:
     """Per service started by ``mlp up``: CPU seconds so far, its child processes included."""
     return {name: _tree_cpu_seconds(pid) for name, pid in service_pids(up_pid).items()}
@@ -245,5 +258,9 @@ async def spawned_platform(
             await _wait_ready(process, platform, ready_timeout_s)
             yield platform
         finally:
+            # Its services and theirs (Triton's server), taken before the stop: each runs in its own session,
+            # so one that outlives a stuck ``mlp up`` would go on consuming from the shared broker.
+            started = {pid: _argv(pid) for pid in _descendants(process.pid)}
             # SIGINT is mlp up's Ctrl-C: it stops its children in order (gateway first, Triton last).
             await stop_process(process, signal.SIGINT, settings.graceful_timeout_s * 4 + 30)
+            _kill_leftovers(started)
