@@ -108,8 +108,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _descendants(pid: int) -> list[int]:
+    return [d for child in _children(pid) for d in (child, *_descendants(child))]
+
+
 def _tree_cpu_seconds(pid: int) -> float:
-    return _cpu_seconds(pid) + sum(_tree_cpu_seconds(child) for child in _children(pid))
+    return sum(_cpu_seconds(p) for p in (pid, *_descendants(pid)))
 
 
 def _argv(pid: int) -> list[str]:
@@ -127,10 +131,6 @@ def service_pids(up_pid: int) -> dict[str, int]:
         if "ops.cli" in argv and argv.index("ops.cli") + 1 < len(argv):
             pids[argv[argv.index("ops.cli") + 1]] = child
     return pids
-
-
-def _descendants(pid: int) -> list[int]:
-    return [d for child in _children(pid) for d in (child, *_descendants(child))]
 
 
 def _kill_leftovers(started: Mapping[int, list[str]]) -> None:
