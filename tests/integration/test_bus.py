@@ -12,10 +12,12 @@ from mlp.bus import EventPublisher, PublishError, declare_topology, make_broker
 from mlp.settings import Settings
 
 pytestmark = pytest.mark.integration
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def _requested(model: str) -> InferenceRequested:
+def _requested(model: str, traceparent: str | None = None) -> InferenceRequested:
     return InferenceRequested(
+        traceparent=traceparent,
         event_id=new_event_id(),
         request_id=new_event_id(),
         occurred_at=utc_now(),
@@ -33,13 +35,20 @@ async def test_topology_is_declared_idempotently_and_a_confirmed_publish_lands(m
         await declare_topology(broker, module_settings.models)
         await declare_topology(broker, module_settings.models)  # same arguments: RabbitMQ accepts it again
         publisher = EventPublisher(broker, timeout_s=5)
-        event = _requested(module_settings.models[0])
+        event = _requested(module_settings.models[0], TRACEPARENT)
         await publisher.publish(event)
         queue = await broker.declare_queue(_passive(requests_queue(module_settings.models[0]).name))
         message = await queue.get(no_ack=False, fail=True, timeout=5)
         assert message is not None
         assert message.message_id == event.event_id
         assert message.delivery_mode == 2  # persistent
+        # What consumers, the DLQ tool and the trace read (EventPublisher builds them itself).
+        assert message.correlation_id == event.request_id
+        assert message.type == "InferenceRequested"
+        assert message.content_type == "application/json"
+        assert message.app_id == "mlp"
+        assert message.timestamp is not None
+        assert message.headers["traceparent"] == TRACEPARENT  # tracing off: the event's own
         await message.ack()
         names = {q.name for q in all_queues(module_settings.models)}
         assert "mlp.requests.basic-model.dlq" in names

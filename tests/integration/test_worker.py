@@ -306,3 +306,27 @@ async def test_one_subscriber_handles_its_messages_concurrently(wsettings: Setti
     first_completed = order.index(InferenceCompleted)
     assert order[:first_completed] == [InferenceStarted] * len(requests)
     assert order.count(InferenceCompleted) == len(requests)
+
+
+async def test_a_worker_whose_consumer_channel_the_broker_closes_consumes_again(wsettings: Settings) -> None:
+    # The broker closes a channel that acks a delivery tag it never sent (PRECONDITION_FAILED): what the
+    # reordered acks of round 5 did (docs/benchmarks.md), and what its consumer timeout does. It happens
+    # here while deliveries are in hand and outcomes are being published. The worker must end every
+    # request (the unacked ones come again) and take new deliveries, not sit connected with no consumer.
+    busy = [requested(user_id=f"channel-user-{i % 8}") for i in range(120)]
+    later = requested(user_id="channel-user-later")
+    async with observed(wsettings) as log, running_worker(wsettings) as worker:
+        await publish(wsettings, *busy)
+        await log.matching(lambda e: isinstance(e, InferenceCompleted), count=10)
+        queue = worker.subscribers[0]._queue_obj
+        assert queue is not None
+        consumer_channel = await queue.channel.get_underlay_channel()
+        await consumer_channel.basic_ack(999_999_999)  # no such delivery: the broker closes the channel
+        async with asyncio.timeout(10):
+            while not consumer_channel.is_closed:
+                await asyncio.sleep(0.01)
+        for request in busy:
+            await log.terminal(request.request_id)
+        await publish(wsettings, later)
+        events = await log.terminal(later.request_id)
+    assert isinstance(events[-1], InferenceCompleted), events

@@ -106,6 +106,21 @@ class BusMetrics:
     def __call__(self, msg: Any, /, *, context: ContextRepo) -> _Scope:
         return _Scope(msg, context=context, metrics=self)
 
+    def record_publish(
+        self, exchange: str, routing_key: str, seconds: float, error: Exception | None, count: int = 1
+    ) -> None:
+        """One publish (``count`` messages) as FastStream records it: duration, status, exception type.
+
+        Called by the publish middleware below and by ``mlp.bus.EventPublisher``, which publishes past
+        FastStream's middlewares.
+        """
+        children = self.published[_destination(exchange, routing_key)]
+        children.duration.observe(seconds)
+        if error is not None:
+            children.exceptions[type(error).__name__].inc()
+        status = PublishingStatus.success if error is None else PublishingStatus.error
+        children.statuses[status.value].inc(count)
+
 
 def _destination(exchange: str, routing_key: str) -> str:
     return f"{exchange or 'default'}.{bounded_routing_key(routing_key)}"
@@ -154,15 +169,13 @@ class _Scope(BaseMiddleware[Any, Any]):
     ) -> Any:
         if cmd.publish_type is PublishType.REPLY:
             return await call_next(cmd)
-        children = self._metrics.published[_destination(cmd.exchange.name, cmd.destination)]
-        status = PublishingStatus.success
+        error: Exception | None = None
         start = time.perf_counter()
         try:
             return await call_next(cmd)
         except Exception as exc:
-            status = PublishingStatus.error
-            children.exceptions[type(exc).__name__].inc()
+            error = exc
             raise
         finally:
-            children.duration.observe(time.perf_counter() - start)
-            children.statuses[status.value].inc(len(cmd.batch_bodies))
+            seconds = time.perf_counter() - start
+            self._metrics.record_publish(cmd.exchange.name, cmd.destination, seconds, error, len(cmd.batch_bodies))
