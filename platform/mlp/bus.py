@@ -194,10 +194,10 @@ class EventPublisher:
 
     It publishes through aiormq on :data:`PUBLISH_CHANNEL`, past FastStream's publish. That path (its
     middlewares, aio-pika's Message, and a wait for each frame's write while holding the channel lock)
-    cost 275-315 us of CPU per confirmed publish against 150-170 us this way (docs/benchmarks.md,
-    round 6). So this class does the two things those middlewares did: it records the
-    ``faststream_published_*`` metrics (``BusMetrics.record_publish``), and, with tracing on, it opens the
-    PRODUCER span whose context the AMQP headers carry.
+    cost 206-244 us of CPU per confirmed publish against 137-162 us this way (scripts/publish_paths_ab.py;
+    docs/benchmarks.md, "Against the plain Celery pipeline, round 6"). So this class does the two things
+    those middlewares did: it records the ``faststream_published_*`` metrics (``BusMetrics.record_publish``),
+    and, with tracing on, it opens the PRODUCER span whose context the AMQP headers carry.
     """
 
     def __init__(self, broker: RabbitBroker, timeout_s: float) -> None:
