@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika.abc
 import aiormq
@@ -90,7 +93,7 @@ def make_broker(
     log_level: int = logging.DEBUG,
 ) -> RabbitBroker:
     return RabbitBroker(
-        settings.rabbitmq_url,
+        _named(settings.rabbitmq_url, connection_name(app_id)),
         default_channel=consumer_channel(prefetch or settings.prefetch),
         graceful_timeout=settings.graceful_timeout_s,
         reconnect_interval=1.0,
@@ -104,6 +107,21 @@ def make_broker(
         # as they were the largest CPU cost of a busy consumer.
         log_level=log_level,
     )
+
+
+def connection_name(app_id: str) -> str:
+    """The name a process's broker connection shows in RabbitMQ (``rabbitmqctl list_connections
+    user_provided_name``, the management UI): which service, on which host, in which process."""
+    return f"{app_id} {socket.gethostname()}:{os.getpid()}"
+
+
+def _named(url: str, name: str) -> str:
+    """``url`` with aiormq's ``name`` query parameter (the ``connection_name`` client property), unless it has one."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "name" for key, _ in query):
+        return url
+    return urlunsplit(parts._replace(query=urlencode([*query, ("name", name)])))
 
 
 async def declare_topology(broker: RabbitBroker, models: Sequence[str], *, verify_only: bool = False) -> None:

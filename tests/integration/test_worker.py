@@ -4,6 +4,8 @@ on a test queue bound to ``inference.#``)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -22,7 +24,7 @@ from events.model import (
 )
 from events.topology import requested_routing_key, requests_queue
 from ml_service.launcher import TritonProcess
-from mlp.bus import EventPublisher, declare_topology, make_broker
+from mlp.bus import EventPublisher, connection_name, declare_topology, make_broker
 from mlp.cache import create_redis
 from mlp.db import create_pool
 from mlp.settings import Settings
@@ -325,6 +327,40 @@ async def test_a_worker_whose_consumer_channel_the_broker_closes_consumes_again(
         async with asyncio.timeout(10):
             while not consumer_channel.is_closed:
                 await asyncio.sleep(0.01)
+        for request in busy:
+            await log.terminal(request.request_id)
+        await publish(wsettings, later)
+        events = await log.terminal(later.request_id)
+    assert isinstance(events[-1], InferenceCompleted), events
+
+
+def _connections_named(name: str) -> list[str]:
+    """The broker's ids (pids) of the connections a client named ``name`` (``mlp.bus.connection_name``)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "--no-table-headers", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line.split("\t")[0] for line in listed.splitlines() if f'{{"connection_name","{name}"}}' in line]
+
+
+async def test_a_worker_whose_connection_the_broker_closes_reconnects_and_consumes_again(wsettings: Settings) -> None:
+    # The broker ends the worker's connection (an operator's close_connection, a connection-level error)
+    # while requests are in hand: the worker reconnects, every request ends and new ones are taken.
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("needs rabbitmqctl to close a connection on the broker's side")
+    busy = [requested(user_id=f"reconnect-user-{i % 8}") for i in range(120)]
+    later = requested(user_id="reconnect-user-later")
+    async with observed(wsettings) as log, running_worker(wsettings):
+        workers = await asyncio.to_thread(_connections_named, connection_name("mlp-worker"))
+        assert len(workers) == 1, workers
+        await publish(wsettings, *busy)
+        await log.matching(lambda e: isinstance(e, InferenceCompleted), count=10)
+        closed = await asyncio.to_thread(
+            subprocess.run, ["rabbitmqctl", "-q", "close_connection", workers[0], "test: closed by the broker"]
+        )
+        assert closed.returncode == 0
         for request in busy:
             await log.terminal(request.request_id)
         await publish(wsettings, later)
