@@ -1,7 +1,8 @@
 """CPU per confirmed publish: FastStream's publish path against ``mlp.bus.EventPublisher``, interleaved A/B/A/B.
 
 Each arm publishes N ``InferenceCompleted`` events (persistent, mandatory, confirmed), C at once, into a
-quorum queue of its own on the real RabbitMQ, with the platform's metrics middleware on the broker
+quorum queue on the real RabbitMQ, in a vhost of its own (``tests.support.isolation``: a live
+platform's consumers never see these events), with the platform's metrics middleware on the broker
 (``BusMetrics``), and prints wall time, this process's CPU and RabbitMQ's CPU (``beam.smp``, from /proc)
 per publish. Run from the repository root (docs/benchmarks.md, "Against the plain Celery pipeline, round 6"):
 
@@ -25,8 +26,8 @@ from prometheus_client import CollectorRegistry
 from events.model import InferenceCompleted, encode_event, new_event_id, utc_now
 from events.topology import routing_key
 from mlp.bus import EVENTS, EventPublisher
-from mlp.settings import get_settings
 from mlp.telemetry.bus_metrics import BusMetrics
+from tests.support.isolation import isolated_namespace
 
 N = int(os.environ.get("N", "20000"))
 C = int(os.environ.get("C", "64"))
@@ -110,8 +111,7 @@ async def _arm(name: str, url: str) -> None:
         await broker.stop()
 
 
-async def main() -> int:
-    url = get_settings().rabbitmq_url
+async def main(url: str) -> int:
     for _ in range(ROUNDS):
         for name in ("faststream", "EventPublisher"):
             await _arm(name, url)
@@ -119,4 +119,5 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    with isolated_namespace("publish-paths") as ns:
+        sys.exit(asyncio.run(main(ns.rabbitmq_url)))
