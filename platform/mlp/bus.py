@@ -110,8 +110,8 @@ def make_broker(
 
 
 def connection_name(app_id: str) -> str:
-    """The name a process's broker connection shows in RabbitMQ (``rabbitmqctl list_connections
-    user_provided_name``, the management UI): which service, on which host, in which process."""
+    """The name a process's broker connection shows in RabbitMQ (the management UI; ``rabbitmqctl
+    list_connections pid client_properties``): which service, on which host, in which process."""
     return f"{app_id} {socket.gethostname()}:{os.getpid()}"
 
 
@@ -200,9 +200,9 @@ def is_nack(exc: BaseException) -> bool:
     )
 
 
-# Events are published on a channel of their own. FastStream's producer shares the default channel
-# with the subscribers, whose acks then queue behind the publishes' frames. Opened through FastStream's
-# channel manager, it is closed with the broker and restored with its connection.
+# Events are published on a channel of their own, not on the subscribers' default channel (where
+# FastStream's producer publishes), so publishes and acks do not take turns on one channel's lock.
+# Opened through FastStream's channel manager: it is closed with the broker, restored with its connection.
 PUBLISH_CHANNEL = Channel(publisher_confirms=True, on_return_raises=True)
 PERSISTENT = 2  # AMQP delivery mode
 
@@ -239,9 +239,10 @@ class EventPublisher:
             await self._measured(event, key, headers)
             return
         with within_trace_of(event.traceparent), _publish_span(event, key) as span:
-            headers = telemetry.inject_headers(dict(headers or {}))  # type: ignore[assignment]
+            carrier: dict[str, Any] = dict(headers or {})
+            telemetry.inject_headers(carrier)  # the publish span's traceparent replaces the event's
             try:
-                await self._measured(event, key, headers)
+                await self._measured(event, key, carrier)
             except PublishError as exc:
                 telemetry.set_error("publish_failed", str(exc), span)
                 raise
@@ -271,7 +272,6 @@ class EventPublisher:
             message_type=type(event).__name__,
             app_id=self._app_id,
         )
-        what = f"{type(event).__name__} {event.request_id}"
         try:
             # asyncio.timeout, not wait_for: the same deadline without a task per publish. wait=False: the
             # channel lock is let go once the frame is queued, so the publishes of one loop turn go out
@@ -287,11 +287,12 @@ class EventPublisher:
                     wait=False,
                 )
         except Exception as exc:  # DeliveryError, PublishError (returned), ChannelClosed, AMQPError, timeouts
+            what = f"{type(event).__name__} {event.request_id}"
             if is_nack(exc):
                 raise PublishRefused(f"{what}: the broker refused it (basic.nack: a queue is full)") from exc
             raise PublishError(f"{what}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
-            raise PublishError(f"{what}: broker answered {confirmation!r}")
+            raise PublishError(f"{type(event).__name__} {event.request_id}: broker answered {confirmation!r}")
 
     async def _underlay(self) -> aiormq.Channel:
         """The publishing channel's aiormq channel; it waits while the connection is being restored."""
@@ -310,7 +311,8 @@ class EventPublisher:
 
 @contextlib.contextmanager
 def _publish_span(event: Event, key: str) -> Iterator[Span]:
-    """The PRODUCER span of one publish, named and described as FastStream's tracing middleware does."""
+    """The PRODUCER span of one publish, named as FastStream's tracing middleware names its publish spans
+    (``<destination> publish``) with the routing key cut to its kind: no user id in a span name."""
     destination = f"{EVENTS_EXCHANGE}.{bounded_routing_key(key)}"
     attributes = {
         "messaging.system": "rabbitmq",
