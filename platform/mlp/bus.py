@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import aio_pika
 import aio_pika.abc
 import aiormq
 import aiormq.exceptions
@@ -204,7 +205,6 @@ def is_nack(exc: BaseException) -> bool:
 # FastStream's producer publishes), so publishes and acks do not take turns on one channel's lock.
 # Opened through FastStream's channel manager: it is closed with the broker, restored with its connection.
 PUBLISH_CHANNEL = Channel(publisher_confirms=True, on_return_raises=True)
-PERSISTENT = 2  # AMQP delivery mode
 
 
 class EventPublisher:
@@ -265,7 +265,7 @@ class EventPublisher:
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
             headers=headers,
-            delivery_mode=PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             correlation_id=event.correlation_id or event.request_id,
             message_id=event.event_id,
             timestamp=datetime.now(UTC),

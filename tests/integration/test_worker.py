@@ -4,9 +4,7 @@ on a test queue bound to ``inference.#``)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import msgspec
@@ -24,6 +22,7 @@ from events.model import (
 )
 from events.topology import requested_routing_key, requests_queue
 from ml_service.launcher import TritonProcess
+from ml_worker.main import Worker
 from mlp.bus import EventPublisher, connection_name, declare_topology, make_broker
 from mlp.cache import create_redis
 from mlp.db import create_pool
@@ -41,6 +40,7 @@ from tests.integration.test_worker_harness import (
     wait_idle,
     wait_queue_depth,
 )
+from tests.support.isolation import broker_admin
 from tests.support.triton import triton_server
 
 pytestmark = pytest.mark.integration
@@ -310,16 +310,26 @@ async def test_one_subscriber_handles_its_messages_concurrently(wsettings: Setti
     assert order.count(InferenceCompleted) == len(requests)
 
 
-async def test_a_worker_whose_consumer_channel_the_broker_closes_consumes_again(wsettings: Settings) -> None:
-    # The broker closes a channel that acks a delivery tag it never sent (PRECONDITION_FAILED): what the
-    # reordered acks of round 5 did (docs/benchmarks.md), and what its consumer timeout does. It happens
-    # here while deliveries are in hand and outcomes are being published. The worker must end every
-    # request (the unacked ones come again) and take new deliveries, not sit connected with no consumer.
-    busy = [requested(user_id=f"channel-user-{i % 8}") for i in range(120)]
-    later = requested(user_id="channel-user-later")
+async def _ends_every_request_across(wsettings: Settings, label: str, cut: Callable[[Worker], Awaitable[None]]) -> None:
+    """``cut`` the worker's link to the broker while 120 requests are in hand: every request must end (the
+    unacked ones come again) and a later one complete: the worker consumes again, not connected with no consumer."""
+    busy = [requested(user_id=f"{label}-user-{i % 8}") for i in range(120)]
+    later = requested(user_id=f"{label}-user-later")
     async with observed(wsettings) as log, running_worker(wsettings) as worker:
         await publish(wsettings, *busy)
         await log.matching(lambda e: isinstance(e, InferenceCompleted), count=10)
+        await cut(worker)
+        for request in busy:
+            await log.terminal(request.request_id)
+        await publish(wsettings, later)
+        events = await log.terminal(later.request_id)
+    assert isinstance(events[-1], InferenceCompleted), events
+
+
+async def test_a_worker_whose_consumer_channel_the_broker_closes_consumes_again(wsettings: Settings) -> None:
+    # The broker closes a channel that acks a delivery tag it never sent (PRECONDITION_FAILED): what the
+    # reordered acks of round 5 did (docs/benchmarks.md), and what its consumer timeout does.
+    async def close_consumer_channel(worker: Worker) -> None:
         queue = worker.subscribers[0]._queue_obj
         assert queue is not None
         consumer_channel = await queue.channel.get_underlay_channel()
@@ -327,42 +337,15 @@ async def test_a_worker_whose_consumer_channel_the_broker_closes_consumes_again(
         async with asyncio.timeout(10):
             while not consumer_channel.is_closed:
                 await asyncio.sleep(0.01)
-        for request in busy:
-            await log.terminal(request.request_id)
-        await publish(wsettings, later)
-        events = await log.terminal(later.request_id)
-    assert isinstance(events[-1], InferenceCompleted), events
 
-
-def _connections_named(name: str) -> list[str]:
-    """The broker's ids (pids) of the connections a client named ``name`` (``mlp.bus.connection_name``)."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "--no-table-headers", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return [line.split("\t")[0] for line in listed.splitlines() if f'{{"connection_name","{name}"}}' in line]
+    await _ends_every_request_across(wsettings, "channel", close_consumer_channel)
 
 
 async def test_a_worker_whose_connection_the_broker_closes_reconnects_and_consumes_again(wsettings: Settings) -> None:
-    # The broker ends the worker's connection (an operator's close_connection, a connection-level error)
-    # while requests are in hand: the worker reconnects, every request ends and new ones are taken.
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("needs rabbitmqctl to close a connection on the broker's side")
-    busy = [requested(user_id=f"reconnect-user-{i % 8}") for i in range(120)]
-    later = requested(user_id="reconnect-user-later")
-    async with observed(wsettings) as log, running_worker(wsettings):
-        workers = await asyncio.to_thread(_connections_named, connection_name("mlp-worker"))
-        assert len(workers) == 1, workers
-        await publish(wsettings, *busy)
-        await log.matching(lambda e: isinstance(e, InferenceCompleted), count=10)
-        closed = await asyncio.to_thread(
-            subprocess.run, ["rabbitmqctl", "-q", "close_connection", workers[0], "test: closed by the broker"]
-        )
-        assert closed.returncode == 0
-        for request in busy:
-            await log.terminal(request.request_id)
-        await publish(wsettings, later)
-        events = await log.terminal(later.request_id)
-    assert isinstance(events[-1], InferenceCompleted), events
+    # The broker ends the worker's connection (an operator's close_connection, a connection-level error).
+    async def close_connection(worker: Worker) -> None:
+        name = connection_name("mlp-worker")
+        closed = await asyncio.to_thread(broker_admin().close_connections_named, name, "test: closed by the broker")
+        assert closed == 1
+
+    await _ends_every_request_across(wsettings, "reconnect", close_connection)

@@ -42,6 +42,11 @@ class RabbitmqAdmin(Protocol):
         """The routing keys ``queue`` is bound to on ``exchange``."""
         ...
 
+    def close_connections_named(self, name: str, reason: str) -> int:
+        """Close, from the broker's side, the connections whose client named them ``name`` (the
+        ``connection_name`` client property: ``mlp.bus.connection_name``); how many were closed."""
+        ...
+
 
 @dataclass(frozen=True)
 class UseRabbitmqctl:
@@ -90,6 +95,15 @@ class Rabbitmqctl:
                 keys.add(key.strip())
         return keys
 
+    def close_connections_named(self, name: str, reason: str) -> int:
+        # This CLI lists the client's name only inside client_properties (no user_provided_name column).
+        listed = self._run("list_connections", "--no-table-headers", "pid", "client_properties")
+        named = f'{{"connection_name","{name}"}}'
+        pids = [line.partition("\t")[0] for line in listed.splitlines() if named in line]
+        for pid in pids:
+            self._run("close_connection", pid, reason)
+        return len(pids)
+
     def add_vhost(self, vhost: str) -> None:
         self._run("add_vhost", vhost)
 
@@ -136,11 +150,22 @@ class ManagementApi:
         self._auth = (parts.username or "guest", parts.password or "guest")
         self._transport = transport
 
-    def _send(self, method: str, *path: str, body: Mapping[str, Any] | None = None) -> None:
+    def _send(
+        self, method: str, *path: str, body: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         # Each segment quoted whole: the default vhost "/" is "%2F" in a path.
         url = "/api/" + "/".join(quote(segment, safe="") for segment in path)
         with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
-            client.request(method, url, json=body).raise_for_status()
+            client.request(method, url, json=body, headers=headers).raise_for_status()
+
+    def close_connections_named(self, name: str, reason: str) -> int:
+        with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
+            reply = client.get("/api/connections")
+        reply.raise_for_status()
+        named = [c["name"] for c in reply.json() if c.get("client_properties", {}).get("connection_name") == name]
+        for connection in named:
+            self._send("DELETE", "connections", connection, headers={"X-Reason": reason})
+        return len(named)
 
     def queue_policy(self, vhost: str, queue: str) -> str | None:
         url = "/api/" + "/".join(quote(segment, safe="") for segment in ("queues", vhost, queue))

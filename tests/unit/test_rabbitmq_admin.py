@@ -97,3 +97,23 @@ def test_a_refused_request_raises() -> None:
     api, _ = _recording_api(status=401)
     with pytest.raises(httpx.HTTPStatusError):
         api.add_vhost("mlp_t_1")
+
+
+def test_closing_named_connections_deletes_only_those_the_client_named_so() -> None:
+    listed = [
+        {"name": "10.0.0.5:41000 -> 10.0.0.2:5672", "client_properties": {"connection_name": "mlp-worker pod-a:7"}},
+        {"name": "10.0.0.6:41001 -> 10.0.0.2:5672", "client_properties": {"connection_name": "mlp-collector pod-b:7"}},
+        {"name": "10.0.0.7:41002 -> 10.0.0.2:5672", "client_properties": {}},
+    ]
+    sent: list[tuple[str, str, str | None]] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append((request.method, request.url.raw_path.decode(), request.headers.get("x-reason")))
+        return httpx.Response(200, json=listed) if request.method == "GET" else httpx.Response(204)
+
+    api = ManagementApi("http://guest:guest@127.0.0.1:32771", transport=httpx.MockTransport(handle))
+    assert api.close_connections_named("mlp-worker pod-a:7", "test") == 1
+    assert sent == [
+        ("GET", "/api/connections", None),
+        ("DELETE", "/api/connections/10.0.0.5%3A41000%20-%3E%2010.0.0.2%3A5672", "test"),
+    ]
