@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.subscriber import RabbitSubscriber
 
+from mlp import heap
 from mlp.bus import declare_topology, make_broker
 from mlp.health import ReadinessCheck, dependency_checks, health_server
 from mlp.settings import Settings
@@ -122,6 +123,7 @@ class Consumer:
 
 def run_consumer(consumer: Consumer) -> int:
     """The ``main`` of a consumer service once its settings and logging are set up: a drained stop exits 0."""
+    heap.settle_after_start()
     asyncio.run(consumer.run())
     return 0
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlp import heap
 from mlp.health import add_health_routes, lifespan_checks
 from mlp.http_errors import install_error_handlers
 from mlp.settings import ConfigurationError, Settings, get_settings
@@ -163,5 +164,6 @@ def serve(app: Any, host: str, port: int, graceful_timeout_s: float) -> int:
         proxy_headers=True,
         log_config=None,  # keep mlp.logs' handler (structured lines with trace and request ids)
     )
+    heap.settle_after_start()
     _Server(config).run()
     return 0
