@@ -17,8 +17,9 @@ from __future__ import annotations
 import gc
 
 # Net allocations between young collections (CPython's default is 700); the older generations keep
-# their default ratios (10, 10).
-YOUNG_THRESHOLD = 50_000
+# their default ratios (10, 10). 50,000 saved a little more CPU but let the collector's RSS climb
+# 72 -> 90 MiB over 90 s at 100 req/s; at 10,000 it levels off near 78 MiB (docs/benchmarks.md, round 7).
+YOUNG_THRESHOLD = 10_000
 
 
 def settle_after_start() -> None:
