@@ -150,17 +150,21 @@ class ManagementApi:
         self._auth = (parts.username or "guest", parts.password or "guest")
         self._transport = transport
 
-    def _send(
+    def _request(
         self, method: str, *path: str, body: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
-    ) -> None:
+    ) -> httpx.Response:
         # Each segment quoted whole: the default vhost "/" is "%2F" in a path.
         url = "/api/" + "/".join(quote(segment, safe="") for segment in path)
         with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
-            client.request(method, url, json=body, headers=headers).raise_for_status()
+            return client.request(method, url, json=body, headers=headers)
+
+    def _send(
+        self, method: str, *path: str, body: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self._request(method, *path, body=body, headers=headers).raise_for_status()
 
     def close_connections_named(self, name: str, reason: str) -> int:
-        with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
-            reply = client.get("/api/connections")
+        reply = self._request("GET", "connections")
         reply.raise_for_status()
         named = [c["name"] for c in reply.json() if c.get("client_properties", {}).get("connection_name") == name]
         for connection in named:
@@ -168,9 +172,7 @@ class ManagementApi:
         return len(named)
 
     def queue_policy(self, vhost: str, queue: str) -> str | None:
-        url = "/api/" + "/".join(quote(segment, safe="") for segment in ("queues", vhost, queue))
-        with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
-            reply = client.get(url)
+        reply = self._request("GET", "queues", vhost, queue)
         if reply.status_code == 404:
             return None
         reply.raise_for_status()
@@ -178,10 +180,7 @@ class ManagementApi:
         return str(policy) if policy else None
 
     def queue_binding_keys(self, vhost: str, queue: str, exchange: str) -> set[str]:
-        path = ("bindings", vhost, "e", exchange, "q", queue)
-        url = "/api/" + "/".join(quote(segment, safe="") for segment in path)
-        with httpx.Client(base_url=self._base, auth=self._auth, timeout=TIMEOUT_S, transport=self._transport) as client:
-            reply = client.get(url)
+        reply = self._request("GET", "bindings", vhost, "e", exchange, "q", queue)
         reply.raise_for_status()
         return {str(b["routing_key"]) for b in reply.json()}
 
