@@ -380,9 +380,14 @@ async def test_a_submits_one_off_webhook_url_is_signed_with_the_users_signing_se
     rows = await stack.pool.fetchval("SELECT count(*) FROM webhook_deliveries WHERE request_id = $1", request_id)
     assert rows == 1
     assert spec_verify(secret, once()[0])
-    listed = await asyncio.to_thread(_cli, stack.settings, "list", "--user", "alice", "--json")
-    rows = [json.loads(line) for line in listed.splitlines()]
-    assert [(r["webhook_id"], r["state"]) for r in rows if r["request_id"] == request_id] == [(None, "delivered")]
+
+    async def listed_delivered() -> bool:
+        # The receiver counts the 200 when it answers; the dispatcher logs it only once the answer is back.
+        listed = await asyncio.to_thread(_cli, stack.settings, "list", "--user", "alice", "--json")
+        rows = [json.loads(line) for line in listed.splitlines()]
+        return [(r["webhook_id"], r["state"]) for r in rows if r["request_id"] == request_id] == [(None, "delivered")]
+
+    await eventually(listed_delivered, "`mlp webhooks list` shows the one-off delivery delivered")
 
 
 def _cli(settings: Settings, *argv: str) -> str:
@@ -424,7 +429,11 @@ async def test_mlp_webhooks_replay_redrives_failed_deliveries(stack: Stack, rece
     assert "re-queued 1" in out
     await eventually(lambda: _async(len(receiver.delivered()) == 1), "delivered after the replay")
     assert receiver.delivered()[0].headers["webhook-id"] == event.event_id
-    assert [d["state"] for d in await stack.deliveries(hook["id"])] == ["delivered"]
+
+    async def logged_delivered() -> bool:
+        return [d["state"] for d in await stack.deliveries(hook["id"])] == ["delivered"]
+
+    await eventually(logged_delivered, "the replayed delivery logged as delivered")
 
 
 async def test_a_redirect_is_not_followed_and_a_hanging_endpoint_holds_up_no_other(stack: Stack) -> None:
@@ -440,8 +449,12 @@ async def test_a_redirect_is_not_followed_and_a_hanging_endpoint_holds_up_no_oth
         await eventually(lambda: _async(len(redirecting.delivered()) == 1), "delivered beside the hanging endpoint")
         assert [r.answered for r in redirecting.all()] == [302, 200]  # the 302 was a failed attempt, not followed
         await eventually(lambda: _async(slow.hung.is_set()), "the hanging endpoint was called too")
-        (logged,) = await stack.deliveries(hook["id"])
-        assert (logged["state"], logged["attempts"]) == ("delivered", 2)
+
+        async def logged_delivered() -> bool:
+            # The receiver counts the 200 when it answers; the dispatcher logs it only once the answer is back.
+            return [(d["state"], d["attempts"]) for d in await stack.deliveries(hook["id"])] == [("delivered", 2)]
+
+        await eventually(logged_delivered, "the delivery logged as delivered after two attempts")
     finally:
         slow.stop()
         redirecting.stop()
