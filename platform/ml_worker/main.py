@@ -36,7 +36,7 @@ from ml_worker.cancels import CancelListener, CancelWatch
 from ml_worker.handler import RequestHandler, WorkerDeps
 from ml_worker.inference import TritonCaller
 from mlp import logs
-from mlp.bus import EVENTS, EventPublisher, consumer_channel, rabbit_queue
+from mlp.bus import EVENTS, EventPublisher, consumer_channel, rabbit_queue, subscribe
 from mlp.cache import create_redis
 from mlp.consumer import Consumer, HealthAddress, consumer_broker, run_consumer
 from mlp.db import create_pool
@@ -130,7 +130,7 @@ def build_worker(settings: Settings, models: Sequence[str] | None = None) -> Wor
             title=f"{spec.name}:InferenceRequested",
             description=f"Inference requests for {model} (routing key inference.requested.{model}.<user_id>).",
         )
-        subscriber(handle_request)
+        subscribe(broker, subscriber, handle_request)
         worker.subscribers.append(subscriber)
 
     @contextlib.asynccontextmanager

@@ -1,4 +1,4 @@
-"""RabbitMQ adapter: broker factory, topology declaration and the confirmed event publisher.
+"""RabbitMQ adapter: broker factory, topology declaration, the confirmed event publisher and the direct consume.
 
 FastStream 0.7.8 defaults work against reliability (``persist=False``, returned messages
 ignored, unbounded prefetch), so every broker and publish here sets them explicitly.
@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -21,8 +21,9 @@ import aio_pika
 import aio_pika.abc
 import aiormq
 import aiormq.exceptions
-from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
+from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitMessage, RabbitQueue
 from faststream.rabbit.schemas.queue import QueueType
+from faststream.rabbit.subscriber import RabbitSubscriber
 from opentelemetry.trace import Span, SpanKind
 
 from events.model import Event, encode_event
@@ -326,3 +327,64 @@ def _publish_span(event: Event, key: str) -> Iterator[Span]:
         f"{destination} publish", kind=SpanKind.PRODUCER, attributes=attributes
     ) as span:
         yield span
+
+
+MessageHandler = Callable[[RabbitMessage], Awaitable[None]]
+log = logging.getLogger(__name__)
+
+
+def subscribe(broker: RabbitBroker, subscriber: RabbitSubscriber, handler: MessageHandler) -> None:
+    """Register ``handler`` on ``subscriber``; with tracing off, its messages go past FastStream's middlewares.
+
+    The subscriber stays FastStream's: it declares, binds, consumes and re-consumes after a reconnect
+    (aio-pika's robust queue), stops (``running``, its lock, the cancel) and is in the AsyncAPI document.
+    Only what runs per message changes (:class:`DirectConsume`). With tracing on, FastStream's path stays,
+    for its CONSUMER span of each message.
+    """
+    subscriber(handler)
+    if telemetry.installed().enabled:
+        return
+    metrics = next((m for m in broker.middlewares if isinstance(m, BusMetrics)), None)
+    # The one seam: the callback the subscriber's start() hands to aio-pika's queue.consume.
+    subscriber.consume = DirectConsume(subscriber, handler, metrics)  # type: ignore[method-assign,assignment]
+
+
+class DirectConsume:
+    """One subscriber's per-message path without FastStream's: build the ``RabbitMessage``, record the
+    ``faststream_received_*`` metrics (``BusMetrics.measure_consume``), call the handler.
+
+    FastStream's path (a context scope, an exit stack, five middlewares and a parser/decoder round per
+    message) cost about 140 us of CPU per consumed message more than this (docs/benchmarks.md, round 8).
+    What it did that the handlers rely on is kept: no message is taken once the subscriber stops
+    (``running``), each one holds the subscriber's lock (its stop waits for them), and a handler's
+    exception is logged, not raised into aio-pika. Acks stay the handler's (manual ack policy).
+    """
+
+    __slots__ = ("_handler", "_metrics", "_subscriber")
+
+    def __init__(self, subscriber: RabbitSubscriber, handler: MessageHandler, metrics: BusMetrics | None) -> None:
+        self._subscriber = subscriber
+        self._handler = handler
+        self._metrics = metrics
+
+    async def __call__(self, raw: aio_pika.IncomingMessage) -> None:
+        subscriber = self._subscriber
+        if not subscriber.running:
+            return  # left unacked, as FastStream leaves it: the channel's close returns it to the queue
+        message = RabbitMessage(
+            raw,
+            raw.body,
+            headers=raw.headers,
+            reply_to=raw.reply_to or "",
+            content_type=raw.content_type,
+            correlation_id=raw.correlation_id,
+            message_id=raw.message_id,
+        )
+        with subscriber.lock:
+            try:
+                if self._metrics is None:
+                    await self._handler(message)
+                else:
+                    await self._metrics.measure_consume(self._handler, message)
+            except Exception:
+                log.exception("%s: the handler failed on message %s", subscriber.queue.name, message.message_id)

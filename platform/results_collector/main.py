@@ -22,7 +22,7 @@ from faststream.rabbit import RabbitMessage
 
 from events.topology import projections_queue
 from mlp import logs
-from mlp.bus import EVENTS, EventPublisher, rabbit_queue
+from mlp.bus import EVENTS, EventPublisher, rabbit_queue, subscribe
 from mlp.cache import create_redis
 from mlp.consumer import Consumer, HealthAddress, consumer_broker, run_consumer
 from mlp.db import create_pool
@@ -56,10 +56,11 @@ def build_app(settings: Settings) -> Consumer:
         decoder=_message_itself,
     )
 
-    @subscriber
     async def on_event(message: RabbitMessage) -> None:
         assert collector is not None, "the resources start the collector before the broker"
         await collector.handle(message)
+
+    subscribe(broker, subscriber, on_event)
 
     @asynccontextmanager
     async def resources() -> AsyncIterator[Mapping[str, ReadinessCheck]]:

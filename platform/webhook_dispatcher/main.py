@@ -25,7 +25,7 @@ from faststream.rabbit import RabbitBroker, RabbitMessage
 from events.topology import OUTCOME_KINDS, webhooks_queue
 from mlp import logs
 from mlp.backoff import Backoff
-from mlp.bus import bind_keys, declare_own_queue, rabbit_queue
+from mlp.bus import bind_keys, declare_own_queue, rabbit_queue, subscribe
 from mlp.consumer import Consumer, HealthAddress, consumer_broker, run_consumer
 from mlp.db import create_pool, listen_connector
 from mlp.health import ReadinessCheck, dependency_checks
@@ -72,10 +72,11 @@ def build_app(settings: Settings) -> Consumer:
     async def bindings_synced() -> bool:
         return synced
 
-    @subscriber
     async def on_outcome(message: RabbitMessage) -> None:
         assert dispatcher is not None, "the resources create the dispatcher before the broker starts"
         await dispatcher.handle(message)
+
+    subscribe(broker, subscriber, on_outcome)
 
     @asynccontextmanager
     async def resources() -> AsyncIterator[Mapping[str, ReadinessCheck]]:

@@ -121,25 +121,12 @@ class BusMetrics:
         status = PublishingStatus.success if error is None else PublishingStatus.error
         children.statuses[status.value].inc(count)
 
-
-def _destination(exchange: str, routing_key: str) -> str:
-    return f"{exchange or 'default'}.{bounded_routing_key(routing_key)}"
-
-
-class _Scope(BaseMiddleware[Any, Any]):
-    """One message's (or one publish's) pass: FastStream's statuses and timings, from the kept children."""
-
-    __slots__ = ("_metrics",)
-
-    def __init__(self, msg: Any, /, *, context: ContextRepo, metrics: BusMetrics) -> None:
-        super().__init__(msg, context=context)
-        self._metrics = metrics
-
-    async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]) -> Any:
-        if msg.source_type is SourceType.RESPONSE:
-            return await call_next(msg)
+    async def measure_consume(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]) -> Any:
+        """One consumed message as FastStream records it: received, size, in process, duration, status,
+        exception type. Called by the consume middleware below and by ``mlp.bus.consume_directly``,
+        which consumes past FastStream's middlewares."""
         raw = msg.raw_message
-        children = self._metrics.consumed[_destination(raw.exchange or "", raw.routing_key or "")]
+        children = self.consumed[_destination(raw.exchange or "", raw.routing_key or "")]
         children.received.inc()
         children.size.observe(len(msg.body))
         children.in_process.inc()
@@ -163,6 +150,25 @@ class _Scope(BaseMiddleware[Any, Any]):
                     or ProcessingStatus.error
                 )
             children.processed[status.value].inc()
+
+
+def _destination(exchange: str, routing_key: str) -> str:
+    return f"{exchange or 'default'}.{bounded_routing_key(routing_key)}"
+
+
+class _Scope(BaseMiddleware[Any, Any]):
+    """One message's (or one publish's) pass: FastStream's statuses and timings, from the kept children."""
+
+    __slots__ = ("_metrics",)
+
+    def __init__(self, msg: Any, /, *, context: ContextRepo, metrics: BusMetrics) -> None:
+        super().__init__(msg, context=context)
+        self._metrics = metrics
+
+    async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]) -> Any:
+        if msg.source_type is SourceType.RESPONSE:
+            return await call_next(msg)
+        return await self._metrics.measure_consume(call_next, msg)
 
     async def publish_scope(
         self, call_next: Callable[[RabbitPublishCommand], Awaitable[Any]], cmd: RabbitPublishCommand
