@@ -43,24 +43,14 @@ class GatewayDeps:
 
 
 def get_deps(request: Request) -> GatewayDeps:
+    # The submit route reads its services here, not through dependencies: it is the hot path, and its
+    # fast path (api_gateway.submit_fast_path) reads the same object from the ASGI scope.
     deps: GatewayDeps = request.app.state.deps
     return deps
 
 
-async def settings_of(request: Request) -> Settings:
-    return get_deps(request).settings
-
-
-async def submit_of(request: Request) -> SubmitService:
-    return get_deps(request).submit
-
-
 async def cancel_of(request: Request) -> CancelService:
     return get_deps(request).cancel
-
-
-async def keys_of(request: Request) -> KeyStore:
-    return get_deps(request).keys
 
 
 async def authenticator_of(request: Request) -> Authenticator:
@@ -71,9 +61,6 @@ async def webhooks_of(request: Request) -> WebhookDeps:
     return get_deps(request).webhooks
 
 
-SettingsDep = Annotated[Settings, Depends(settings_of)]
-SubmitDep = Annotated[SubmitService, Depends(submit_of)]
 CancelDep = Annotated[CancelService, Depends(cancel_of)]
-KeyStoreDep = Annotated[KeyStore, Depends(keys_of)]
 AuthenticatorDep = Annotated[Authenticator, Depends(authenticator_of)]
 WebhooksDep = Annotated[WebhookDeps, Depends(webhooks_of)]

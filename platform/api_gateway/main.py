@@ -15,6 +15,7 @@ from api_gateway.deps import GatewayDeps, WebhookDeps
 from api_gateway.routes import count_invalid_body, count_refused_auth, router
 from api_gateway.schemas import document_limits
 from api_gateway.submit import SubmitService, SubmitSettings
+from api_gateway.submit_fast_path import SubmitFastPath
 from events.model import utc_now
 from ml_service.tokens import TokenCounter
 from mlp import metrics, telemetry
@@ -98,7 +99,9 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utc_now) -> F
     app.include_router(webhook_routes.router)
     app.add_exception_handler(RequestValidationError, count_invalid_body)
     app.add_exception_handler(AuthRefused, count_refused_auth)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if not tel.enabled:  # with tracing on, every submit keeps the route's server span
+        app.add_middleware(SubmitFastPath)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # added last: outside the fast path
     complete_openapi(app, lambda schema: document_limits(schema, settings))
     return app
 

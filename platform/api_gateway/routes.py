@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from api_gateway.cancel import CancelUnavailable
-from api_gateway.deps import CancelDep, SettingsDep, SubmitDep, WebhooksDep
+from api_gateway.deps import CancelDep, GatewayDeps, get_deps
 from api_gateway.idempotency import IDEMPOTENCY_KEY_PATTERN
 from api_gateway.schemas import InferenceAccepted, InferenceSubmit
 from api_gateway.submit import (
@@ -28,6 +28,7 @@ from mlp import metrics, telemetry
 from mlp.http_errors import error_response, error_responses, validation_error
 from projections.queries import RequestView
 from quota.ledger import QuotaUnavailable
+from tenancy.caller import Caller
 from tenancy.http import AuthRefused, CallerDep, refusal_response
 from webhooks.ssrf import UnsafeTarget
 
@@ -79,8 +80,11 @@ def _is_submit(request: Request) -> bool:
 async def count_refused_auth(request: Request, exc: Exception) -> Response:
     """tenancy.http's refusal (no key, a bad key, keys unavailable), counted as a refused submit."""
     assert isinstance(exc, AuthRefused)
-    if _is_submit(request):
-        metrics.REQUESTS_REJECTED.labels(reason="auth_unavailable" if exc.status == 503 else exc.error).inc()
+    return refused_submit_auth(exc) if _is_submit(request) else refusal_response(exc)
+
+
+def refused_submit_auth(exc: AuthRefused) -> Response:
+    metrics.REQUESTS_REJECTED.labels(reason="auth_unavailable" if exc.status == 503 else exc.error).inc()
     return refusal_response(exc)
 
 
@@ -94,11 +98,9 @@ async def count_invalid_body(request: Request, exc: Exception) -> Response:
 
 @router.post(SUBMIT_PATH, status_code=202, response_model=InferenceAccepted, responses=_SUBMIT_ERRORS)
 async def submit_inference(
+    request: Request,
     body: InferenceSubmit,
-    service: SubmitDep,
-    settings: SettingsDep,
     caller: CallerDep,
-    webhooks: WebhooksDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -108,6 +110,14 @@ async def submit_inference(
         ),
     ] = None,
 ) -> Response:
+    return await answer_submit(get_deps(request), caller, body, idempotency_key)
+
+
+async def answer_submit(
+    deps: GatewayDeps, caller: Caller, body: InferenceSubmit, idempotency_key: str | None
+) -> Response:
+    """A validated, authenticated submit's answer: of this route, and of api_gateway.submit_fast_path."""
+    service, settings, webhooks = deps.submit, deps.settings, deps.webhooks
     user_id = caller.submits_as(body.user_id)
     if user_id is None:  # never let one user spend another's quota
         return _refused("forbidden", 403, "forbidden", "user_id in the body does not match the API key's user")

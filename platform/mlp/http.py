@@ -33,28 +33,56 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit():  # the server reads no more than the declared length
+            if int(declared) > self.max_bytes:
+                await _too_large(send, self.max_bytes)
+            else:
+                await self.app(scope, receive, send)
+            return
+        # No length declared (a chunked body): read it here, up to the limit. A limit raised from inside the
+        # app's own read would reach FastAPI's body parsing, which answers any error there as 400.
+        try:
+            body = await read_body(receive, self.max_bytes)
+        except BodyTooLarge:
             await _too_large(send, self.max_bytes)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await _too_large(send, self.max_bytes)
+        if body is not None:  # else the client left before its body was in
+            await self.app(scope, replay_body(body, receive), send)
 
 
-class _BodyTooLarge(Exception):
+class BodyTooLarge(Exception):
     pass
+
+
+async def read_body(receive: Receive, max_bytes: int | None = None) -> bytes | None:
+    """The whole request body from ``receive``; None if the client disconnected first."""
+    chunks: list[bytes] = []
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk: bytes = message.get("body", b"")
+        seen += len(chunk)
+        if max_bytes is not None and seen > max_bytes:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """``receive`` with a body already read given back first, in one message."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 async def _too_large(send: Send, max_bytes: int) -> None:

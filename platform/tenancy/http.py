@@ -14,6 +14,7 @@ from typing import Annotated, Protocol
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
 from tenancy.authenticator import Authenticator, AuthUnavailable, Unauthorized
 from tenancy.caller import Caller
@@ -39,8 +40,8 @@ class _HasAuthenticator(Protocol):
     def authenticator(self) -> Authenticator: ...
 
 
-def authenticator_of(request: Request) -> Authenticator:
-    deps: _HasAuthenticator = request.app.state.deps
+def authenticator_of(connection: HTTPConnection) -> Authenticator:
+    deps: _HasAuthenticator = connection.app.state.deps
     return deps.authenticator
 
 
@@ -49,9 +50,21 @@ async def current_caller(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key)],
 ) -> Caller:
+    return await _authenticate(authenticator_of(request), bearer, api_key)
+
+
+async def caller_of(connection: HTTPConnection) -> Caller:
+    """``current_caller`` outside FastAPI's dependency solving (the gateway's submit fast path): the same two
+    schemes read the same headers. Raises ``AuthRefused``."""
+    return await _authenticate(authenticator_of(connection), await _bearer(connection), await _api_key(connection))
+
+
+async def _authenticate(
+    authenticator: Authenticator, bearer: HTTPAuthorizationCredentials | None, api_key: str | None
+) -> Caller:
     presented = api_key or (bearer.credentials if bearer is not None else None)
     try:
-        return await authenticator_of(request).authenticate(presented)
+        return await authenticator.authenticate(presented)
     except Unauthorized as exc:
         raise AuthRefused(401, "unauthorized", exc.detail, {"WWW-Authenticate": "Bearer"}) from exc
     except AuthUnavailable as exc:

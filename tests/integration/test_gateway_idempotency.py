@@ -4,6 +4,7 @@ window between a confirmed publish and a Redis failure."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -11,7 +12,6 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
-from api_gateway.deps import submit_of
 from api_gateway.idempotency import PENDING, IdempotencyRecords
 from api_gateway.main import create_app
 from api_gateway.submit import SubmitService, SubmitSettings
@@ -119,8 +119,8 @@ async def test_redis_lost_after_the_confirmed_publish_answers_202_and_leaves_no_
             idempotency=records,
         )
         app = create_app(settings)
-        app.dependency_overrides[submit_of] = lambda: service
         async with running(app) as client:
+            app.state.deps = dataclasses.replace(app.state.deps, submit=service)  # the lifespan's, but this service
             await drain_requests(settings)
             response = await client.post("/api/v1/inference", json=SEED, headers={"Idempotency-Key": "window-1"})
             # Queued: the answer is the 202, not a 503 that would make the client submit it again.
