@@ -7,7 +7,7 @@ route's pattern, a body the route's own model (``InferenceSubmit``) validates. A
 route, its body replayed, so an error answers exactly as before. The key is checked by the route's own
 schemes and authenticator (``tenancy.http.caller_of``), and the answer is the route's (``answer_submit``).
 
-Why: under load FastAPI's dependency solving, body parsing and route dispatch took about 40% of the gateway's
+Why: under load FastAPI's dependency solving, body parsing and route dispatch took about a third of the gateway's
 CPU per submit, more than the submit itself (docs/benchmarks.md, round 8). Installed only with tracing off,
 as the consumers' direct path (mlp.bus.subscribe): with it on, the route keeps its server span.
 """

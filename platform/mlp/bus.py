@@ -354,7 +354,7 @@ class DirectConsume:
     ``faststream_received_*`` metrics (``BusMetrics.measure_consume``), call the handler.
 
     FastStream's path (a context scope, an exit stack, five middlewares and a parser/decoder round per
-    message) cost about 140 us of CPU per consumed message more than this (docs/benchmarks.md, round 8).
+    message) cost 73-150 us of CPU per consumed message more than this (docs/benchmarks.md, round 8).
     What it did that the handlers rely on is kept: no message is taken once the subscriber stops
     (``running``), each one holds the subscriber's lock (its stop waits for them), and a handler's
     exception is logged, not raised into aio-pika. Acks stay the handler's (manual ack policy).
