@@ -99,13 +99,19 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process (fields 14 and 15 of /proc/<pid>/stat)."""
+def cpu_seconds_with_reaped(pid: int) -> float:
+    """User + system CPU seconds of one process and of the children it has reaped (fields 14-17 of
+    /proc/<pid>/stat: utime, stime, cutime, cstime); 0 when it is gone.
+
+    The reaped children count because a sum over live processes alone falls when one exits: a
+    Postgres backend closing mid-run took its CPU with it and made a service's delta negative (CI).
+    An exited child's time moves into its parent's cutime when reaped, so a sum over a service's
+    live processes only grows while its root lives."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(field) for field in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -113,7 +119,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _tree_cpu_seconds(pid: int) -> float:
-    return sum(_cpu_seconds(p) for p in (pid, *_descendants(pid)))
+    return sum(cpu_seconds_with_reaped(p) for p in (pid, *_descendants(pid)))
 
 
 def _argv(pid: int) -> list[str]:
@@ -191,8 +197,7 @@ def data_service_cpu_seconds() -> dict[str, float]:
     """CPU seconds so far of RabbitMQ, Postgres and Redis when they run here, all their processes summed.
 
     They are shared: whatever else uses them during the run is counted too. A Postgres backend that
-    exits between two samples takes its CPU with it (an undercount, small: the services' pools live
-    through the run).
+    exits between two samples stays counted, in the postmaster's reaped-children time.
     """
     used: dict[str, float] = {}
     for entry in Path("/proc").iterdir():
@@ -203,7 +208,7 @@ def data_service_cpu_seconds() -> dict[str, float]:
         except OSError:  # gone meanwhile
             continue
         if label is not None:
-            used[label] = used.get(label, 0.0) + _cpu_seconds(int(entry.name))
+            used[label] = used.get(label, 0.0) + cpu_seconds_with_reaped(int(entry.name))
     return used
 
 
