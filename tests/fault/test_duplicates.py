@@ -95,7 +95,7 @@ async def test_duplicated_and_reordered_events(triton_grpc_url: str, fault_table
         await wait_queue_depth_zero(ns.rabbitmq_url)
         report = await check_invariant(ns, load.accepted, api_url=platform.api_url)
         fault_table.record("same event twice + reordered", load, report, started)
-        assert_invariant(report)
+        assert_invariant(report, platform)
         assert report.completed == REQUESTS
         assert (await count_statuses(ns.postgres_dsn, load.accepted))["completed"] == REQUESTS
         stored = await _stored_event_ids(ns.postgres_dsn, list(load.accepted))

@@ -142,7 +142,7 @@ async def test_poison_messages_end_in_the_dlq_and_consumers_keep_going(
             started,
             notes=f"requests DLQ {requests_dlq}, projections DLQ {projections_dlq}",
         )
-        assert_invariant(report)
+        assert_invariant(report, platform)
         assert report.completed == REQUESTS
         assert requests_dlq == 2
         assert projections_dlq == 5

@@ -62,7 +62,7 @@ async def test_postgres_stopped_30s_under_load(triton_grpc_url: str, fault_table
             started,
             notes=f"refused {dict(submissions.refused)}; collector /readyz during outage {collector_ready}",
         )
-        assert_invariant(report)
+        assert_invariant(report, platform)
         assert collector_ready == 503
         assert dead == 0
         assert report.completed == len(submissions.accepted)

@@ -121,7 +121,7 @@ async def test_rabbitmq_restart_under_load(triton_grpc_url: str, fault_table: Fa
             started,
             notes=f"{DOWN_SUBMITS} x {codes[0]} in {down_s:.1f}s; recorded {recorded}",
         )
-        assert_invariant(report)
+        assert_invariant(report, platform)
         assert codes == [503] * DOWN_SUBMITS
         assert gateway_ready == 503
         assert recorded == {"rows": 0, "token_usage": 0, "status_entries": 0, "reserved": 0}

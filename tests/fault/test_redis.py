@@ -107,7 +107,7 @@ async def test_redis_restart_under_load(triton_grpc_url: str, fault_table: Fault
             notes=f"refused {dict(everything.refused)}; read API while down {read_api_while_down}; "
             f"tight user after restart: {still_refused}",
         )
-        assert_invariant(report)
+        assert_invariant(report, platform)
         assert report.completed + report.rejected == len(everything.accepted)
         assert read_api_while_down == (200, "completed")
         assert still_refused is not None  # the rebuilt counters still hold the spent quota

@@ -73,7 +73,7 @@ async def test_sigterm_each_service_under_load(triton_grpc_url: str, fault_table
             started,
             notes=f"exit codes {exit_codes}; refused {dict(submissions.refused)}",
         )
-        assert_invariant(report)
+        assert_invariant(report, platform)
         assert exit_codes == dict.fromkeys(SERVICES, 0)
         assert sum(dead_letters.values()) == 0, dead_letters
         assert len(submissions.accepted) > 0

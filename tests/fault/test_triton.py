@@ -73,7 +73,7 @@ async def test_triton_slow_then_stopped(tmp_path: Path, fault_table: FaultTable)
             started,
             notes=f"slow phase settled in {slow_s:.1f}s, stopped phase in {down_s:.1f}s",
         )
-        assert_invariant(report)
+        assert_invariant(report, platform)
         assert await error_codes(ns.postgres_dsn, healthy.accepted) == {"completed": 10}
         assert await error_codes(ns.postgres_dsn, slow.accepted) == {"triton_timeout": 8}
         assert await error_codes(ns.postgres_dsn, down.accepted) == {"triton_unavailable": 20}

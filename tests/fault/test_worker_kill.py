@@ -90,7 +90,7 @@ async def test_kill_9_worker_holding_messages(triton_grpc_url: str, fault_table:
             "kill -9 worker (x2) + redelivery after outcome", load, report, started, notes=f"statuses at kills {kills}"
         )
         print(row, report.quota, report.open_reservations)
-        assert_invariant(report)
+        assert_invariant(report, platform)
         assert report.completed == REQUESTS
         # The kills hit held messages: some requests were started twice (redelivered to the new worker).
         assert await _restarted_requests(ns.postgres_dsn, ids) >= 1

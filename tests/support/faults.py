@@ -35,6 +35,7 @@ from ops import reconcile
 from quota.ledger import QuotaKeys
 from quota.plans import day_window
 from tests.support.isolation import Namespace
+from tests.support.services import Platform
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 TERMINAL_TYPES: Final = ("InferenceCompleted", "InferenceFailed", "InferenceRejected")
@@ -505,8 +506,43 @@ async def _check_books(namespace: Namespace, report: InvariantReport) -> None:
     ]
 
 
-def assert_invariant(report: InvariantReport) -> None:
-    assert not report.violations, "invariant violated:\n" + "\n".join(report.violations[:50])
+def assert_invariant(report: InvariantReport, platform: Platform | None = None) -> None:
+    """Fail with the first violations and, given the ``platform``, what explains them: the namespace's queues
+    (ready, unacked, consumers) and each service's distinct warnings and errors."""
+    if not report.violations:
+        return
+    shown = report.violations[:15]
+    more = len(report.violations) - len(shown)
+    message = ["invariant violated:", *shown, *([f"... and {more} more"] if more else [])]
+    if platform is not None:
+        message += [
+            "queues (name ready unacked consumers):",
+            queue_stats(platform.namespace),
+            platform.notable_log_lines(),
+        ]
+    raise AssertionError("\n".join(message))
+
+
+def queue_stats(namespace: Namespace) -> str:
+    """The namespace's queues as ``rabbitmqctl list_queues`` shows them, or why it could not be read."""
+    try:
+        result = _run(
+            [
+                "rabbitmqctl",
+                "-q",
+                "list_queues",
+                "-p",
+                namespace.name,
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+            ],
+            30,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"  (rabbitmqctl failed: {exc})"
+    return "\n".join(f"  {line}" for line in (result.stdout or result.stderr).splitlines()[:30])
 
 
 # --- the fault table --------------------------------------------------------------------------------

@@ -119,6 +119,32 @@ class Platform:
     def logs(self) -> str:
         return "\n".join(f"--- {n} ---\n{p.log_tail()}" for n, p in self.services.items())
 
+    def notable_log_lines(self, per_service: int = 12) -> str:
+        """Each service's distinct warnings and errors (the broker-outage reconnect noise left out), whether
+        it still runs, and its last lines: what explains a failure when only a bounded output is kept."""
+        parts = []
+        for name, proc in self.services.items():
+            exit_code = None if proc.process is None else proc.process.poll()
+            state = "running" if exit_code is None else f"exited {exit_code}"
+            try:
+                lines = proc.log_path.read_text(errors="replace").splitlines()
+            except FileNotFoundError:
+                lines = []
+            seen: dict[str, int] = {}
+            for line in lines:
+                if not any(level in line for level in _NOTABLE_LEVELS) or any(n in line for n in _OUTAGE_NOISE):
+                    continue
+                key = line.split('"message": ', 1)[-1][:160]
+                seen[key] = seen.get(key, 0) + 1
+            notable = [f"  ({count}x) {key}" for key, count in list(seen.items())[:per_service]]
+            tail = [f"  | {line[:300]}" for line in lines[-4:]]
+            parts.append("\n".join([f"--- {name} ({state}, {len(lines)} log lines) ---", *notable, *tail]))
+        return "\n".join(parts)
+
+
+_NOTABLE_LEVELS = ('"level": "warning"', '"level": "error"', '"level": "critical"', "Traceback")
+_OUTAGE_NOISE = ("Connect call failed", "Reconnecting after", "error when creating transport", "Connection reset")
+
 
 def platform_env(namespace: Namespace, triton_grpc_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLP_", "OTEL_"))}
